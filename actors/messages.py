@@ -1,0 +1,237 @@
+"""Every message that crosses between actors: frozen, each naming its request.
+
+Times are ``time.monotonic()`` seconds, taken where the thing happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import trio
+
+from app.engine.params import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "shutdown", "error"]
+AbortReason = Literal["client_disconnect", "stop_string", "timeout", "shutdown", "stalled"]
+
+
+# -- to the scheduler -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Submit:
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    received_at: float
+    # Sized by the sender so that the scheduler's send_nowait cannot fail while the stream lives.
+    events: trio.MemorySendChannel[SchedulerEvent] = field(repr=False, compare=False)
+    deadline: float | None = None  # monotonic time past which the request ends with "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Stop a request's work. Idempotent: twice, or after it finished, is fine."""
+
+    request_id: str
+    reason: AbortReason
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAll:
+    """Stop every queued and running request (shutdown): each ends with ``reason``."""
+
+    reason: AbortReason
+    at: float
+
+
+SchedulerMessage = Submit | Abort | AbortAll
+
+
+# -- from the scheduler, to one request's relay -----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Queued:
+    request_id: str
+    position: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    request_id: str
+    status: int  # HTTP status the client gets (429 queue full, 503 not ready or draining)
+    message: str
+    retry_after: float | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    request_id: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOut:
+    request_id: str
+    token_id: int
+    index: int
+    at: float
+    finish_reason: FinishReason | None = None  # set on the token that ends the sequence
+    is_stop_token: bool = False  # an end-of-sequence token: counted, not shown as text
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The request's terminal event from the scheduler: its row is already freed."""
+
+    request_id: str
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    request_id: str
+    message: str
+    error_type: str
+    at: float
+
+
+SchedulerEvent = Queued | Rejected | Admitted | TokenOut | Finished | Failed
+
+
+# -- to the metrics actor (sent with send_nowait; it never makes a sender wait) ---------------
+@dataclass(frozen=True, slots=True)
+class RequestQueued:
+    request_id: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    request_id: str
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAdmitted:
+    request_id: str
+    queue_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class FirstToken:
+    request_id: str
+    ttft_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepCompleted:
+    kind: str  # "prefill" | "decode"
+    batch_size: int
+    new_tokens: int
+    seconds: float
+    inter_token_seconds: tuple[float, ...]  # one per decoded sequence: time since its last token
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    request_id: str
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    e2e_seconds: float
+    # Abort received to row freed: how long a cancelled request kept the GPU busy.
+    teardown_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    request_id: str
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDisconnected:
+    request_id: str
+
+
+MetricsEvent = (
+    RequestQueued
+    | RequestRejected
+    | RequestAdmitted
+    | FirstToken
+    | StepCompleted
+    | RequestFinished
+    | RequestFailed
+    | ClientDisconnected
+)
+
+
+# -- from a relay to its HTTP response ----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Milliseconds from the request's arrival, as the client is told them."""
+
+    queue_ms: float
+    prefill_ms: float | None  # admitted to first token
+    ttft_ms: float | None
+    e2e_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStarted:
+    request_id: str
+    queue_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRejected:
+    request_id: str
+    status: int
+    message: str
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamToken:
+    request_id: str
+    text: str  # may be "" while a character or a possible stop string is held back
+    token_id: int
+    index: int
+    channel: str | None = None  # Harmony channel for gpt-oss ("analysis", "final", ...)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDone:
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class StreamError:
+    request_id: str
+    message: str
+    error_type: str
+
+
+StreamEvent = StreamStarted | StreamRejected | StreamToken | StreamDone | StreamError
+TERMINAL_STREAM_EVENTS = (StreamRejected, StreamDone, StreamError)

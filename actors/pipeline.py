@@ -1,0 +1,276 @@
+"""The pipeline: starts the actors, loads the model, and opens one stream per request.
+
+Structure (all in one nursery, started with ``await nursery.start(pipeline.run)``):
+metrics actor, then the model load in a worker thread, then the GPU scheduler; relays are started
+in the same nursery, one per request, so none lives inside an HTTP response generator.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import structlog
+import trio
+
+from actors.batch_policy import BatchSettings
+from actors.messages import (
+    TERMINAL_STREAM_EVENTS,
+    AbortReason,
+    ClientDisconnected,
+    SchedulerEvent,
+    StreamEvent,
+    Submit,
+)
+from actors.metrics import MetricsActor
+from actors.relay import TokenRelay, TokenText
+from actors.scheduler import GpuScheduler, SchedulerSettings, StepBackend, StepCaller
+from app.engine.params import SamplingParams
+
+log = structlog.get_logger("pipeline")
+
+State = Literal["loading", "ready", "draining", "failed"]
+# Events a relay may hold for a client that reads slowly, before the relay itself waits.
+RELAY_BUFFER_EVENTS = 256
+
+
+class ServedModel(Protocol):
+    """What the pipeline and the HTTP layer need of a loaded model (see app.engine.loader)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
+
+    @property
+    def model_size(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def max_context(self) -> int: ...
+
+    @property
+    def harmony(self) -> bool: ...
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def runner(self) -> StepBackend: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    batch: BatchSettings
+    max_queue: int
+    stall_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationJob:
+    """A validated request, ready for the scheduler."""
+
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    received_at: float
+    request_id: str = ""
+    deadline: float | None = None
+
+
+class NotReadyError(RuntimeError):
+    def __init__(self, state: State, detail: str = "") -> None:
+        super().__init__(detail or f"the server is {state}")
+        self.state = state
+
+
+class StreamHandle:
+    """One request's view of its stream: iterate its events, abort it from anywhere (sync)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        events: trio.MemoryReceiveChannel[StreamEvent],
+        abort: Callable[[str, AbortReason], None],
+        on_disconnect: Callable[[str], None],
+    ) -> None:
+        self.request_id = request_id
+        self._events = events
+        self._abort = abort
+        self._on_disconnect = on_disconnect
+        self.finished = False
+
+    async def next_event(self) -> StreamEvent:
+        event = await self._events.receive()
+        if isinstance(event, TERMINAL_STREAM_EVENTS):
+            self.finished = True
+        return event
+
+    def __aiter__(self) -> StreamHandle:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            return await self.next_event()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def abort(self, reason: AbortReason = "client_disconnect") -> None:
+        """Idempotent and synchronous: safe in a cancelled task's ``finally``."""
+        if not self.finished:
+            self.finished = True
+            self._on_disconnect(self.request_id)
+            self._abort(self.request_id, reason)
+        self._events.close()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        load: Callable[[], ServedModel],
+        settings: PipelineSettings,
+        *,
+        text_factory: Callable[[ServedModel], TokenText],
+        step_caller: StepCaller | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self.settings = settings
+        self._text_factory = text_factory
+        self._step_caller = step_caller
+        self._on_fatal = on_fatal
+        self.clock = clock
+        self.metrics = MetricsActor()
+        self.state: State = "loading"
+        self.failure: str | None = None
+        self.model: ServedModel | None = None
+        self.scheduler: GpuScheduler | None = None
+        self.started_at = clock()
+        self._nursery: trio.Nursery | None = None
+        self._relays = 0
+
+    @property
+    def active_relays(self) -> int:
+        return self._relays
+
+    @property
+    def task_count(self) -> int:
+        """Tasks in the pipeline's nursery: the actors plus one per live relay."""
+        return len(self._nursery.child_tasks) if self._nursery is not None else 0
+
+    async def run(
+        self, *, wait_for_model: bool = False, task_status: trio.TaskStatus[Pipeline] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.metrics.run)
+            if not wait_for_model:
+                task_status.started(self)
+            try:
+                model = await trio.to_thread.run_sync(self._load)
+            except Exception as error:
+                self.state = "failed"
+                self.failure = str(error)
+                log.error("model_load_failed", error=str(error))
+                if wait_for_model:
+                    raise
+                if self._on_fatal is not None:
+                    self._on_fatal(str(error))
+                return
+            self.model = model
+            settings = SchedulerSettings(self.settings.batch, self.settings.max_queue, model.max_context)
+            scheduler = GpuScheduler(
+                model.runner, settings, self.metrics.sender(), step_caller=self._step_caller, clock=self.clock
+            )
+            await nursery.start(scheduler.run)
+            self.scheduler = scheduler
+            self.state = "ready"
+            log.info("model_ready", model=model.model_id, device=model.device, dtype=model.dtype)
+            if wait_for_model:
+                task_status.started(self)
+
+    def begin_drain(self) -> None:
+        if self.state == "ready":
+            self.state = "draining"
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work; let running streams finish for up to ``timeout`` seconds, then end
+        the rest with finish_reason ``shutdown`` and give their relays a moment to say so."""
+        self.begin_drain()
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        with trio.move_on_after(timeout):
+            while scheduler.stats.running or scheduler.stats.waiting or self._relays:
+                await trio.sleep(0.05)
+        scheduler.abort_all("shutdown")
+        with trio.move_on_after(5.0):
+            while self._relays:
+                await trio.sleep(0.02)
+
+    def stop(self) -> None:
+        """End the actors: the scheduler fails what is left, then the nursery is cancelled."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def open_stream(self, job: GenerationJob) -> StreamHandle:
+        """Submit a job and start its relay. Synchronous: nothing here can block."""
+        if self.state != "ready" or self.model is None or self.scheduler is None or self._nursery is None:
+            raise NotReadyError(self.state, self.failure or "")
+        model, scheduler = self.model, self.scheduler
+        request_id = job.request_id or f"req-{uuid.uuid4().hex}"
+        # Room for every event the scheduler can send this request: it never waits on a relay.
+        to_relay, relay_in = trio.open_memory_channel[SchedulerEvent](job.params.max_tokens + 8)
+        relay_out, from_relay = trio.open_memory_channel[StreamEvent](RELAY_BUFFER_EVENTS)
+        relay = TokenRelay(
+            request_id,
+            job.received_at,
+            len(job.prompt),
+            relay_in,
+            relay_out,
+            self._text_factory(model),
+            job.params.stop,
+            scheduler.abort,
+            stall_timeout=self.settings.stall_timeout if self.settings.stall_timeout > 0 else math.inf,
+        )
+        self._nursery.start_soon(self._run_relay, relay)
+        scheduler.submit(
+            Submit(
+                request_id,
+                job.prompt,
+                job.params,
+                model.stop_token_ids,
+                job.received_at,
+                to_relay,
+                job.deadline,
+            )
+        )
+        return StreamHandle(request_id, from_relay, scheduler.abort, self._client_disconnected)
+
+    async def _run_relay(self, relay: TokenRelay) -> None:
+        self._relays += 1
+        try:
+            await relay.run()
+        finally:
+            self._relays -= 1
+
+    def _client_disconnected(self, request_id: str) -> None:
+        sender = self.metrics.sender()
+        with sender:
+            sender.send_nowait(ClientDisconnected(request_id))

@@ -1,0 +1,167 @@
+"""TokenRelay: one per stream, between the scheduler and the HTTP response.
+
+It turns token ids into text (held back while a character or a possible stop string is
+incomplete), ends the request at a stop string, adds the timings, and hands ready events to the
+response body. It runs in the pipeline's long-lived nursery, not inside the response generator,
+so a response that is torn down mid-``yield`` never leaves it half-run. When the client is gone
+(its end of the channel closed) or stops reading for ``stall_timeout`` seconds, the relay aborts
+the request and exits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+import trio
+
+from actors.messages import (
+    AbortReason,
+    Admitted,
+    Failed,
+    Finished,
+    Queued,
+    Rejected,
+    SchedulerEvent,
+    StreamDone,
+    StreamError,
+    StreamEvent,
+    StreamRejected,
+    StreamStarted,
+    StreamToken,
+    Timings,
+    TokenOut,
+    Usage,
+)
+from app.text.stop_strings import StopStringMatcher
+
+log = structlog.get_logger("relay")
+
+
+@dataclass(frozen=True, slots=True)
+class TextPiece:
+    text: str
+    channel: str | None = None
+
+
+class TokenText(Protocol):
+    """Per-request token -> text conversion (plain detokenisation, or Harmony channels)."""
+
+    def push(self, token_id: int, is_stop_token: bool) -> TextPiece: ...
+
+    def flush(self) -> TextPiece: ...
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class TokenRelay:
+    def __init__(
+        self,
+        request_id: str,
+        received_at: float,
+        prompt_tokens: int,
+        events_in: trio.MemoryReceiveChannel[SchedulerEvent],
+        events_out: trio.MemorySendChannel[StreamEvent],
+        text: TokenText,
+        stop: tuple[str, ...],
+        abort: Callable[[str, AbortReason], None],
+        *,
+        stall_timeout: float = math.inf,
+        stop_applies_to: Callable[[str | None], bool] = lambda channel: True,
+    ) -> None:
+        self.request_id = request_id
+        self._received_at = received_at
+        self._in = events_in
+        self._out = events_out
+        self._text = text
+        self._stops = StopStringMatcher(stop)
+        self._stop_applies_to = stop_applies_to
+        self._abort = abort
+        self._stall_timeout = stall_timeout
+        self._admitted_at: float | None = None
+        self._first_token_at: float | None = None
+        self._prompt_tokens = prompt_tokens
+        self._completion_tokens = 0
+        self._stopped = False  # a stop string ended the request here
+
+    async def run(self) -> None:
+        async with self._in, self._out:
+            try:
+                async for event in self._in:
+                    for out in self._translate(event):
+                        await self._deliver(out)
+                    if isinstance(event, Rejected | Finished | Failed):
+                        return
+                    if self._stopped:
+                        return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._abort(self.request_id, "client_disconnect")
+            except _Stalled:
+                log.warning("stream_stalled", request_id=self.request_id, seconds=self._stall_timeout)
+                self._abort(self.request_id, "stalled")
+
+    async def _deliver(self, event: StreamEvent) -> None:
+        with trio.move_on_after(self._stall_timeout) as scope:
+            await self._out.send(event)
+        if scope.cancelled_caught:
+            raise _Stalled
+
+    def _translate(self, event: SchedulerEvent) -> list[StreamEvent]:
+        match event:
+            case Queued():
+                return [StreamStarted(self.request_id, event.position)]
+            case Rejected():
+                return [StreamRejected(self.request_id, event.status, event.message, event.retry_after)]
+            case Admitted():
+                self._admitted_at = event.at
+                return []
+            case TokenOut():
+                return self._on_token(event)
+            case Finished():
+                return [self._done(event.reason, event.completion_tokens, event.at)]
+            case Failed():
+                return [StreamError(self.request_id, event.message, event.error_type)]
+        return []
+
+    def _on_token(self, event: TokenOut) -> list[StreamEvent]:
+        if self._first_token_at is None:
+            self._first_token_at = event.at
+        self._completion_tokens = event.index + 1
+        piece = self._text.push(event.token_id, event.is_stop_token)
+        if event.finish_reason is not None:
+            tail = self._text.flush()
+            piece = TextPiece(piece.text + tail.text, piece.channel or tail.channel)
+        text = piece.text
+        if self._stop_applies_to(piece.channel):
+            check = self._stops.push(text)
+            text = check.text
+            if check.stopped:
+                # The scheduler may still be running this sequence: stop it, finish here.
+                self._abort(self.request_id, "stop_string")
+                self._stopped = True
+                token = StreamToken(self.request_id, text, event.token_id, event.index, piece.channel)
+                return [token, self._done("stop", self._completion_tokens, event.at)]
+            if event.finish_reason is not None:
+                text += self._stops.flush()
+        return [StreamToken(self.request_id, text, event.token_id, event.index, piece.channel)]
+
+    def _done(self, reason: str, completion_tokens: int, at: float) -> StreamDone:
+        admitted = self._admitted_at if self._admitted_at is not None else at
+        first = self._first_token_at
+        timings = Timings(
+            queue_ms=_ms(admitted - self._received_at),
+            prefill_ms=None if first is None else _ms(first - admitted),
+            ttft_ms=None if first is None else _ms(first - self._received_at),
+            e2e_ms=_ms(at - self._received_at),
+        )
+        usage = Usage(self._prompt_tokens, completion_tokens)
+        return StreamDone(self.request_id, reason, usage, timings)  # type: ignore[arg-type]
+
+
+class _Stalled(Exception):
+    """The client stopped reading for longer than the stall timeout."""

@@ -1,0 +1,48 @@
+"""The ASGI app for the plain Hypercorn CLI: ``hypercorn --config hypercorn.toml app.asgi:app``.
+
+Hypercorn imports this module and takes ``app``; the model and settings come from environment
+variables (the CLI has no flags of ours):
+
+    GPTOSS_MODEL (default 20b), GPTOSS_PROFILE (latency_first), GPTOSS_DTYPE (auto),
+    GPTOSS_DEVICE (auto), GPTOSS_MAX_BATCH_SIZE, GPTOSS_MAX_QUEUE, GPTOSS_PREFILL_CHUNK,
+    GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json)
+
+The model loads during start-up: Hypercorn accepts connections once it is ready, and a model that
+cannot load fails start-up.
+"""
+
+from __future__ import annotations
+
+import os
+
+from app.config import ServerConfig, profile_with
+from app.logging_setup import configure_logging
+from app.server import create_server
+
+
+def _int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def config_from_env() -> ServerConfig:
+    profile = profile_with(
+        os.environ.get("GPTOSS_PROFILE", "latency_first"),
+        max_batch_size=_int("GPTOSS_MAX_BATCH_SIZE"),
+        max_queue=_int("GPTOSS_MAX_QUEUE"),
+        prefill_chunk_tokens=_int("GPTOSS_PREFILL_CHUNK"),
+    )
+    return ServerConfig(
+        model=os.environ.get("GPTOSS_MODEL", "20b"),
+        served_model_name=os.environ.get("GPTOSS_SERVED_MODEL_NAME") or None,
+        profile=profile,
+        dtype=os.environ.get("GPTOSS_DTYPE", "auto"),
+        device=os.environ.get("GPTOSS_DEVICE", "auto"),
+        log_level=os.environ.get("GPTOSS_LOG_LEVEL", "info"),
+        log_format=os.environ.get("GPTOSS_LOG_FORMAT", "json"),  # type: ignore[arg-type]
+    )
+
+
+_config = config_from_env()
+configure_logging(_config.log_level, _config.log_format)
+app = create_server(_config, wait_for_model=True).asgi

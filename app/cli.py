@@ -1,0 +1,167 @@
+"""``python -m app``: parse the command line, then serve with Hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from app import __version__
+from app.config import LOG_LEVELS, PROFILES, ConfigError, ServerConfig, profile_with
+from app.logging_setup import configure_logging
+from app.models.registry import ModelNotFoundError, known_names, resolve
+from app.server import Server, create_server
+
+log = structlog.get_logger("cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Serve a gpt-oss (or any Hugging Face causal LM) model over HTTP: "
+        "OpenAI-compatible endpoints, native SSE streaming, /health, /stats and /metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        default="20b",
+        help=f"what to serve: one of {', '.join(known_names())}; a local model folder; or a "
+        "Hugging Face hub id (org/name, from the local cache when offline). tiny-gpt-oss and "
+        "smollm2-135m are built on this machine on first use and need no network",
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="the model name clients see (default: the model's id)"
+    )
+    parser.add_argument("--profile", default="latency_first", choices=sorted(PROFILES), help="scheduler profile")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and compute dtype; auto is bfloat16 on CUDA and float32 on the CPU "
+        "(where batched greedy output then equals unbatched output)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=None, help="most sequences decoded together (overrides the profile)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="most requests waiting for the batch; more get 429 (overrides the profile)",
+    )
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=None, help="most prompt tokens per prefill step (overrides the profile)"
+    )
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
+    parser.add_argument(
+        "--log-format", default="json", choices=["json", "console"], help="JSON lines or human-readable"
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may stop reading before its request is aborted",
+    )
+    parser.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds running streams get to finish after SIGTERM"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    profile = profile_with(
+        args.profile,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        prefill_chunk_tokens=args.prefill_chunk,
+    )
+    return ServerConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        profile=profile,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        device=args.device,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        stall_timeout=args.stall_timeout,
+        drain_timeout=args.drain_timeout,
+    )
+
+
+def hypercorn_config(config: ServerConfig) -> HypercornConfig:
+    hyper = HypercornConfig()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hyper.bind = [f"{host}:{config.port}"]
+    hyper.worker_class = "trio"
+    hyper.accesslog = logging.getLogger("hypercorn.access")
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.graceful_timeout = 5.0
+    return hyper
+
+
+async def serve_until_stopped(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT (which drain first) or a failed model load (exit code 1)."""
+    exit_code = 0
+    shutdown = trio.Event()
+
+    def fatal(message: str) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        shutdown.set()
+
+    server = create_server(config, wait_for_model=False, on_fatal=fatal)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, server, config, shutdown)
+        binds = await nursery.start(_serve, server, config, shutdown)
+        log.info("listening", urls=binds, model=config.model, profile=config.profile.name)
+        await shutdown.wait()
+        nursery.cancel_scope.deadline = trio.current_time() + 10  # hypercorn's own graceful close
+    return exit_code
+
+
+async def _serve(
+    server: Server, config: ServerConfig, shutdown: trio.Event, *, task_status: trio.TaskStatus[list[str]]
+) -> None:
+    await serve(server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+
+
+async def _stop_on_signal(server: Server, config: ServerConfig, shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal", signal=signal.Signals(signum).name, drain_timeout_s=config.drain_timeout)
+            await server.pipeline.drain(config.drain_timeout)
+            shutdown.set()
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    try:
+        resolve(config.model, config.served_model_name)
+    except ModelNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        return trio.run(serve_until_stopped, config)
+    except KeyboardInterrupt:
+        return 130

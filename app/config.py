@@ -1,0 +1,81 @@
+"""Server configuration: frozen, validated at construction, with named scheduler profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+LogFormat = Literal["json", "console"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A named set of scheduler settings; each can be overridden on its own."""
+
+    name: str
+    max_batch_size: int
+    max_queue: int  # requests waiting beyond the batch; more get 429
+    prefill_chunk_tokens: int  # prompt tokens per prefill step, all sequences together
+    max_consecutive_prefills: int  # prefill steps in a row before the running batch decodes
+
+    def __post_init__(self) -> None:
+        for field in ("max_batch_size", "max_queue", "prefill_chunk_tokens", "max_consecutive_prefills"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"profile {self.name}: {field} must be a positive integer, got {value!r}")
+
+
+PROFILES = {
+    # The seed's: new prompts are prefilled first and in small chunks, batches stay moderate, the
+    # queue is short so overload is refused early rather than answered late.
+    "latency_first": Profile(
+        "latency_first", max_batch_size=16, max_queue=64, prefill_chunk_tokens=512, max_consecutive_prefills=2
+    ),
+    # Fill the batch: more rows, longer prefill chunks, a deeper queue.
+    "throughput_first": Profile(
+        "throughput_first", max_batch_size=64, max_queue=512, prefill_chunk_tokens=2048, max_consecutive_prefills=4
+    ),
+}
+
+
+def profile_with(name: str, **overrides: int | None) -> Profile:
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
+    chosen: dict[str, Any] = {key: value for key, value in overrides.items() if value is not None}
+    return dataclasses.replace(PROFILES[name], **chosen)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    model: str = "tiny-gpt-oss"
+    served_model_name: str | None = None
+    profile: Profile = PROFILES["latency_first"]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    device: str = "auto"
+    log_level: str = "info"
+    log_format: LogFormat = "json"
+    stall_timeout: float = 30.0  # seconds a client may stop reading before its request is aborted
+    max_body_bytes: int = 4 * 1024 * 1024
+    drain_timeout: float = 30.0  # seconds running streams get to finish on SIGTERM
+    heartbeat_seconds: float = 15.0  # SSE comment lines while a stream waits (proxies drop idle ones)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.log_format not in ("json", "console"):
+            raise ConfigError(f"log format must be json or console, got {self.log_format!r}")
+        for field in ("stall_timeout", "drain_timeout", "heartbeat_seconds"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")

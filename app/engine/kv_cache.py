@@ -1,0 +1,146 @@
+"""A KV cache of rows: one sequence per row, each from position 0, no padding, no merging.
+
+transformers' attention layers call ``update(key, value, layer_idx)``; which rows and positions the
+new keys go to is set by the runner for each forward (``plan_decode`` / ``plan_prefill``). Sequences
+join by taking a free row and leave by having the last row moved into theirs, so the rows in use
+are always ``0..rows_in_use-1`` and a decode step attends over a plain slice. Storage grows by
+doubling (rows and positions) and is dropped when the last sequence leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One sequence's slice of a packed prefill: ``length`` tokens written from ``start`` in ``row``."""
+
+    row: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodePlan:
+    positions: torch.Tensor  # [rows], the position each row's new key is written to
+    kv_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class _PrefillPlan:
+    segments: tuple[Segment, ...]
+
+
+def _grown(size: int, needed: int, floor: int) -> int:
+    size = max(size, floor)
+    while size < needed:
+        size *= 2
+    return size
+
+
+class RowKVCache:
+    MIN_POSITIONS = 64
+    MIN_ROWS = 2
+
+    def __init__(self, num_layers: int, max_rows: int, max_positions: int) -> None:
+        self.num_layers = num_layers
+        self.max_rows = max_rows
+        self.max_positions = max_positions
+        self._rows = 0
+        self._positions = 0
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._plan: _DecodePlan | _PrefillPlan | None = None
+
+    # -- storage -----------------------------------------------------------------------------
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
+
+    def reserve(self, rows: int, positions: int) -> None:
+        """Make room for ``rows`` rows of ``positions`` positions; existing contents are kept."""
+        if rows > self.max_rows or positions > self.max_positions:
+            raise ValueError(f"cache holds at most {self.max_rows} rows x {self.max_positions} positions")
+        new_rows = min(_grown(self._rows, rows, self.MIN_ROWS), self.max_rows)
+        new_positions = min(_grown(self._positions, positions, self.MIN_POSITIONS), self.max_positions)
+        if (new_rows, new_positions) == (self._rows, self._positions):
+            return
+        for store in (self._keys, self._values):
+            for layer, old in enumerate(store):
+                if old is None:
+                    continue
+                bigger = old.new_zeros((new_rows, old.shape[1], new_positions, old.shape[3]))
+                bigger[: old.shape[0], :, : old.shape[2]] = old
+                store[layer] = bigger
+        self._rows, self._positions = new_rows, new_positions
+
+    def release(self) -> None:
+        """Drop all storage (the runner calls this when no sequence is left)."""
+        self._keys = [None] * self.num_layers
+        self._values = [None] * self.num_layers
+        self._rows = self._positions = 0
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        for store in (self._keys, self._values):
+            for tensor in store:
+                if tensor is not None:
+                    tensor[target, :, :length] = tensor[source, :, :length]
+
+    # -- per-forward plans -------------------------------------------------------------------
+    def plan_decode(self, positions: torch.Tensor, kv_length: int) -> None:
+        self._plan = _DecodePlan(positions, kv_length)
+
+    def plan_prefill(self, segments: tuple[Segment, ...]) -> None:
+        self._plan = _PrefillPlan(segments)
+
+    def clear_plan(self) -> None:
+        self._plan = None
+
+    # -- the interface transformers' attention layers call -----------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._layer(layer_idx, key_states)
+        plan = self._plan
+        if isinstance(plan, _DecodePlan):
+            rows = torch.arange(key_states.shape[0], device=keys.device)
+            keys[rows, :, plan.positions] = key_states[:, :, 0]
+            values[rows, :, plan.positions] = value_states[:, :, 0]
+            batch = key_states.shape[0]
+            return keys[:batch, :, : plan.kv_length], values[:batch, :, : plan.kv_length]
+        if isinstance(plan, _PrefillPlan):
+            offset = 0
+            for seg in plan.segments:
+                span = slice(seg.start, seg.start + seg.length)
+                keys[seg.row, :, span] = key_states[0, :, offset : offset + seg.length]
+                values[seg.row, :, span] = value_states[0, :, offset : offset + seg.length]
+                offset += seg.length
+            if all(seg.start == 0 for seg in plan.segments):
+                return key_states, value_states  # nothing cached before: attend to the packed keys
+            # Each segment attends to its row's cached prefix and its own new keys, packed alike.
+            gathered_k = [keys[seg.row, :, : seg.start + seg.length] for seg in plan.segments]
+            gathered_v = [values[seg.row, :, : seg.start + seg.length] for seg in plan.segments]
+            return torch.cat(gathered_k, dim=1)[None], torch.cat(gathered_v, dim=1)[None]
+        raise RuntimeError("RowKVCache.update called without a plan for this forward")
+
+    def _layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self._keys[layer_idx]
+        values = self._values[layer_idx]
+        if keys is None or values is None:
+            # Heads and head size come from the layer itself, so any attention shape is served.
+            shape = (self._rows, like.shape[1], self._positions, like.shape[3])
+            keys = like.new_zeros(shape)
+            values = like.new_zeros(shape)
+            self._keys[layer_idx], self._values[layer_idx] = keys, values
+        return keys, values
+
+    # transformers' model code may ask these of any cache object.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

@@ -1,0 +1,72 @@
+"""Errors as HTTP responses: a status and OpenAI's error JSON shape, on every endpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from quart import Response
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """Raised anywhere in a handler; turned into an error response by the app's handler."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code if code is not None else status,
+        }
+    }
+
+
+def error_response(error: ApiError) -> Response:
+    response = Response(json.dumps(error.body()), status=error.status, content_type="application/json")
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def from_validation_error(error: ValidationError) -> ApiError:
+    """422 naming the first failing field and its rule (all of them are listed in the message)."""
+    problems = []
+    first_param: str | None = None
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "body"
+        first_param = first_param or location
+        problems.append(f"{location}: {item['msg']}")
+    return ApiError(422, "; ".join(problems), param=first_param, code="validation_error")

@@ -1,0 +1,69 @@
+"""Operations endpoints: GET /health and GET /stats."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from quart import Response
+from quart_trio import QuartTrio
+
+from app.server import ServerState
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, content_type="application/json")
+
+
+def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
+    pipeline = state.pipeline
+    model = pipeline.model
+    status = {"ready": "ok"}.get(pipeline.state, pipeline.state)
+    body: dict[str, Any] = {
+        "status": status,
+        "model_id": model.model_id if model else None,
+        "model_size": model.model_size if model else None,
+        "dtype": model.dtype if model else None,
+        "device": model.device if model else None,
+        "profile": state.config.profile.name,
+        "profile_settings": dataclasses.asdict(state.config.profile),
+        "max_context": model.max_context if model else None,
+        "version": version,
+        "uptime_s": round(pipeline.clock() - pipeline.started_at, 3),
+    }
+    if pipeline.failure:
+        body["error"] = pipeline.failure
+    return body, 200 if status == "ok" else 503
+
+
+def stats_body(state: ServerState) -> dict[str, Any]:
+    pipeline = state.pipeline
+    scheduler = pipeline.scheduler.stats if pipeline.scheduler else None
+    figures = pipeline.metrics.book.snapshot()
+    figures.update(
+        {
+            "active_sequences": scheduler.running if scheduler else 0,
+            "queue_depth": scheduler.waiting if scheduler else 0,
+            "active_streams": pipeline.active_relays,
+            "scheduler_steps": scheduler.steps if scheduler else 0,
+        }
+    )
+    model_id = pipeline.model.model_id if pipeline.model else state.config.model
+    return {
+        "model_metrics": {model_id: figures},
+        # The figures the users' checks read most, at the top level too.
+        "active_sequences": figures["active_sequences"],
+        "cancelled_requests": figures["cancelled_requests"],
+    }
+
+
+def register(app: QuartTrio, state: ServerState, version: str) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        body, status = health_body(state, version)
+        return _json(body, status)
+
+    @app.get("/stats")
+    async def stats() -> Response:
+        return _json(stats_body(state))

@@ -1,0 +1,139 @@
+"""The Quart (quart-trio) application: routes, error handling, and the pipeline's life.
+
+The pipeline's actors start in the app's lifespan nursery (``before_serving``) and stop in
+``after_serving``; the ASGI callable that Hypercorn serves is the app wrapped in
+RequestScopeMiddleware, which ties each request's work to the request's life.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from actors.batch_policy import BatchSettings
+from actors.pipeline import Pipeline, PipelineSettings, ServedModel
+from actors.scheduler import StepCaller
+from app import __version__
+from app.config import ServerConfig
+from app.http.errors import ApiError, error_body, error_response
+from app.http.request_scope import RequestScopeMiddleware
+
+log = structlog.get_logger("server")
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What every route needs; kept on ``app.extensions``."""
+
+    config: ServerConfig
+    pipeline: Pipeline
+
+
+def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
+    from app.engine.loader import load_model
+    from app.models.registry import resolve
+
+    source = resolve(config.model, config.served_model_name)
+
+    def load() -> ServedModel:
+        return load_model(
+            source, dtype=config.dtype, device=config.device, max_batch_size=config.profile.max_batch_size
+        )
+
+    return load
+
+
+def token_text_factory(model: ServedModel) -> Any:
+    from app.text.token_text import PlainTokenText
+
+    return PlainTokenText(model.decode)
+
+
+def pipeline_settings(config: ServerConfig) -> PipelineSettings:
+    profile = config.profile
+    batch = BatchSettings(profile.max_batch_size, profile.prefill_chunk_tokens, profile.max_consecutive_prefills)
+    return PipelineSettings(batch=batch, max_queue=profile.max_queue, stall_timeout=config.stall_timeout)
+
+
+@dataclass(slots=True)
+class Server:
+    app: QuartTrio
+    asgi: RequestScopeMiddleware
+    state: ServerState
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.state.pipeline
+
+
+def create_server(
+    config: ServerConfig,
+    *,
+    loader: Callable[[], ServedModel] | None = None,
+    step_caller: StepCaller | None = None,
+    wait_for_model: bool = True,
+    on_fatal: Callable[[str], None] | None = None,
+) -> Server:
+    """Build the app. ``wait_for_model``: start-up waits for the model (a failed load fails it);
+    otherwise the server answers at once, /health says ``loading``, and ``on_fatal`` hears a
+    failed load."""
+    pipeline = Pipeline(
+        loader or default_loader(config),
+        pipeline_settings(config),
+        text_factory=token_text_factory,
+        step_caller=step_caller,
+        on_fatal=on_fatal,
+    )
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes; disconnects end them
+    app.config["BODY_TIMEOUT"] = 60
+    state = ServerState(config, pipeline)
+    app.extensions["gptoss"] = state
+
+    @app.before_serving
+    async def start_pipeline() -> None:
+        await app.nursery.start(functools.partial(pipeline.run, wait_for_model=wait_for_model))
+
+    @app.after_serving
+    async def stop_pipeline() -> None:
+        pipeline.stop()
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        messages = {
+            404: "no such endpoint",
+            405: "method not allowed on this endpoint",
+            413: f"the request body is over the limit of {config.max_body_bytes} bytes",
+        }
+        body = error_body(status, messages.get(status, error.description or error.name))
+        response = Response(json.dumps(body), status=status, content_type="application/json")
+        if status == 413:
+            # The rest of the body is still on the wire: this connection cannot carry another request.
+            response.headers["Connection"] = "close"
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected_error(error: Exception) -> Response:
+        log.exception("unhandled_error", error=repr(error))
+        body = error_body(500, f"internal error: {type(error).__name__}")
+        return Response(json.dumps(body), status=500, content_type="application/json")
+
+    from app.http import generate_routes, ops_routes
+
+    generate_routes.register(app, state)
+    ops_routes.register(app, state, __version__)
+    return Server(app, RequestScopeMiddleware(app), state)

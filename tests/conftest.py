@@ -1,0 +1,109 @@
+"""Shared fixtures: model weights loaded once per session, and a real in-process server."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import cast
+
+import httpx
+import pytest
+import trio
+from hypercorn.trio import serve
+
+from actors.pipeline import ServedModel
+from actors.scheduler import StepCaller
+from app.cli import hypercorn_config
+from app.config import PROFILES, ServerConfig
+from app.engine.loader import ModelWeights, load_weights, serve_weights
+from app.logging_setup import configure_logging
+from app.models.registry import resolve
+from app.server import Server, create_server
+
+
+@functools.cache
+def weights(name: str) -> ModelWeights:
+    """Loaded once per test session; every server gets its own runner over them."""
+    return load_weights(resolve(name), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights() -> ModelWeights:
+    return weights("tiny-gpt-oss")
+
+
+@pytest.fixture(scope="session")
+def smollm2_weights() -> ModelWeights:
+    return weights("smollm2-135m")
+
+
+@dataclass
+class RunningServer:
+    url: str
+    server: Server
+
+    def client(self, **kwargs: object) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30.0, **kwargs)  # type: ignore[arg-type]
+
+
+def server_config(**overrides: object) -> ServerConfig:
+    profile = dataclasses.replace(PROFILES["latency_first"], max_batch_size=8, max_queue=16)
+    fields: dict[str, object] = {"model": "tiny-gpt-oss", "port": 0, "profile": profile, "log_level": "warning"}
+    fields.update(overrides)
+    return ServerConfig(**fields)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running_server(
+    model_weights: ModelWeights,
+    config: ServerConfig | None = None,
+    *,
+    step_caller: StepCaller | None = None,
+    runner_hook: Callable[[ServedModel], ServedModel] | None = None,
+) -> AsyncIterator[RunningServer]:
+    """A real Hypercorn (trio worker) on 127.0.0.1, port 0, serving the app in this event loop."""
+    config = config or server_config()
+
+    def load() -> ServedModel:
+        loaded = serve_weights(model_weights, max_batch_size=config.profile.max_batch_size)
+        return runner_hook(loaded) if runner_hook else loaded
+
+    server = create_server(config, loader=load, step_caller=step_caller, wait_for_model=True)
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            functools.partial(serve, server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+        )
+        try:
+            yield RunningServer(binds[0], server)
+        finally:
+            shutdown.set()
+            nursery.cancel_scope.deadline = trio.current_time() + 10
+
+
+async def stream_then_drop(client: httpx.AsyncClient, body: dict[str, object], tokens: int) -> int:
+    """Start a /generate stream, read ``tokens`` token events, then close the connection."""
+    received = b""
+    # aiter_raw is one generator; httpx's text iterators nest several that aclosing cannot reach.
+    async with (
+        client.stream("POST", "/generate", json=body) as response,
+        aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw())) as chunks,
+    ):
+        async for chunk in chunks:
+            received += chunk
+            if received.count(b"event: token\n") >= tokens:
+                break
+    return received.count(b"event: token\n")
+
+
+@pytest.fixture
+async def tiny_server(tiny_weights: ModelWeights) -> AsyncIterator[RunningServer]:
+    async with running_server(tiny_weights) as running:
+        yield running
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    configure_logging("warning", "console")

@@ -1,0 +1,87 @@
+"""Test doubles: a model backend with predictable tokens, and an inline step caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import trio
+
+from actors.scheduler import StepCaller
+from app.engine.params import SamplingParams
+from app.engine.runner import PrefillChunk, StepResult
+
+T = TypeVar("T")
+
+
+@dataclass
+class FakeSequence:
+    prompt: list[int]
+    pending: int
+    generated: int = 0
+
+
+@dataclass
+class FakeBackend:
+    """Token i of a sequence is ``(prompt[0] + i) % 1000``; ``stop_after`` ends sequences with a stop token.
+
+    ``fail`` decides, for each step, whether it raises (to test fault handling).
+    """
+
+    stop_token: int = 999_999
+    stop_after: int | None = None
+    fail: Callable[[str, list[str]], Exception | None] = lambda kind, ids: None
+    seqs: dict[str, FakeSequence] = field(default_factory=dict)
+    log: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+
+    def add(
+        self, seq_id: str, prompt: Sequence[int], params: SamplingParams, stop_token_ids: Iterable[int] | None = None
+    ) -> None:
+        assert seq_id not in self.seqs, f"{seq_id} added twice"
+        self.seqs[seq_id] = FakeSequence(list(prompt), len(prompt))
+
+    def release(self, seq_id: str) -> None:
+        if self.seqs.pop(seq_id, None) is not None:
+            self.released.append(seq_id)
+
+    def _next(self, seq_id: str) -> int:
+        seq = self.seqs[seq_id]
+        seq.generated += 1
+        if self.stop_after is not None and seq.generated > self.stop_after:
+            return self.stop_token
+        return (seq.prompt[0] + seq.generated - 1) % 1000
+
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> StepResult:
+        ids = [c.seq_id for c in chunks]
+        self.log.append(("prefill", tuple(ids)))
+        if (error := self.fail("prefill", ids)) is not None:
+            raise error
+        tokens = {}
+        for chunk in chunks:
+            seq = self.seqs[chunk.seq_id]
+            seq.pending -= chunk.tokens
+            assert seq.pending >= 0
+            if seq.pending == 0:
+                tokens[chunk.seq_id] = self._next(chunk.seq_id)
+        return StepResult(tokens, "prefill", len(chunks), sum(c.tokens for c in chunks), 0.001)
+
+    def decode(self, seq_ids: Iterable[str]) -> StepResult:
+        ids = list(seq_ids)
+        self.log.append(("decode", tuple(ids)))
+        if (error := self.fail("decode", ids)) is not None:
+            raise error
+        for seq_id in ids:
+            assert self.seqs[seq_id].pending == 0, "decode before prefill finished"
+        return StepResult({s: self._next(s) for s in ids}, "decode", len(ids), len(ids), 0.001)
+
+
+def inline_steps(seconds: float = 0.01) -> StepCaller:
+    """Run steps in the event loop, each taking ``seconds`` of (virtual) time."""
+
+    async def call(fn: Callable[[], T]) -> T:
+        await trio.sleep(seconds)
+        return fn()
+
+    return call

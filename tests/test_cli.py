@@ -1,0 +1,105 @@
+"""``python -m app`` as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from app.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+    )
+
+
+def test_help_explains_every_option() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--profile", "--port", "--host", "--dtype", "--device", "--max-batch-size", "--log-level"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ("no-such-model", "unknown model 'no-such-model'"),
+        ("/tmp/definitely/not/here", "unknown model"),
+        (str(ROOT), "holds no config.json"),
+    ],
+)
+def test_a_bad_model_fails_start_up_with_one_clear_line(model: str, words: str) -> None:
+    result = run_cli("--model", model, "--port", "0")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and words in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_hub_model_that_cannot_load_offline_exits_non_zero() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--model", "nobody/no-such-model-here", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "nobody/no-such-model-here" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_numbers_are_refused() -> None:
+    result = run_cli("--model", "tiny-gpt-oss", "--max-batch-size", "0")
+    assert result.returncode == 2
+    assert "max_batch_size must be a positive integer" in result.stderr
+
+
+def test_parser_defaults_match_the_seed_command() -> None:
+    args = build_parser().parse_args(["--model", "20b", "--profile", "latency_first", "--port", "8000"])
+    assert (args.model, args.profile, args.port) == ("20b", "latency_first", 8000)
+
+
+async def test_serves_then_exits_zero_on_sigterm() -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "app", "--model", "tiny-gpt-oss", "--port", "0", "--log-format", "json"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    url = None
+    buffer = b""
+    with trio.fail_after(120):
+        while url is None:
+            chunk = await process.stderr.receive_some()
+            assert chunk, "the server exited before listening"
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if line.startswith(b"{"):
+                    event = json.loads(line)
+                    if event.get("event") == "listening":
+                        url = event["urls"][0]
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            while (await client.get("/health")).json()["status"] != "ok":
+                await trio.sleep(0.1)
+            response = await client.post("/generate", json={"prompt": "hi", "max_tokens": 3, "stream": False})
+            assert response.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert await process.wait() == 0

@@ -1,0 +1,213 @@
+"""POST /generate, /health and /stats against a real Hypercorn in this process (tiny gpt-oss)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any
+
+import httpx
+import trio
+from httpx_sse import aconnect_sse
+
+from app.engine.loader import ModelWeights
+from tests.conftest import RunningServer, running_server, server_config
+
+
+async def stream_events(client: httpx.AsyncClient, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    async with aconnect_sse(client, "POST", "/generate", json=body) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        async for sse in source.aiter_sse():
+            events.append((sse.event, json.loads(sse.data)))
+    return events
+
+
+async def test_health_reports_the_model(tiny_server: RunningServer) -> None:
+    async with tiny_server.client() as client:
+        response = await client.get("/health")
+    body = response.json()
+    assert response.status_code == 200
+    assert body["status"] == "ok"
+    assert body["model_id"] == "tiny-gpt-oss"
+    assert body["model_size"] == "13m"
+    assert body["dtype"] == "float32" and body["device"] == "cpu"
+    assert body["profile"] == "latency_first" and body["max_context"] == 8192
+
+
+async def test_stream_has_start_then_tokens_then_done(tiny_server: RunningServer) -> None:
+    with trio.fail_after(30):
+        async with tiny_server.client() as client:
+            events = await stream_events(client, {"prompt": "Hello there", "max_tokens": 6, "temperature": 0})
+    names = [name for name, _ in events]
+    assert names == ["start"] + ["token"] * 6 + ["done"]
+    start = events[0][1]
+    assert start["model"] == "tiny-gpt-oss" and start["request_id"] and isinstance(start["created"], int)
+    tokens = [data for name, data in events if name == "token"]
+    assert [t["index"] for t in tokens] == list(range(6))
+    assert all(isinstance(t["text"], str) and isinstance(t["token_id"], int) for t in tokens)
+    done = events[-1][1]
+    assert done["finish_reason"] == "length"
+    assert done["usage"]["completion_tokens"] == 6 and done["usage"]["prompt_tokens"] == start["prompt_tokens"]
+    timings = done["timings"]
+    assert 0 <= timings["queue_ms"] <= timings["ttft_ms"] <= timings["e2e_ms"]
+
+
+async def test_non_stream_matches_stream_text(tiny_server: RunningServer) -> None:
+    body = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 8, "temperature": 0}
+    async with tiny_server.client() as client:
+        events = await stream_events(client, body)
+        response = await client.post("/generate", json={**body, "stream": False}, headers={"X-Request-Id": "abc-123"})
+    result = response.json()
+    assert response.status_code == 200
+    assert response.headers["X-Request-Id"] == "abc-123" and result["request_id"] == "abc-123"
+    streamed = "".join(data["text"] for name, data in events if name == "token")
+    assert result["text"] == streamed
+    assert result["finish_reason"] == "length"
+    assert result["usage"] == {
+        "prompt_tokens": result["prompt_tokens"],
+        "completion_tokens": 8,
+        "total_tokens": result["prompt_tokens"] + 8,
+    }
+    assert set(result["timings"]) == {"queue_ms", "prefill_ms", "ttft_ms", "e2e_ms"}
+
+
+async def test_text_parts_and_unknown_fields_are_accepted(tiny_server: RunningServer) -> None:
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
+        "max_tokens": 2,
+        "stream": False,
+        "some_client_extension": {"x": 1},
+    }
+    async with tiny_server.client() as client:
+        response = await client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+
+
+async def test_bad_input_gets_clear_errors(tiny_server: RunningServer) -> None:
+    async with tiny_server.client() as client:
+        cases = [
+            (await client.post("/generate", content=b"{not json"), 400, None),
+            (await client.post("/generate", json=[1, 2]), 422, "body"),
+            (await client.post("/generate", json={"prompt": "x", "max_tokens": "many"}), 422, "max_tokens"),
+            (await client.post("/generate", json={"prompt": "x", "max_tokens": 0}), 422, "max_tokens"),
+            (await client.post("/generate", json={"prompt": "x", "temperature": 3}), 422, "temperature"),
+            (await client.post("/generate", json={"max_tokens": 3}), 422, "messages"),
+            (
+                await client.post("/generate", json={"messages": [{"role": "robot", "content": "x"}]}),
+                422,
+                "messages.0.role",
+            ),
+            (await client.post("/generate", json={"prompt": "x", "model": "gpt-9"}), 404, "model"),
+            (await client.post("/generate", json={"prompt": "x " * 9000, "max_tokens": 5}), 400, "messages"),
+            (await client.post("/generate", json={"prompt": "x", "max_tokens": 8192}), 400, "max_tokens"),
+            (await client.post("/generate", content=b"{" + b" " * (5 * 1024 * 1024) + b"}"), 413, None),
+            (await client.get("/no/such/thing"), 404, None),
+        ]
+    for response, status, param in cases:
+        assert response.status_code == status, (response.status_code, response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["type"]
+        if param is not None:
+            assert error["param"] == param, error
+    too_long = cases[9][0].json()["error"]["message"]
+    assert "8192" in too_long and "max_tokens" in too_long
+
+
+async def test_health_answers_while_the_model_computes(tiny_server: RunningServer) -> None:
+    async with tiny_server.client() as client:
+        latencies = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(
+                    functools.partial(
+                        client.post, "/generate", json={"prompt": "go", "max_tokens": 300, "stream": False}
+                    )
+                )
+            await trio.sleep(0.3)
+            for _ in range(10):
+                started = time.perf_counter()
+                response = await client.get("/health")
+                latencies.append(time.perf_counter() - started)
+                assert response.status_code == 200
+                await trio.sleep(0.02)
+            stats = (await client.get("/stats")).json()
+            assert stats["active_sequences"] >= 1, "the generations were still running while /health answered"
+    # Generous for a loaded 2-core CI machine: the point is that /health does not wait for them.
+    assert sorted(latencies)[len(latencies) // 2] < 0.5
+
+
+async def test_concurrent_greedy_requests_match_their_solo_runs(tiny_weights: ModelWeights) -> None:
+    prompts = ["first prompt", "a second and somewhat longer prompt " * 8, "third", "the fourth one, also long " * 6]
+    async with running_server(tiny_weights) as server, server.client() as client:
+
+        async def run(prompt: str, max_tokens: int) -> list[int]:
+            events = await stream_events(client, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+            return [data["token_id"] for name, data in events if name == "token"]
+
+        solo = [await run(p, 20) for p in prompts]
+        together: dict[int, list[int]] = {}
+
+        async def staggered(i: int) -> None:
+            await trio.sleep(0.05 * i)  # join mid-flight
+            together[i] = await run(prompts[i], 20 + 5 * (i % 2))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(staggered, i)
+    for i in range(len(prompts)):
+        assert together[i][:20] == solo[i]
+
+
+async def test_seeded_sampling_over_http_is_repeatable(tiny_server: RunningServer) -> None:
+    body = {"prompt": "roll the dice", "max_tokens": 10, "temperature": 1.0, "seed": 1234, "stream": False}
+    async with tiny_server.client() as client:
+        first = (await client.post("/generate", json=body)).json()["text"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(client.post, "/generate", json={"prompt": "noise", "max_tokens": 30, "stream": False})
+            )
+            second = (await client.post("/generate", json=body)).json()["text"]
+        third = (await client.post("/generate", json={**body, "seed": 4321})).json()["text"]
+    assert first == second
+    assert third != first
+
+
+async def test_stop_strings_end_the_text(tiny_server: RunningServer) -> None:
+    async with tiny_server.client() as client:
+        full = (
+            await client.post("/generate", json={"prompt": "abc", "max_tokens": 12, "temperature": 0, "stream": False})
+        ).json()
+        stop = full["text"][len(full["text"]) // 2 :][:3]
+        cut = (
+            await client.post(
+                "/generate", json={"prompt": "abc", "max_tokens": 12, "temperature": 0, "stream": False, "stop": [stop]}
+            )
+        ).json()
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full["text"][: full["text"].find(stop)]
+
+
+async def test_queue_overflow_is_refused_with_429(tiny_weights: ModelWeights) -> None:
+    import dataclasses
+
+    from app.config import PROFILES
+
+    profile = dataclasses.replace(PROFILES["latency_first"], max_batch_size=1, max_queue=1)
+    async with running_server(tiny_weights, server_config(profile=profile)) as server, server.client() as client:
+        statuses: list[int] = []
+        headers: list[httpx.Headers] = []
+
+        async def call() -> None:
+            response = await client.post("/generate", json={"prompt": "x", "max_tokens": 200, "stream": False})
+            statuses.append(response.status_code)
+            headers.append(response.headers)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(call)
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2
+    refused = [h for s, h in zip(statuses, headers, strict=True) if s == 429]
+    assert all(int(h["Retry-After"]) >= 1 for h in refused)
