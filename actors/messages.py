@@ -162,6 +162,22 @@ class ClientDisconnected:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    """A cacheable request looked up the prompt cache (a request that joins a running identical
+    generation counts as a hit: it costs the GPU nothing)."""
+
+    request_id: str
+    hit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestServedFromCache:
+    request_id: str
+    completion_tokens: int
+    e2e_seconds: float
+
+
 MetricsEvent = (
     RequestQueued
     | RequestRejected
@@ -171,6 +187,8 @@ MetricsEvent = (
     | RequestFinished
     | RequestFailed
     | ClientDisconnected
+    | CacheLookup
+    | RequestServedFromCache
 )
 
 
@@ -195,10 +213,14 @@ class Timings:
     e2e_ms: float
 
 
+CacheStatus = Literal["HIT", "MISS", "BYPASS"]
+
+
 @dataclass(frozen=True, slots=True)
 class StreamStarted:
     request_id: str
     queue_position: int
+    cache: CacheStatus = "BYPASS"  # HIT: served without a generation of its own
 
 
 @dataclass(frozen=True, slots=True)

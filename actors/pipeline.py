@@ -7,6 +7,7 @@ in the same nursery, one per request, so none lives inside an HTTP response gene
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -27,8 +28,10 @@ from actors.messages import (
     Submit,
 )
 from actors.metrics import MetricsActor
+from actors.prompt_cache import CachedResponse, PromptCache
 from actors.relay import TokenRelay, TokenText
 from actors.scheduler import GpuScheduler, SchedulerSettings, StepBackend, StepCaller
+from app.cache.store import ResponseStore
 from app.engine.params import SamplingParams
 
 log = structlog.get_logger("pipeline")
@@ -76,6 +79,18 @@ class PipelineSettings:
     batch: BatchSettings
     max_queue: int
     stall_timeout: float = 30.0
+    cache_max_entries: int = 1024  # 0 turns the prompt cache off
+    cache_max_bytes: int = 64 * 1024 * 1024
+
+
+TextMode = Literal["plain", "harmony"]
+
+
+def _stop_applies_to(text_mode: TextMode) -> Callable[[str | None], bool]:
+    # Stop strings end the answer; gpt-oss's reasoning (the analysis channel) is not the answer.
+    if text_mode == "harmony":
+        return lambda channel: channel != "analysis"
+    return lambda channel: True
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +102,9 @@ class GenerationJob:
     received_at: float
     request_id: str = ""
     deadline: float | None = None
+    text_mode: TextMode = "plain"  # harmony: the prompt is a Harmony conversation, parse channels
+    cache_key: str = ""  # reported to the client whether or not the cache is used
+    cacheable: bool = False  # deterministic (greedy or seeded) and not opted out: the cache serves it
 
 
 class NotReadyError(RuntimeError):
@@ -102,7 +120,7 @@ class StreamHandle:
         self,
         request_id: str,
         events: trio.MemoryReceiveChannel[StreamEvent],
-        abort: Callable[[str, AbortReason], None],
+        abort: Callable[[AbortReason], None],
         on_disconnect: Callable[[str], None],
     ) -> None:
         self.request_id = request_id
@@ -133,7 +151,7 @@ class StreamHandle:
         if not self.finished:
             self.finished = True
             self._on_disconnect(self.request_id)
-            self._abort(self.request_id, reason)
+            self._abort(reason)
         self._events.close()
 
 
@@ -143,7 +161,7 @@ class Pipeline:
         load: Callable[[], ServedModel],
         settings: PipelineSettings,
         *,
-        text_factory: Callable[[ServedModel], TokenText],
+        text_factory: Callable[[ServedModel, TextMode], TokenText],
         step_caller: StepCaller | None = None,
         on_fatal: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -155,6 +173,7 @@ class Pipeline:
         self._on_fatal = on_fatal
         self.clock = clock
         self.metrics = MetricsActor()
+        self.cache: PromptCache | None = None
         self.state: State = "loading"
         self.failure: str | None = None
         self.model: ServedModel | None = None
@@ -178,6 +197,9 @@ class Pipeline:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.metrics.run)
+            if self.settings.cache_max_entries > 0:
+                store = ResponseStore[CachedResponse](self.settings.cache_max_entries, self.settings.cache_max_bytes)
+                self.cache = await nursery.start(PromptCache(store, self.metrics.sender(), clock=self.clock).run)
             if not wait_for_model:
                 task_status.started(self)
             try:
@@ -226,30 +248,54 @@ class Pipeline:
         """End the actors: the scheduler fails what is left, then the nursery is cancelled."""
         if self.scheduler is not None:
             self.scheduler.close()
+        if self.cache is not None:
+            self.cache.close()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
     def open_stream(self, job: GenerationJob) -> StreamHandle:
-        """Submit a job and start its relay. Synchronous: nothing here can block."""
+        """Start a request's stream: through the prompt cache when it is cacheable, else straight
+        to the scheduler. Synchronous: nothing here can block."""
         if self.state != "ready" or self.model is None or self.scheduler is None or self._nursery is None:
             raise NotReadyError(self.state, self.failure or "")
-        model, scheduler = self.model, self.scheduler
         request_id = job.request_id or f"req-{uuid.uuid4().hex}"
+        abort: Callable[[AbortReason], None]
+        if job.cacheable and self.cache is not None:
+            cache, key = self.cache, job.cache_key
+            capacity = job.params.max_tokens + 8
+            send, receive = trio.open_memory_channel[StreamEvent](capacity)
+            start = functools.partial(self._start_generation, job, request_id)
+            subscriber = cache.open(key, request_id, send, job.received_at, capacity, start)
+            abort = lambda reason: cache.leave(key, subscriber)  # noqa: E731
+        else:
+            send, receive = trio.open_memory_channel[StreamEvent](RELAY_BUFFER_EVENTS)
+            self._start_generation(job, request_id, send)
+            scheduler = self.scheduler
+            abort = lambda reason: scheduler.abort(request_id, reason)  # noqa: E731
+        return StreamHandle(request_id, receive, abort, self._client_disconnected)
+
+    def _start_generation(
+        self, job: GenerationJob, request_id: str, out: trio.MemorySendChannel[StreamEvent]
+    ) -> Callable[[], None]:
+        """Start a relay writing to ``out`` and submit the job; returns how to abort it."""
+        model, scheduler, nursery = self.model, self.scheduler, self._nursery
+        if model is None or scheduler is None or nursery is None:
+            raise NotReadyError(self.state, self.failure or "")
         # Room for every event the scheduler can send this request: it never waits on a relay.
         to_relay, relay_in = trio.open_memory_channel[SchedulerEvent](job.params.max_tokens + 8)
-        relay_out, from_relay = trio.open_memory_channel[StreamEvent](RELAY_BUFFER_EVENTS)
         relay = TokenRelay(
             request_id,
             job.received_at,
             len(job.prompt),
             relay_in,
-            relay_out,
-            self._text_factory(model),
+            out,
+            self._text_factory(model, job.text_mode),
             job.params.stop,
             scheduler.abort,
             stall_timeout=self.settings.stall_timeout if self.settings.stall_timeout > 0 else math.inf,
+            stop_applies_to=_stop_applies_to(job.text_mode),
         )
-        self._nursery.start_soon(self._run_relay, relay)
+        nursery.start_soon(self._run_relay, relay)
         scheduler.submit(
             Submit(
                 request_id,
@@ -261,7 +307,7 @@ class Pipeline:
                 job.deadline,
             )
         )
-        return StreamHandle(request_id, from_relay, scheduler.abort, self._client_disconnected)
+        return lambda: scheduler.abort(request_id, "client_disconnect")
 
     async def _run_relay(self, relay: TokenRelay) -> None:
         self._relays += 1

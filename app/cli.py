@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds running streams get to finish after SIGTERM"
     )
+    parser.add_argument(
+        "--cache-max-entries",
+        type=int,
+        default=1024,
+        help="finished deterministic responses the prompt cache keeps (0 turns it off)",
+    )
+    parser.add_argument(
+        "--cache-max-mb", type=float, default=64.0, help="megabytes the prompt cache may hold (least recently used out)"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -98,6 +107,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_format=args.log_format,
         stall_timeout=args.stall_timeout,
         drain_timeout=args.drain_timeout,
+        cache_max_entries=args.cache_max_entries,
+        cache_max_bytes=int(args.cache_max_mb * 1024 * 1024),
     )
 
 

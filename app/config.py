@@ -66,6 +66,8 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     drain_timeout: float = 30.0  # seconds running streams get to finish on SIGTERM
     heartbeat_seconds: float = 15.0  # SSE comment lines while a stream waits (proxies drop idle ones)
+    cache_max_entries: int = 1024  # finished deterministic responses kept; 0 turns the cache off
+    cache_max_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -77,5 +79,7 @@ class ServerConfig:
         for field in ("stall_timeout", "drain_timeout", "heartbeat_seconds"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.cache_max_entries < 0 or self.cache_max_bytes < 0:
+            raise ConfigError("cache bounds must not be negative")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from actors.pipeline import GenerationJob, TextMode
 from app.engine.params import SamplingParams
 from app.http.errors import ApiError
-from app.prompts.builder import PromptError, PromptSpec, build_prompt_tokens
+from app.prompts.builder import PROMPT_VERSION, PromptError, PromptSpec, build_prompt_tokens
+from app.prompts.cache_key import cache_key
 from app.schemas import SamplingFields
 
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
@@ -71,3 +75,36 @@ def deadline(received_at: float, body_timeout: float | None, header_timeout: str
     if seconds is None:
         return None
     return received_at + min(seconds, MAX_TIMEOUT_SECONDS)
+
+
+def build_job(
+    model: Any,
+    spec: PromptSpec,
+    fields: SamplingFields,
+    *,
+    received_at: float,
+    request_id: str,
+    timeout_header: str | None,
+    use_cache: bool,
+    max_tokens_field: str = "max_tokens",
+) -> GenerationJob:
+    """Everything an endpoint needs to start a generation: tokens, sampling, deadline, cache key.
+
+    ``model`` is the served model (its tokenizer, context, id and whether it speaks Harmony).
+    """
+    tokens = prompt_tokens(spec, model.tokenizer, model.harmony)
+    params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field)
+    text_mode: TextMode = "harmony" if model.harmony and spec.messages is not None else "plain"
+    key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode)
+    job_deadline = deadline(received_at, fields.timeout, timeout_header)
+    return GenerationJob(
+        prompt=tokens,
+        params=params,
+        received_at=received_at,
+        request_id=request_id,
+        deadline=job_deadline,
+        text_mode=text_mode,
+        cache_key=key,
+        # A request with a deadline could end a generation others share: it runs on its own.
+        cacheable=use_cache and params.deterministic and job_deadline is None,
+    )

@@ -3,11 +3,11 @@ the field. Unknown fields are tolerated (clients send many), as OpenAI-compatibl
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.prompts.builder import ChatMessage
+from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, PromptSpec
 
 MAX_STOP_STRINGS = 8
 
@@ -64,18 +64,139 @@ class SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class GenerateRequest(SamplingFields):
+class PromptFields(BaseModel):
+    """What shapes the prompt besides the messages, and whether the prompt cache may serve it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    # gpt-oss's system message states a date; it is part of the prompt, so it is explicit.
+    conversation_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")] = DEFAULT_CONVERSATION_DATE
+    instructions: str | None = None  # extra developer instructions, before any in the messages
+    cache: bool = True  # false: never served from (or stored in) the prompt cache
+
+    def prompt_spec(self, messages: list[InputMessage] | None, prompt: str | None) -> PromptSpec:
+        return PromptSpec(
+            messages=tuple(m.to_chat() for m in messages) if messages else None,
+            prompt=prompt,
+            reasoning_effort=self.reasoning_effort or "medium",
+            conversation_date=self.conversation_date,
+            instructions=self.instructions,
+        )
+
+
+def _at_least_one(value: list[InputMessage] | None) -> list[InputMessage] | None:
+    if value is not None and not value:
+        raise ValueError("messages must hold at least one message")
+    return value
+
+
+class GenerateRequest(SamplingFields, PromptFields):
     """POST /generate: messages or a raw prompt; streams named SSE events unless stream is false."""
 
     messages: list[InputMessage] | None = None
     prompt: str | None = None
     stream: bool = True
     model: str | None = None
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
 
-    @field_validator("messages")
+    _some_messages = field_validator("messages")(_at_least_one)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # usage on every chunk (vLLM's extension)
+
+
+class OpenAIFields(BaseModel):
+    """Fields of OpenAI's API that this server accepts only at their neutral values."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | int | None = None
+    tools: list[dict[str, Any]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
     @classmethod
-    def _some_messages(cls, value: list[InputMessage] | None) -> list[InputMessage] | None:
-        if value is not None and not value:
-            raise ValueError("messages must hold at least one message")
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported: send one request per completion")
         return value
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value not in (None, 0, 0.0):
+            raise ValueError("penalties are not supported: send 0 or leave it out")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value not in (None, False, 0):
+            raise ValueError("logprobs are not supported")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise ValueError("tool calling is not supported")
+        return value
+
+
+class ChatCompletionRequest(SamplingFields, PromptFields, OpenAIFields):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[InputMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError("only response_format type 'text' is supported")
+        return value
+
+    def effective_max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+
+class CompletionRequest(SamplingFields, PromptFields, OpenAIFields):
+    """POST /v1/completions: one raw prompt."""
+
+    prompt: str | list[str]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for this endpoint
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -11,7 +11,6 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from quart import Response
@@ -19,7 +18,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from actors.batch_policy import BatchSettings
-from actors.pipeline import Pipeline, PipelineSettings, ServedModel
+from actors.pipeline import Pipeline, PipelineSettings, ServedModel, TextMode
+from actors.relay import TokenText
 from actors.scheduler import StepCaller
 from app import __version__
 from app.config import ServerConfig
@@ -51,7 +51,11 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
     return load
 
 
-def token_text_factory(model: ServedModel) -> Any:
+def token_text_factory(model: ServedModel, mode: TextMode) -> TokenText:
+    if mode == "harmony":
+        from app.text.harmony_text import HarmonyTokenText
+
+        return HarmonyTokenText(model.decode)
     from app.text.token_text import PlainTokenText
 
     return PlainTokenText(model.decode)
@@ -60,7 +64,13 @@ def token_text_factory(model: ServedModel) -> Any:
 def pipeline_settings(config: ServerConfig) -> PipelineSettings:
     profile = config.profile
     batch = BatchSettings(profile.max_batch_size, profile.prefill_chunk_tokens, profile.max_consecutive_prefills)
-    return PipelineSettings(batch=batch, max_queue=profile.max_queue, stall_timeout=config.stall_timeout)
+    return PipelineSettings(
+        batch=batch,
+        max_queue=profile.max_queue,
+        stall_timeout=config.stall_timeout,
+        cache_max_entries=config.cache_max_entries,
+        cache_max_bytes=config.cache_max_bytes,
+    )
 
 
 @dataclass(slots=True)
@@ -132,8 +142,9 @@ def create_server(
         body = error_body(500, f"internal error: {type(error).__name__}")
         return Response(json.dumps(body), status=500, content_type="application/json")
 
-    from app.http import generate_routes, ops_routes
+    from app.http import generate_routes, openai_routes, ops_routes
 
     generate_routes.register(app, state)
+    openai_routes.register(app, state)
     ops_routes.register(app, state, __version__)
     return Server(app, RequestScopeMiddleware(app), state)

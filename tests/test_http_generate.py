@@ -144,7 +144,8 @@ async def test_concurrent_greedy_requests_match_their_solo_runs(tiny_weights: Mo
     async with running_server(tiny_weights) as server, server.client() as client:
 
         async def run(prompt: str, max_tokens: int) -> list[int]:
-            events = await stream_events(client, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "cache": False}
+            events = await stream_events(client, body)
             return [data["token_id"] for name, data in events if name == "token"]
 
         solo = [await run(p, 20) for p in prompts]
@@ -162,7 +163,14 @@ async def test_concurrent_greedy_requests_match_their_solo_runs(tiny_weights: Mo
 
 
 async def test_seeded_sampling_over_http_is_repeatable(tiny_server: RunningServer) -> None:
-    body = {"prompt": "roll the dice", "max_tokens": 10, "temperature": 1.0, "seed": 1234, "stream": False}
+    body = {
+        "prompt": "roll the dice",
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "seed": 1234,
+        "stream": False,
+        "cache": False,
+    }
     async with tiny_server.client() as client:
         first = (await client.post("/generate", json=body)).json()["text"]
         async with trio.open_nursery() as nursery:
@@ -211,3 +219,54 @@ async def test_queue_overflow_is_refused_with_429(tiny_weights: ModelWeights) ->
     assert statuses.count(429) >= 1 and statuses.count(200) >= 2
     refused = [h for s, h in zip(statuses, headers, strict=True) if s == 429]
     assert all(int(h["Retry-After"]) >= 1 for h in refused)
+
+
+async def test_every_response_says_where_it_came_from(tiny_server: RunningServer) -> None:
+    body = {"prompt": "cache me", "max_tokens": 6, "temperature": 0, "stream": False}
+    async with tiny_server.client() as client:
+        first = await client.post("/generate", json=body)
+        second = await client.post("/generate", json=body)
+        streamed = await stream_events(client, {**body, "stream": True})
+        bypass = await client.post("/generate", json={**body, "cache": False})
+        sampled = await client.post("/generate", json={**body, "temperature": 0.9})
+    assert [r.headers["X-Cache"] for r in (first, second, bypass, sampled)] == ["MISS", "HIT", "BYPASS", "BYPASS"]
+    key = first.headers["X-Cache-Key"]
+    assert len(key) == 64 and second.headers["X-Cache-Key"] == key and bypass.headers["X-Cache-Key"] == key
+    assert first.headers["X-Prompt-Version"] == "pb-1"
+    assert (first.json()["cached"], second.json()["cached"]) == (False, True)
+    assert first.json()["text"] == second.json()["text"] == bypass.json()["text"]
+    assert first.json()["cache_key"] == key and first.json()["prompt_version"] == "pb-1"
+    start = streamed[0][1]
+    assert start["cache_key"] == key and start["cached"] is True and start["prompt_version"] == "pb-1"
+    assert "".join(d["text"] for name, d in streamed if name == "token") == first.json()["text"]
+
+
+async def test_repeated_deterministic_requests_hit_the_cache(tiny_server: RunningServer) -> None:
+    """The users' acceptance check: 10 distinct requests, 3 times each, hit rate >= 30%."""
+    async with tiny_server.client() as client:
+        outputs: dict[int, set[str]] = {}
+        for _round in range(3):
+            for i in range(10):
+                body = {"prompt": f"question {i}", "max_tokens": 8, "temperature": 0, "seed": 7, "stream": False}
+                outputs.setdefault(i, set()).add((await client.post("/generate", json=body)).json()["text"])
+        stats = (await client.get("/stats")).json()["model_metrics"]["tiny-gpt-oss"]["cache"]
+    assert all(len(texts) == 1 for texts in outputs.values()), "each repeat gave the same output"
+    assert stats["hits"] == 20 and stats["misses"] == 10
+    assert stats["hit_rate"] >= 0.3 and stats["entries"] == 10 and stats["bytes"] > 0
+
+
+async def test_identical_concurrent_requests_share_one_generation(tiny_server: RunningServer) -> None:
+    body = {"prompt": "shared", "max_tokens": 40, "temperature": 0, "stream": False}
+    async with tiny_server.client() as client:
+        results: list[httpx.Response] = []
+
+        async def call() -> None:
+            results.append(await client.post("/generate", json=body))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(call)
+        stats = (await client.get("/stats")).json()["model_metrics"]["tiny-gpt-oss"]
+    assert len({r.json()["text"] for r in results}) == 1
+    assert sorted(r.headers["X-Cache"] for r in results) == ["HIT", "HIT", "HIT", "MISS"]
+    assert stats["requests"]["total"] == 1, "one generation served all four"

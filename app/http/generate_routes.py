@@ -5,61 +5,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
 
 from actors.messages import StreamDone, StreamError, StreamToken
-from actors.pipeline import GenerationJob, StreamHandle
+from actors.pipeline import GenerationJob
 from app.http.body import parse_body
 from app.http.errors import ApiError
-from app.http.sse import SSE_HEADERS, sse_comment, sse_event
-from app.http.streams import Heartbeat, created_timestamp, events_with_heartbeats, open_stream
-from app.jobs import deadline, prompt_tokens, sampling_params
-from app.prompts.builder import PromptSpec
+from app.http.sse import sse_event
+from app.http.streams import (
+    created_timestamp,
+    open_stream,
+    served_model,
+    sse_response,
+    stream_headers,
+)
+from app.jobs import build_job
+from app.prompts.builder import PROMPT_VERSION
 from app.schemas import GenerateRequest
 from app.server import ServerState
 
 
-def _served_model(state: ServerState) -> Any:
-    model = state.pipeline.model
-    if model is None:
-        raise ApiError(
-            503,
-            f"the server is not ready: {state.pipeline.state}",
-            code=state.pipeline.state,
-            headers={"Retry-After": "5"},
-        )
-    return model
-
-
 def build_generate_job(state: ServerState, body: GenerateRequest, received_at: float) -> GenerationJob:
-    model = _served_model(state)
-    if body.model is not None and body.model not in (model.model_id, *model.aliases):
-        raise ApiError(
-            404,
-            f"model {body.model!r} is not served here (this server runs {model.model_id})",
-            param="model",
-            code="model_not_found",
-        )
+    model = served_model(state, body.model)
     if (body.messages is None) == (body.prompt is None):
         raise ApiError(422, "give exactly one of messages or prompt", param="messages")
-    spec = PromptSpec(
-        messages=tuple(m.to_chat() for m in body.messages) if body.messages else None,
-        prompt=body.prompt,
-        reasoning_effort=body.reasoning_effort or "medium",
-    )
-    tokens = prompt_tokens(spec, model.tokenizer, model.harmony)
-    params = sampling_params(body, len(tokens), model.max_context)
-    return GenerationJob(
-        prompt=tokens,
-        params=params,
+    return build_job(
+        model,
+        body.prompt_spec(body.messages, body.prompt),
+        body,
         received_at=received_at,
         request_id=request.headers.get("X-Request-Id", ""),
-        deadline=deadline(received_at, body.timeout, request.headers.get("X-Request-Timeout")),
+        timeout_header=request.headers.get("X-Request-Timeout"),
+        use_cache=body.cache,
     )
 
 
@@ -81,22 +61,26 @@ def _done_data(event: StreamDone) -> dict[str, Any]:
     }
 
 
-async def _sse_body(handle: StreamHandle, start: dict[str, Any], heartbeat: float) -> AsyncIterator[bytes]:
-    try:
-        yield sse_event("start", start)
-        async with aclosing(events_with_heartbeats(handle, heartbeat)) as events:
-            async for event in events:
-                match event:
-                    case Heartbeat():
-                        yield sse_comment("keep-alive")
-                    case StreamToken():
-                        yield sse_event("token", _token_data(event))
-                    case StreamDone():
-                        yield sse_event("done", _done_data(event))
-                    case StreamError():
-                        yield sse_event("error", {"message": event.message, "type": event.error_type})
-    finally:
-        handle.abort()  # synchronous; a no-op once the stream has finished
+class NativeFramer:
+    """Named events: start, token (one per generated token), done or error."""
+
+    def __init__(self, start: dict[str, Any]) -> None:
+        self._start = start
+
+    def opening(self) -> list[bytes]:
+        return [sse_event("start", self._start)]
+
+    def token(self, event: StreamToken) -> list[bytes]:
+        return [sse_event("token", _token_data(event))]
+
+    def done(self, event: StreamDone) -> list[bytes]:
+        return [sse_event("done", _done_data(event))]
+
+    def error(self, event: StreamError) -> list[bytes]:
+        return [sse_event("error", {"message": event.message, "type": event.error_type})]
+
+    def closing(self) -> list[bytes]:
+        return []
 
 
 def register(app: QuartTrio, state: ServerState) -> None:
@@ -105,21 +89,20 @@ def register(app: QuartTrio, state: ServerState) -> None:
         received_at = time.monotonic()
         body = await parse_body(GenerateRequest)
         job = build_generate_job(state, body, received_at)
-        handle, _ = await open_stream(state, job)
-        model = _served_model(state)
+        handle, started = await open_stream(state, job)
+        model = served_model(state, None)
         start = {
             "request_id": handle.request_id,
             "model": model.model_id,
             "created": created_timestamp(),
             "prompt_tokens": len(job.prompt),
+            "prompt_version": PROMPT_VERSION,
+            "cache_key": job.cache_key,
+            "cached": started.cache == "HIT",
         }
-        headers = {"X-Request-Id": handle.request_id}
+        headers = stream_headers(handle, job, started)
         if body.stream:
-            response = Response(
-                _sse_body(handle, start, state.config.heartbeat_seconds), headers={**SSE_HEADERS, **headers}
-            )
-            response.timeout = None  # Quart would cut the body at 60 s otherwise
-            return response
+            return sse_response(handle, NativeFramer(start), state.config.heartbeat_seconds, headers)
         text: list[str] = []
         reasoning: list[str] = []
         async for event in handle:

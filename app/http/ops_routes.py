@@ -9,6 +9,7 @@ from typing import Any
 from quart import Response
 from quart_trio import QuartTrio
 
+from actors.pipeline import Pipeline
 from app.server import ServerState
 
 
@@ -37,6 +38,24 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
     return body, 200 if status == "ok" else 503
 
 
+def cache_body(pipeline: Pipeline) -> dict[str, Any]:
+    if pipeline.cache is None:
+        return {"enabled": False}
+    stats = pipeline.cache.stats
+    return {
+        "enabled": True,
+        "hits": stats.hits,
+        "misses": stats.misses,
+        "hit_rate": round(stats.hit_rate, 6),
+        "evictions": stats.evictions,
+        "entries": stats.entries,
+        "bytes": stats.bytes,
+        "max_entries": stats.max_entries,
+        "max_bytes": stats.max_bytes,
+        "shared_generations": pipeline.cache.flights,
+    }
+
+
 def stats_body(state: ServerState) -> dict[str, Any]:
     pipeline = state.pipeline
     scheduler = pipeline.scheduler.stats if pipeline.scheduler else None
@@ -47,6 +66,7 @@ def stats_body(state: ServerState) -> dict[str, Any]:
             "queue_depth": scheduler.waiting if scheduler else 0,
             "active_streams": pipeline.active_relays,
             "scheduler_steps": scheduler.steps if scheduler else 0,
+            "cache": cache_body(pipeline),
         }
     )
     model_id = pipeline.model.model_id if pipeline.model else state.config.model

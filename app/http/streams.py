@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import trio
-from quart import request
+from quart import Response, request
 
 from actors.messages import StreamDone, StreamError, StreamEvent, StreamRejected, StreamStarted, StreamToken
 from actors.pipeline import GenerationJob, NotReadyError, StreamHandle
 from app.http.errors import ApiError
 from app.http.request_scope import on_request_close
+from app.http.sse import SSE_HEADERS, sse_comment
+from app.prompts.builder import PROMPT_VERSION
 from app.server import ServerState
 
 
@@ -71,5 +74,76 @@ async def events_with_heartbeats(
             return
 
 
+class SseFramer(Protocol):
+    """How one endpoint frames a stream's events as SSE bytes."""
+
+    def opening(self) -> list[bytes]: ...
+
+    def token(self, event: StreamToken) -> list[bytes]: ...
+
+    def done(self, event: StreamDone) -> list[bytes]: ...
+
+    def error(self, event: StreamError) -> list[bytes]: ...
+
+    def closing(self) -> list[bytes]: ...
+
+
+async def _sse_body(handle: StreamHandle, framer: SseFramer, heartbeat: float) -> AsyncIterator[bytes]:
+    try:
+        for data in framer.opening():
+            yield data
+        async with aclosing(events_with_heartbeats(handle, heartbeat)) as events:
+            async for event in events:
+                match event:
+                    case Heartbeat():
+                        framed = [sse_comment("keep-alive")]
+                    case StreamToken():
+                        framed = framer.token(event)
+                    case StreamDone():
+                        framed = framer.done(event)
+                    case StreamError():
+                        framed = framer.error(event)
+                for data in framed:
+                    yield data
+        for data in framer.closing():
+            yield data
+    finally:
+        handle.abort()  # synchronous; a no-op once the stream has finished
+
+
+def sse_response(handle: StreamHandle, framer: SseFramer, heartbeat: float, headers: dict[str, str]) -> Response:
+    response = Response(_sse_body(handle, framer, heartbeat), headers={**SSE_HEADERS, **headers})
+    response.timeout = None  # Quart would cut the body at 60 s otherwise
+    return response
+
+
 def created_timestamp() -> int:
     return int(time.time())
+
+
+def served_model(state: ServerState, requested: str | None) -> Any:
+    """The loaded model; 503 while loading, 404 when the request names another model."""
+    model = state.pipeline.model
+    if model is None:
+        pipeline_state = state.pipeline.state
+        raise ApiError(
+            503, f"the server is not ready: {pipeline_state}", code=pipeline_state, headers={"Retry-After": "5"}
+        )
+    if requested is not None and requested not in (model.model_id, *model.aliases):
+        raise ApiError(
+            404,
+            f"model {requested!r} is not served here (this server runs {model.model_id})",
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def stream_headers(handle: StreamHandle, job: GenerationJob, started: StreamStarted) -> dict[str, str]:
+    """Where the response came from, on every generation response."""
+    return {
+        "X-Request-Id": handle.request_id,
+        "X-Prompt-Version": PROMPT_VERSION,
+        "X-Cache-Key": job.cache_key,
+        "X-Cache": started.cache,
+    }

@@ -1,0 +1,297 @@
+"""The prompt cache actor: finished deterministic responses, replayed without the GPU, and identical
+requests in flight sharing one generation.
+
+A cacheable request (greedy, or seeded) is opened here instead of going straight to the scheduler:
+- its cache_key is stored: the stored events are replayed at once (``cache: HIT``);
+- an identical generation is running: the request joins it, gets what it missed, then follows
+  live (``HIT``: it costs the GPU nothing);
+- otherwise a generation starts (``MISS``) and every request on it is a subscriber. It is aborted
+  only when its last subscriber leaves; only a generation that ended with ``stop`` or ``length`` is
+  stored (never a cancelled, failed, timed-out or shut-down one).
+Only this actor touches the store and the flights; other tasks send it messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from actors.messages import (
+    CacheLookup,
+    CacheStatus,
+    MetricsEvent,
+    RequestServedFromCache,
+    StreamDone,
+    StreamError,
+    StreamEvent,
+    StreamRejected,
+    StreamStarted,
+    StreamToken,
+    Timings,
+)
+from app.cache.store import ResponseStore, StoreStats
+
+log = structlog.get_logger("prompt_cache")
+STORED_REASONS = ("stop", "length")
+# Bytes charged per stored token event besides its text: ids, index, object overhead.
+EVENT_OVERHEAD_BYTES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse:
+    tokens: tuple[StreamToken, ...]
+    done: StreamDone
+
+    def size(self) -> int:
+        text = sum(len(t.text.encode()) for t in self.tokens)
+        return text + EVENT_OVERHEAD_BYTES * (len(self.tokens) + 1)
+
+
+# A generation for a cache miss: given the subscriber-less output channel, it starts the relay and
+# submits to the scheduler, and returns how to abort it.
+StartGeneration = Callable[[trio.MemorySendChannel[StreamEvent]], Callable[[], None]]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOpen:
+    key: str
+    request_id: str
+    subscriber: int
+    channel: trio.MemorySendChannel[StreamEvent] = field(repr=False)
+    received_at: float
+    event_capacity: int  # room for the flight's generation output (its max_tokens + a few)
+    start: StartGeneration = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLeave:
+    key: str
+    subscriber: int
+
+
+CacheMessage = CacheOpen | CacheLeave
+
+
+@dataclass(slots=True)
+class _Subscriber:
+    request_id: str
+    channel: trio.MemorySendChannel[StreamEvent]
+    received_at: float
+    status: CacheStatus
+    first_token_at: float | None = None
+
+
+@dataclass(slots=True)
+class _Flight:
+    key: str
+    leader: str
+    backlog: list[StreamEvent] = field(default_factory=list)
+    subscribers: dict[int, _Subscriber] = field(default_factory=dict)
+    abort: Callable[[], None] = lambda: None
+    aborted: bool = False
+
+
+class PromptCache:
+    def __init__(
+        self,
+        store: ResponseStore[CachedResponse],
+        metrics: trio.MemorySendChannel[MetricsEvent],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._flights: dict[str, _Flight] = {}
+        self._inbox_send, self._inbox = trio.open_memory_channel[CacheMessage](math.inf)
+        self._ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self.stats: StoreStats = store.stats()
+        self.flights = 0
+
+    # -- the handle (synchronous: never waits) ---------------------------------------------------
+    def open(
+        self,
+        key: str,
+        request_id: str,
+        channel: trio.MemorySendChannel[StreamEvent],
+        received_at: float,
+        event_capacity: int,
+        start: StartGeneration,
+    ) -> int:
+        subscriber = next(self._ids)
+        self._inbox_send.send_nowait(
+            CacheOpen(key, request_id, subscriber, channel, received_at, event_capacity, start)
+        )
+        return subscriber
+
+    def leave(self, key: str, subscriber: int) -> None:
+        """Idempotent; safe in a cancelled task's ``finally``."""
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            self._inbox_send.send_nowait(CacheLeave(key, subscriber))
+
+    def close(self) -> None:
+        self._inbox_send.close()
+
+    def cached_keys(self) -> list[str]:
+        return self._store.keys()
+
+    # -- the actor -------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[PromptCache] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery, self._inbox:
+            self._nursery = nursery
+            task_status.started(self)
+            async for message in self._inbox:
+                match message:
+                    case CacheOpen():
+                        self._on_open(message)
+                    case CacheLeave():
+                        self._on_leave(message)
+                self._publish()
+            nursery.cancel_scope.cancel()
+
+    def _on_open(self, message: CacheOpen) -> None:
+        cached = self._store.get(message.key)
+        if cached is not None:
+            self._store.count_hit()
+            self._metric(CacheLookup(message.request_id, True))
+            self._replay(message, cached)
+            return
+        flight = self._flights.get(message.key)
+        subscriber = _Subscriber(message.request_id, message.channel, message.received_at, "HIT")
+        if flight is not None and not flight.aborted:
+            self._store.count_hit()
+            self._metric(CacheLookup(message.request_id, True))
+            flight.subscribers[message.subscriber] = subscriber
+            for event in flight.backlog:
+                self._forward(flight, message.subscriber, subscriber, event)
+            return
+        self._store.count_miss()
+        self._metric(CacheLookup(message.request_id, False))
+        subscriber.status = "MISS"
+        flight = _Flight(message.key, message.request_id, subscribers={message.subscriber: subscriber})
+        self._flights[message.key] = flight
+        generation_send, generation_receive = trio.open_memory_channel[StreamEvent](message.event_capacity)
+        try:
+            flight.abort = message.start(generation_send)
+        except Exception as error:
+            del self._flights[message.key]
+            rejected = StreamRejected(message.request_id, 503, f"cannot start the generation: {error}", None)
+            self._send(subscriber, rejected)
+            subscriber.channel.close()
+            return
+        if self._nursery is None:
+            raise RuntimeError("PromptCache.run is not running")
+        self._nursery.start_soon(self._pump, flight, generation_receive)
+
+    def _on_leave(self, message: CacheLeave) -> None:
+        flight = self._flights.get(message.key)
+        if flight is None or message.subscriber not in flight.subscribers:
+            return
+        flight.subscribers.pop(message.subscriber).channel.close()
+        if not flight.subscribers and not flight.aborted:
+            # Nobody is left to read it: stop the generation; it will not be stored.
+            flight.aborted = True
+            del self._flights[flight.key]
+            flight.abort()
+
+    async def _pump(self, flight: _Flight, generation: trio.MemoryReceiveChannel[StreamEvent]) -> None:
+        """Fan one generation's events out to its subscribers; store it if it completed."""
+        self.flights += 1
+        terminal: StreamEvent | None = None
+        try:
+            async with generation:
+                async for event in generation:
+                    flight.backlog.append(event)
+                    for number, subscriber in list(flight.subscribers.items()):
+                        self._forward(flight, number, subscriber, event)
+                    if isinstance(event, StreamDone | StreamError | StreamRejected):
+                        terminal = event
+                        break
+        finally:
+            self.flights -= 1
+            if self._flights.get(flight.key) is flight:
+                del self._flights[flight.key]
+            if terminal is None:
+                lost = StreamError(flight.leader, "the generation ended without a result", "stream_lost")
+                for subscriber in flight.subscribers.values():
+                    self._send(subscriber, dataclasses.replace(lost, request_id=subscriber.request_id))
+            for subscriber in flight.subscribers.values():
+                subscriber.channel.close()
+            if isinstance(terminal, StreamDone) and terminal.finish_reason in STORED_REASONS and not flight.aborted:
+                tokens = tuple(e for e in flight.backlog if isinstance(e, StreamToken))
+                response = CachedResponse(tokens, terminal)
+                self._store.put(flight.key, response, response.size())
+            self._publish()
+
+    # -- delivering ------------------------------------------------------------------------------
+    def _forward(self, flight: _Flight, number: int, subscriber: _Subscriber, event: StreamEvent) -> None:
+        match event:
+            case StreamStarted():
+                event = dataclasses.replace(event, request_id=subscriber.request_id, cache=subscriber.status)
+            case StreamToken():
+                if subscriber.first_token_at is None:
+                    subscriber.first_token_at = self._clock()
+                event = dataclasses.replace(event, request_id=subscriber.request_id)
+            case StreamDone():
+                event = self._done_for(subscriber, event)
+                if subscriber.status == "HIT":
+                    self._metric(
+                        RequestServedFromCache(
+                            subscriber.request_id, event.usage.completion_tokens, self._clock() - subscriber.received_at
+                        )
+                    )
+            case StreamError() | StreamRejected():
+                event = dataclasses.replace(event, request_id=subscriber.request_id)
+        if not self._send(subscriber, event):
+            # That client is gone or hopelessly behind: drop it like a leave.
+            self._on_leave(CacheLeave(flight.key, number))
+
+    def _replay(self, message: CacheOpen, cached: CachedResponse) -> None:
+        subscriber = _Subscriber(message.request_id, message.channel, message.received_at, "HIT")
+        self._send(subscriber, StreamStarted(message.request_id, 0, "HIT"))
+        for token in cached.tokens:
+            self._send(subscriber, dataclasses.replace(token, request_id=message.request_id))
+            subscriber.first_token_at = subscriber.first_token_at or self._clock()
+        done = self._done_for(subscriber, cached.done)
+        self._send(subscriber, done)
+        subscriber.channel.close()
+        self._metric(
+            RequestServedFromCache(message.request_id, done.usage.completion_tokens, done.timings.e2e_ms / 1e3)
+        )
+
+    def _done_for(self, subscriber: _Subscriber, done: StreamDone) -> StreamDone:
+        """The done event with this subscriber's own timings (it did not wait for the GPU)."""
+        if subscriber.status == "MISS":
+            return dataclasses.replace(done, request_id=subscriber.request_id)
+        now = self._clock()
+        first = subscriber.first_token_at
+        timings = Timings(
+            queue_ms=0.0,
+            prefill_ms=None,
+            ttft_ms=None if first is None else round((first - subscriber.received_at) * 1000, 3),
+            e2e_ms=round((now - subscriber.received_at) * 1000, 3),
+        )
+        return dataclasses.replace(done, request_id=subscriber.request_id, timings=timings)
+
+    def _send(self, subscriber: _Subscriber, event: StreamEvent) -> bool:
+        try:
+            subscriber.channel.send_nowait(event)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def _metric(self, event: MetricsEvent) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._metrics.send_nowait(event)
+
+    def _publish(self) -> None:
+        self.stats = self._store.stats()

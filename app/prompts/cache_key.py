@@ -1,0 +1,45 @@
+"""cache_key: sha256 over the canonical form of everything that decides a response's tokens.
+
+The same request gives the same key in every process and on every day: the input is plain JSON
+with sorted keys, no floats printed in a locale- or version-dependent way (repr of a float is
+exact and stable), no set order, no clock. Fields that cannot change the output are left out or
+normalised (``stream``; top_p, top_k and seed when decoding is greedy; the order of stop strings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from app.engine.params import SamplingParams
+
+
+def canonical_sampling(params: SamplingParams) -> dict[str, Any]:
+    sampling: dict[str, Any] = (
+        {"greedy": True}
+        if params.greedy
+        else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed}
+    )
+    return {
+        **sampling,
+        "max_tokens": params.max_tokens,
+        "min_tokens": params.min_tokens,
+        "ignore_eos": params.ignore_eos,
+        "stop": sorted(set(params.stop)),
+    }
+
+
+def cache_key(
+    prompt_version: str, model_id: str, prompt_tokens: Sequence[int], params: SamplingParams, text_mode: str
+) -> str:
+    document = {
+        "prompt_version": prompt_version,
+        "model": model_id,
+        "prompt_tokens": list(prompt_tokens),
+        "sampling": canonical_sampling(params),
+        "text_mode": text_mode,
+    }
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
