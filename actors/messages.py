@@ -105,6 +105,44 @@ SchedulerEvent = Queued | Rejected | Admitted | TokenOut | Finished | Failed
 
 
 # -- to the metrics actor (sent with send_nowait; it never makes a sender wait) ---------------
+# Two levels: what each HTTP request got (received, its outcome: from the pipeline and its stream
+# handle, cache hits included), and what the model did (from the scheduler: queueing, steps,
+# tokens, how long a cancelled sequence held its row).
+RequestStatus = Literal["ok", "error", "cancelled", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoaded:
+    model_id: str
+    model_size: str
+    dtype: str
+    device: str
+    profile: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    request_id: str
+    prompt_tokens: int
+    cache_key: str
+    prompt_version: str
+    cacheable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How an HTTP request ended, as its client saw it."""
+
+    request_id: str
+    status: RequestStatus
+    finish_reason: str  # stop, length, cancelled, timeout, shutdown, client_disconnect, error, 429...
+    cached: bool  # served by the prompt cache: no generation of its own
+    completion_tokens: int
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    e2e_ms: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RequestQueued:
     request_id: str
@@ -134,13 +172,16 @@ class FirstToken:
 class StepCompleted:
     kind: str  # "prefill" | "decode"
     batch_size: int
-    new_tokens: int
+    new_tokens: int  # tokens that went through the model (prompt tokens for a prefill)
+    generated_tokens: int  # tokens chosen this step
     seconds: float
     inter_token_seconds: tuple[float, ...]  # one per decoded sequence: time since its last token
 
 
 @dataclass(frozen=True, slots=True)
 class RequestFinished:
+    """A generation left the batch (its row is freed before the next step)."""
+
     request_id: str
     reason: FinishReason
     prompt_tokens: int
@@ -158,6 +199,12 @@ class RequestFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueState:
+    running: int
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
 class ClientDisconnected:
     request_id: str
 
@@ -171,24 +218,20 @@ class CacheLookup:
     hit: bool
 
 
-@dataclass(frozen=True, slots=True)
-class RequestServedFromCache:
-    request_id: str
-    completion_tokens: int
-    e2e_seconds: float
-
-
 MetricsEvent = (
-    RequestQueued
+    ModelLoaded
+    | RequestReceived
+    | RequestOutcome
+    | RequestQueued
     | RequestRejected
     | RequestAdmitted
     | FirstToken
     | StepCompleted
     | RequestFinished
     | RequestFailed
+    | QueueState
     | ClientDisconnected
     | CacheLookup
-    | RequestServedFromCache
 )
 
 

@@ -1,39 +1,44 @@
-"""The metrics actor: the only writer of the figures behind /stats (and /metrics).
+"""The metrics actor: the only writer of the figures behind /stats and /metrics, and the one place
+that logs each step of a request's life.
 
 Every other actor sends it events with ``send_nowait`` on an unbounded channel, so it never makes
-anyone wait; readers take the book's frozen ``snapshot()``.
+anyone wait; readers take the book's ``snapshot()`` or scrape its registry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import structlog
 import trio
 
 from actors.messages import (
+    CacheLookup,
     ClientDisconnected,
     FirstToken,
     MetricsEvent,
+    ModelLoaded,
+    QueueState,
     RequestAdmitted,
     RequestFailed,
     RequestFinished,
+    RequestOutcome,
     RequestQueued,
+    RequestReceived,
     RequestRejected,
     StepCompleted,
 )
+from actors.prometheus_series import PrometheusSeries
 
-FINISH_STATUS = {
-    "stop": "ok",
-    "length": "ok",
-    "cancelled": "cancelled",
-    "timeout": "cancelled",
-    "shutdown": "cancelled",
-    "error": "error",
-}
+log = structlog.get_logger("requests")
+# Requests whose cache_key and prompt_version are remembered for their later log lines.
+MAX_CONTEXTS = 10_000
 
 
 class RollingWindow:
@@ -75,76 +80,116 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 @dataclass(slots=True)
 class MetricsBook:
     """Plain state, updated by one event at a time. No trio: testable on its own."""
 
     window_seconds: float = 300.0
     clock: Callable[[], float] = time.monotonic
+    prometheus: PrometheusSeries = field(default_factory=PrometheusSeries)
+    model: ModelLoaded | None = None
     requests: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(("total", "ok", "error", "cancelled", "rejected"), 0)
+        default_factory=lambda: dict.fromkeys(("total", "ok", "error", "cancelled", "cached", "rejected"), 0)
     )
     prompt_tokens: int = 0
     completion_tokens: int = 0
     client_disconnects: int = 0
-    in_flight: int = 0  # queued or running, not finished
+    cache_hits: int = 0
+    cache_misses: int = 0
+    running: int = 0
     waiting: int = 0
     windows: dict[str, RollingWindow] = field(default_factory=dict)
+    contexts: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         for name in ("ttft", "e2e", "itl", "queue", "teardown", "tokens"):
             self.windows[name] = RollingWindow(self.window_seconds, self.clock)
 
+    def context(self, request_id: str) -> dict[str, Any]:
+        """What log lines of this request carry besides their own fields."""
+        model = {"model": self.model.model_id} if self.model else {}
+        return {"request_id": request_id, **model, **self.contexts.get(request_id, {})}
+
     def apply(self, event: MetricsEvent) -> None:
+        p = self.prometheus
+        labels = p.labels or ("", "")
         match event:
+            case ModelLoaded():
+                self.model = event
+                p.bind(event.model_id, event.model_size, event.dtype, event.device, event.profile)
+            case RequestReceived():
+                self.requests["total"] += 1
+                self.contexts[event.request_id] = {"cache_key": event.cache_key, "prompt_version": event.prompt_version}
+                while len(self.contexts) > MAX_CONTEXTS:
+                    self.contexts.popitem(last=False)
+            case RequestOutcome():
+                self._on_outcome(event, labels)
             case RequestQueued():
-                self.requests["total"] += 1
-                self.in_flight += 1
-                self.waiting += 1
                 self.prompt_tokens += event.prompt_tokens
-            case RequestRejected():
-                self.requests["total"] += 1
-                self.requests["rejected"] += 1
+                p.prompt_tokens.labels(*labels).inc(event.prompt_tokens)
             case RequestAdmitted():
-                self.waiting = max(0, self.waiting - 1)
                 self.windows["queue"].add(event.queue_seconds)
-            case FirstToken():
-                self.windows["ttft"].add(event.ttft_seconds)
+                p.queue.labels(*labels).observe(event.queue_seconds)
             case StepCompleted():
                 for gap in event.inter_token_seconds:
                     self.windows["itl"].add(gap)
-                if event.kind == "decode":
-                    self.windows["tokens"].add(event.new_tokens)
+                    p.itl.labels(*labels).observe(gap)
+                self.completion_tokens += event.generated_tokens
+                p.generation_tokens.labels(*labels).inc(event.generated_tokens)
+                self.windows["tokens"].add(event.generated_tokens)
             case RequestFinished():
-                self._on_finished(event)
-            case RequestFailed():
-                self.requests["error"] += 1
-                self.in_flight = max(0, self.in_flight - 1)
+                if event.teardown_seconds is not None:
+                    self.windows["teardown"].add(event.teardown_seconds)
+                    p.teardown.labels(*labels).observe(event.teardown_seconds)
+            case QueueState():
+                self.running, self.waiting = event.running, event.waiting
+                p.running.labels(*labels).set(event.running)
+                p.waiting.labels(*labels).set(event.waiting)
             case ClientDisconnected():
                 self.client_disconnects += 1
+                p.disconnects.labels(*labels).inc()
+            case CacheLookup():
+                if event.hit:
+                    self.cache_hits += 1
+                    p.cache_hits.labels(*labels).inc()
+                else:
+                    self.cache_misses += 1
+                    p.cache_misses.labels(*labels).inc()
+            case RequestRejected() | FirstToken() | RequestFailed():
+                pass  # logged; counted through the request's outcome
 
-    def _on_finished(self, event: RequestFinished) -> None:
-        status = FINISH_STATUS[event.reason]
-        self.requests[status] += 1
-        self.in_flight = max(0, self.in_flight - 1)
-        self.completion_tokens += event.completion_tokens
-        if status == "ok":
-            self.windows["e2e"].add(event.e2e_seconds)
-        if event.teardown_seconds is not None:
-            self.windows["teardown"].add(event.teardown_seconds)
+    def _on_outcome(self, event: RequestOutcome, labels: tuple[str, str]) -> None:
+        self.requests[event.status] += 1
+        if event.cached and event.status == "ok":
+            self.requests["cached"] += 1
+        self.prometheus.requests.labels(*labels, event.status).inc()
+        if event.status == "ok":
+            for window, metric, value in (
+                ("ttft", self.prometheus.ttft, event.ttft_ms),
+                ("e2e", self.prometheus.e2e, event.e2e_ms),
+            ):
+                if value is not None:
+                    self.windows[window].add(value / 1000.0)
+                    metric.labels(*labels).observe(value / 1000.0)
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         def pcts(name: str) -> dict[str, float | None]:
             values = self.windows[name].values()
-            return {f"p{q}": _ms(percentile(values, q)) for q in (50, 95, 99)}
+            return {f"p{q}": _round(None if (v := percentile(values, q)) is None else v * 1000.0) for q in (50, 95, 99)}
 
         finished = self.requests["ok"] + self.requests["error"] + self.requests["cancelled"]
+        lookups = self.cache_hits + self.cache_misses
         return {
             "requests": dict(self.requests),
             "cancelled_requests": self.requests["cancelled"],
             "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
             "client_disconnects": self.client_disconnects,
-            "in_flight_requests": self.in_flight,
+            "running": self.running,
+            "waiting": self.waiting,
             "window_seconds": self.window_seconds,
             "ttft_ms": pcts("ttft"),
             "e2e_ms": pcts("e2e"),
@@ -153,11 +198,48 @@ class MetricsBook:
             "cancel_teardown_ms": pcts("teardown"),
             "generation_tokens_per_second": round(self.windows["tokens"].rate(), 3),
             "error_rate": round(self.requests["error"] / finished, 6) if finished else 0.0,
+            "cache_hit_rate": round(self.cache_hits / lookups, 6) if lookups else 0.0,
         }
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 3)
+def lifecycle_line(event: MetricsEvent) -> tuple[str, dict[str, Any]] | None:
+    """The log line (name, fields) an event stands for; None for events that are not a request step."""
+    match event:
+        case RequestReceived():
+            return "received", {"prompt_tokens": event.prompt_tokens, "cacheable": event.cacheable}
+        case CacheLookup() if event.hit:
+            return "cache_hit", {}
+        case RequestQueued():
+            return "queued", {"prompt_tokens": event.prompt_tokens}
+        case RequestRejected():
+            return "rejected", {"status": event.status, "reason": event.reason}
+        case RequestAdmitted():
+            return "admitted", {"queue_ms": _round(event.queue_seconds * 1000)}
+        case FirstToken():
+            return "first_token", {"ttft_ms": _round(event.ttft_seconds * 1000)}
+        case RequestFinished():
+            name = "finished" if event.reason in ("stop", "length") else "cancelled"
+            fields: dict[str, Any] = {
+                "finish_reason": event.reason,
+                "completion_tokens": event.completion_tokens,
+                "e2e_ms": _round(event.e2e_seconds * 1000),
+            }
+            if event.teardown_seconds is not None:
+                fields["teardown_ms"] = _round(event.teardown_seconds * 1000)
+            return name, fields
+        case RequestFailed():
+            return "failed", {"error_type": event.error_type, "error": event.message}
+        case RequestOutcome() if event.cached:
+            # A cache-served request has no generation of its own: this line is its end.
+            name = {"ok": "finished", "error": "failed", "rejected": "rejected"}.get(event.status, "cancelled")
+            return name, {
+                "finish_reason": event.finish_reason,
+                "cached": True,
+                "completion_tokens": event.completion_tokens,
+                "ttft_ms": event.ttft_ms,
+                "e2e_ms": event.e2e_ms,
+            }
+    return None
 
 
 class MetricsActor:
@@ -168,6 +250,11 @@ class MetricsActor:
     def sender(self) -> trio.MemorySendChannel[MetricsEvent]:
         return self._send.clone()
 
+    def report(self, event: MetricsEvent) -> None:
+        """Synchronous and never waits (safe in a cancelled task's ``finally``)."""
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            self._send.send_nowait(event)
+
     def close(self) -> None:
         self._send.close()
 
@@ -176,3 +263,12 @@ class MetricsActor:
             task_status.started(self)
             async for event in self._receive:
                 self.book.apply(event)
+                line = lifecycle_line(event)
+                if line is not None:
+                    name, fields = line
+                    request_id = getattr(event, "request_id", "")
+                    log.info(name, **self.book.context(request_id), **fields)
+                if isinstance(event, RequestFinished | RequestFailed | RequestRejected) or (
+                    isinstance(event, RequestOutcome) and event.cached
+                ):
+                    self.book.contexts.pop(event.request_id, None)

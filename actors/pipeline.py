@@ -20,11 +20,20 @@ import trio
 
 from actors.batch_policy import BatchSettings
 from actors.messages import (
-    TERMINAL_STREAM_EVENTS,
     AbortReason,
     ClientDisconnected,
+    MetricsEvent,
+    ModelLoaded,
+    RequestOutcome,
+    RequestReceived,
+    RequestStatus,
     SchedulerEvent,
+    StreamDone,
+    StreamError,
     StreamEvent,
+    StreamRejected,
+    StreamStarted,
+    StreamToken,
     Submit,
 )
 from actors.metrics import MetricsActor
@@ -81,6 +90,7 @@ class PipelineSettings:
     stall_timeout: float = 30.0
     cache_max_entries: int = 1024  # 0 turns the prompt cache off
     cache_max_bytes: int = 64 * 1024 * 1024
+    profile_name: str = ""
 
 
 TextMode = Literal["plain", "harmony"]
@@ -105,6 +115,7 @@ class GenerationJob:
     text_mode: TextMode = "plain"  # harmony: the prompt is a Harmony conversation, parse channels
     cache_key: str = ""  # reported to the client whether or not the cache is used
     cacheable: bool = False  # deterministic (greedy or seeded) and not opted out: the cache serves it
+    prompt_version: str = ""
 
 
 class NotReadyError(RuntimeError):
@@ -113,27 +124,65 @@ class NotReadyError(RuntimeError):
         self.state = state
 
 
+FINISH_STATUS: dict[str, RequestStatus] = {
+    "stop": "ok",
+    "length": "ok",
+    "cancelled": "cancelled",
+    "timeout": "cancelled",
+    "shutdown": "cancelled",
+    "error": "error",
+}
+
+
 class StreamHandle:
-    """One request's view of its stream: iterate its events, abort it from anywhere (sync)."""
+    """One request's view of its stream: iterate its events, abort it from anywhere (sync).
+
+    It sees exactly what its client sees, so it reports the request's outcome to the metrics.
+    """
 
     def __init__(
         self,
         request_id: str,
         events: trio.MemoryReceiveChannel[StreamEvent],
         abort: Callable[[AbortReason], None],
-        on_disconnect: Callable[[str], None],
+        report: Callable[[MetricsEvent], None],
+        on_close: Callable[[], None] = lambda: None,
     ) -> None:
         self.request_id = request_id
         self._events = events
         self._abort = abort
-        self._on_disconnect = on_disconnect
+        self._report = report
+        self._on_close: Callable[[], None] | None = on_close
+        self._cached = False
+        self._tokens = 0
         self.finished = False
 
     async def next_event(self) -> StreamEvent:
-        event = await self._events.receive()
-        if isinstance(event, TERMINAL_STREAM_EVENTS):
-            self.finished = True
+        try:
+            event = await self._events.receive()
+        except trio.EndOfChannel:
+            if not self.finished:
+                self._end("error", "stream_lost")
+            raise
+        match event:
+            case StreamStarted():
+                self._cached = event.cache == "HIT"
+            case StreamToken():
+                self._tokens = event.index + 1
+            case StreamDone():
+                t = event.timings
+                status = FINISH_STATUS.get(event.finish_reason, "error")
+                self._end(status, event.finish_reason, event.usage.completion_tokens, t.queue_ms, t.ttft_ms, t.e2e_ms)
+            case StreamError():
+                self._end("error", event.error_type)
+            case StreamRejected():
+                self._end("rejected", str(event.status))
         return event
+
+    def _end(self, status: RequestStatus, reason: str, tokens: int | None = None, *timings: float | None) -> None:
+        self.finished = True
+        count = self._tokens if tokens is None else tokens
+        self._report(RequestOutcome(self.request_id, status, reason, self._cached, count, *timings))
 
     def __aiter__(self) -> StreamHandle:
         return self
@@ -149,10 +198,14 @@ class StreamHandle:
     def abort(self, reason: AbortReason = "client_disconnect") -> None:
         """Idempotent and synchronous: safe in a cancelled task's ``finally``."""
         if not self.finished:
-            self.finished = True
-            self._on_disconnect(self.request_id)
+            if reason == "client_disconnect":
+                self._report(ClientDisconnected(self.request_id))
+            self._end("cancelled", reason)
             self._abort(reason)
         self._events.close()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
 
 
 class Pipeline:
@@ -181,10 +234,17 @@ class Pipeline:
         self.started_at = clock()
         self._nursery: trio.Nursery | None = None
         self._relays = 0
+        self._streams = 0
 
     @property
     def active_relays(self) -> int:
+        """Generations with a relay running (several HTTP streams may share one)."""
         return self._relays
+
+    @property
+    def active_streams(self) -> int:
+        """HTTP requests with a generation stream open, cache-served ones included."""
+        return self._streams
 
     @property
     def task_count(self) -> int:
@@ -220,6 +280,9 @@ class Pipeline:
             )
             await nursery.start(scheduler.run)
             self.scheduler = scheduler
+            self.metrics.report(
+                ModelLoaded(model.model_id, model.model_size, model.dtype, model.device, self.settings.profile_name)
+            )
             self.state = "ready"
             log.info("model_ready", model=model.model_id, device=model.device, dtype=model.dtype)
             if wait_for_model:
@@ -272,7 +335,14 @@ class Pipeline:
             self._start_generation(job, request_id, send)
             scheduler = self.scheduler
             abort = lambda reason: scheduler.abort(request_id, reason)  # noqa: E731
-        return StreamHandle(request_id, receive, abort, self._client_disconnected)
+        self.metrics.report(
+            RequestReceived(request_id, len(job.prompt), job.cache_key, job.prompt_version, job.cacheable)
+        )
+        self._streams += 1
+        return StreamHandle(request_id, receive, abort, self.metrics.report, self._stream_closed)
+
+    def _stream_closed(self) -> None:
+        self._streams -= 1
 
     def _start_generation(
         self, job: GenerationJob, request_id: str, out: trio.MemorySendChannel[StreamEvent]
@@ -315,8 +385,3 @@ class Pipeline:
             await relay.run()
         finally:
             self._relays -= 1
-
-    def _client_disconnected(self, request_id: str) -> None:
-        sender = self.metrics.sender()
-        with sender:
-            sender.send_nowait(ClientDisconnected(request_id))

@@ -28,7 +28,6 @@ from actors.messages import (
     CacheLookup,
     CacheStatus,
     MetricsEvent,
-    RequestServedFromCache,
     StreamDone,
     StreamError,
     StreamEvent,
@@ -243,12 +242,6 @@ class PromptCache:
                 event = dataclasses.replace(event, request_id=subscriber.request_id)
             case StreamDone():
                 event = self._done_for(subscriber, event)
-                if subscriber.status == "HIT":
-                    self._metric(
-                        RequestServedFromCache(
-                            subscriber.request_id, event.usage.completion_tokens, self._clock() - subscriber.received_at
-                        )
-                    )
             case StreamError() | StreamRejected():
                 event = dataclasses.replace(event, request_id=subscriber.request_id)
         if not self._send(subscriber, event):
@@ -264,9 +257,6 @@ class PromptCache:
         done = self._done_for(subscriber, cached.done)
         self._send(subscriber, done)
         subscriber.channel.close()
-        self._metric(
-            RequestServedFromCache(message.request_id, done.usage.completion_tokens, done.timings.e2e_ms / 1e3)
-        )
 
     def _done_for(self, subscriber: _Subscriber, done: StreamDone) -> StreamDone:
         """The done event with this subscriber's own timings (it did not wait for the GPU)."""

@@ -39,6 +39,7 @@ from actors.messages import (
     FirstToken,
     MetricsEvent,
     Queued,
+    QueueState,
     Rejected,
     RequestAdmitted,
     RequestFailed,
@@ -346,7 +347,9 @@ class GpuScheduler:
                 self._finish(request, finish)
         if result.kind == "decode" and result.seconds > 0:
             self._decode_rate = result.new_tokens / result.seconds
-        self._metric(StepCompleted(result.kind, result.batch, result.new_tokens, result.seconds, tuple(gaps)))
+        self._metric(
+            StepCompleted(result.kind, result.batch, result.new_tokens, len(result.tokens), result.seconds, tuple(gaps))
+        )
         self._update_drain_rate(result)
 
     def _finish_reason(self, request: _Request, token: int) -> tuple[FinishReason | None, bool]:
@@ -419,6 +422,8 @@ class GpuScheduler:
         self._drain_rate = per_request if self._drain_rate == 0 else 0.9 * self._drain_rate + 0.1 * per_request
 
     def _publish_stats(self) -> None:
+        if (len(self._running), len(self._waiting)) != (self.stats.running, self.stats.waiting):
+            self._metric(QueueState(len(self._running), len(self._waiting)))
         prefilling = sum(1 for r in self._running.values() if r.prompt_remaining > 0)
         self.stats = SchedulerStats(
             running=len(self._running),

@@ -107,4 +107,5 @@ def build_job(
         cache_key=key,
         # A request with a deadline could end a generation others share: it runs on its own.
         cacheable=use_cache and params.deterministic and job_deadline is None,
+        prompt_version=PROMPT_VERSION,
     )

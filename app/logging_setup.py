@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -17,12 +18,29 @@ _SHARED: list[Any] = [
 ]
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
+def stdlib_formatter(fmt: str | None = None) -> logging.Formatter:
+    """The formatter for stdlib records (hypercorn's, the libraries'): our JSON or console lines.
+
+    Also usable from a logging dictConfig (hypercorn.toml's logconfig_dict) as a ``()`` factory;
+    there the format comes from GPTOSS_LOG_FORMAT.
+    """
+    fmt = fmt or os.environ.get("GPTOSS_LOG_FORMAT", "json")
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
     structlog.configure(
         processors=[
             *_SHARED,
@@ -33,14 +51,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=False,
     )
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_SHARED,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-    )
+    formatter = stdlib_formatter(fmt)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()

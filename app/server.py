@@ -70,6 +70,7 @@ def pipeline_settings(config: ServerConfig) -> PipelineSettings:
         stall_timeout=config.stall_timeout,
         cache_max_entries=config.cache_max_entries,
         cache_max_bytes=config.cache_max_bytes,
+        profile_name=profile.name,
     )
 
 

@@ -63,15 +63,19 @@ async def running_server(
     *,
     step_caller: StepCaller | None = None,
     runner_hook: Callable[[ServedModel], ServedModel] | None = None,
+    wait_for_model: bool = True,
+    before_load: Callable[[], object] | None = None,
 ) -> AsyncIterator[RunningServer]:
     """A real Hypercorn (trio worker) on 127.0.0.1, port 0, serving the app in this event loop."""
     config = config or server_config()
 
     def load() -> ServedModel:
+        if before_load is not None:
+            before_load()  # e.g. block, to see the server while it is loading
         loaded = serve_weights(model_weights, max_batch_size=config.profile.max_batch_size)
         return runner_hook(loaded) if runner_hook else loaded
 
-    server = create_server(config, loader=load, step_caller=step_caller, wait_for_model=True)
+    server = create_server(config, loader=load, step_caller=step_caller, wait_for_model=wait_for_model)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -85,3 +85,54 @@ def inline_steps(seconds: float = 0.01) -> StepCaller:
         return fn()
 
     return call
+
+
+class FaultInjectingRunner:
+    """Wraps a real runner; a step that involves a sequence whose prompt contains ``marker`` raises
+    ``error`` (e.g. a RuntimeError standing for a CUDA fault) instead of running."""
+
+    def __init__(self, runner: Any, marker: Sequence[int], error: Callable[[], Exception]) -> None:
+        self._runner = runner
+        self._marker = list(marker)
+        self._error = error
+        self._faulty: set[str] = set()
+        self.faults = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def add(
+        self, seq_id: str, prompt: Sequence[int], params: SamplingParams, stop_token_ids: Iterable[int] | None = None
+    ) -> None:
+        tokens, m = list(prompt), self._marker
+        if any(tokens[i : i + len(m)] == m for i in range(len(tokens) - len(m) + 1)):
+            self._faulty.add(seq_id)
+        self._runner.add(seq_id, prompt, params, stop_token_ids)
+
+    def release(self, seq_id: str) -> None:
+        self._faulty.discard(seq_id)
+        self._runner.release(seq_id)
+
+    def _check(self, seq_ids: Iterable[str]) -> None:
+        if self._faulty.intersection(seq_ids):
+            self.faults += 1
+            raise self._error()
+
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> StepResult:
+        self._check(c.seq_id for c in chunks)
+        return self._runner.prefill(chunks)
+
+    def decode(self, seq_ids: Iterable[str]) -> StepResult:
+        ids = list(seq_ids)
+        self._check(ids)
+        return self._runner.decode(ids)
+
+
+def with_faults(marker: Sequence[int], error: Callable[[], Exception]) -> Callable[[Any], Any]:
+    """A ``runner_hook`` for tests.conftest.running_server that injects step faults."""
+    import dataclasses
+
+    def hook(loaded: Any) -> Any:
+        return dataclasses.replace(loaded, runner=FaultInjectingRunner(loaded.runner, marker, error))
+
+    return hook

@@ -269,4 +269,5 @@ async def test_identical_concurrent_requests_share_one_generation(tiny_server: R
         stats = (await client.get("/stats")).json()["model_metrics"]["tiny-gpt-oss"]
     assert len({r.json()["text"] for r in results}) == 1
     assert sorted(r.headers["X-Cache"] for r in results) == ["HIT", "HIT", "HIT", "MISS"]
-    assert stats["requests"]["total"] == 1, "one generation served all four"
+    assert stats["requests"]["total"] == 4 and stats["requests"]["cached"] == 3
+    assert stats["tokens"]["completion"] == 40, "one generation served all four"

@@ -19,6 +19,7 @@ from app.http.streams import (
     created_timestamp,
     open_stream,
     served_model,
+    server_timing,
     sse_response,
     stream_headers,
 )
@@ -115,6 +116,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
                     result = {**start, "text": "".join(text), **_done_data(event)}
                     if model.harmony:
                         result["reasoning"] = "".join(reasoning)
+                    headers["Server-Timing"] = server_timing(event.timings)
                     return Response(
                         json.dumps(result, ensure_ascii=False), content_type="application/json", headers=headers
                     )

@@ -20,6 +20,7 @@ from app.http.streams import (
     created_timestamp,
     open_stream,
     served_model,
+    server_timing,
     sse_response,
     stream_headers,
 )
@@ -91,6 +92,7 @@ async def _respond(
             case StreamError():
                 raise ApiError(500, f"generation failed: {event.message}", code=event.error_type)
             case StreamDone():
+                headers["Server-Timing"] = server_timing(event.timings)
                 return _json(full_response(kind, meta, tokens, event), headers=headers)
     raise ApiError(500, "the generation stream ended without a result", code="stream_lost")
 

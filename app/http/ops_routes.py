@@ -6,6 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response
 from quart_trio import QuartTrio
 
@@ -38,6 +39,18 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
     return body, 200 if status == "ok" else 503
 
 
+def memory_body() -> dict[str, Any]:
+    """The process's resident memory, and the GPU allocator's figures when on CUDA."""
+    import psutil
+    import torch
+
+    memory: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory["gpu_allocated_bytes"] = torch.cuda.memory_allocated()
+        memory["gpu_reserved_bytes"] = torch.cuda.memory_reserved()
+    return memory
+
+
 def cache_body(pipeline: Pipeline) -> dict[str, Any]:
     if pipeline.cache is None:
         return {"enabled": False}
@@ -62,9 +75,11 @@ def stats_body(state: ServerState) -> dict[str, Any]:
     figures = pipeline.metrics.book.snapshot()
     figures.update(
         {
+            "memory": memory_body(),
             "active_sequences": scheduler.running if scheduler else 0,
             "queue_depth": scheduler.waiting if scheduler else 0,
-            "active_streams": pipeline.active_relays,
+            "active_streams": pipeline.active_streams,
+            "active_generations": pipeline.active_relays,
             "scheduler_steps": scheduler.steps if scheduler else 0,
             "cache": cache_body(pipeline),
         }
@@ -87,3 +102,8 @@ def register(app: QuartTrio, state: ServerState, version: str) -> None:
     @app.get("/stats")
     async def stats() -> Response:
         return _json(stats_body(state))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        registry = state.pipeline.metrics.book.prometheus.registry
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -15,7 +15,15 @@ from typing import Any, Protocol, cast
 import trio
 from quart import Response, request
 
-from actors.messages import StreamDone, StreamError, StreamEvent, StreamRejected, StreamStarted, StreamToken
+from actors.messages import (
+    StreamDone,
+    StreamError,
+    StreamEvent,
+    StreamRejected,
+    StreamStarted,
+    StreamToken,
+    Timings,
+)
 from actors.pipeline import GenerationJob, NotReadyError, StreamHandle
 from app.http.errors import ApiError
 from app.http.request_scope import on_request_close
@@ -115,6 +123,17 @@ def sse_response(handle: StreamHandle, framer: SseFramer, heartbeat: float, head
     response = Response(_sse_body(handle, framer, heartbeat), headers={**SSE_HEADERS, **headers})
     response.timeout = None  # Quart would cut the body at 60 s otherwise
     return response
+
+
+def server_timing(timings: Timings) -> str:
+    """The Server-Timing header: browsers' devtools and curl -v show where the time went."""
+    parts = [
+        ("queue", timings.queue_ms),
+        ("prefill", timings.prefill_ms),
+        ("ttft", timings.ttft_ms),
+        ("e2e", timings.e2e_ms),
+    ]
+    return ", ".join(f"{name};dur={value}" for name, value in parts if value is not None)
 
 
 def created_timestamp() -> int:
