@@ -264,14 +264,14 @@ class Pipeline:
                 task_status.started(self)
             try:
                 model = await trio.to_thread.run_sync(self._load)
-            except Exception as error:
+            except Exception as error:  # any load failure: say why, in one line
                 self.state = "failed"
-                self.failure = str(error)
-                log.error("model_load_failed", error=str(error))
+                self.failure = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                log.error("model_load_failed", error=self.failure)
                 if wait_for_model:
                     raise
                 if self._on_fatal is not None:
-                    self._on_fatal(str(error))
+                    self._on_fatal(self.failure)
                 return
             self.model = model
             settings = SchedulerSettings(self.settings.batch, self.settings.max_queue, model.max_context)

@@ -181,7 +181,7 @@ class PromptCache:
         generation_send, generation_receive = trio.open_memory_channel[StreamEvent](message.event_capacity)
         try:
             flight.abort = message.start(generation_send)
-        except Exception as error:
+        except Exception as error:  # e.g. the scheduler is gone: tell the client, keep serving
             del self._flights[message.key]
             rejected = StreamRejected(message.request_id, 503, f"cannot start the generation: {error}", None)
             self._send(subscriber, rejected)

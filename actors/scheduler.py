@@ -52,12 +52,14 @@ from actors.messages import (
     Submit,
     TokenOut,
 )
+from app.engine.errors import StepOutOfMemory
 from app.engine.params import SamplingParams
 from app.engine.runner import PrefillChunk, StepResult
 
 log = structlog.get_logger("scheduler")
 T = TypeVar("T")
 
+DEGRADED_AFTER_FAILED_STEPS = 3
 ABORT_FINISH: dict[AbortReason, FinishReason] = {
     "client_disconnect": "cancelled",
     "stalled": "cancelled",
@@ -65,6 +67,10 @@ ABORT_FINISH: dict[AbortReason, FinishReason] = {
     "timeout": "timeout",
     "shutdown": "shutdown",
 }
+
+
+def _plan_ids(plan: PrefillPlan | DecodePlan) -> list[str]:
+    return [seq_id for seq_id, _ in plan.chunks] if isinstance(plan, PrefillPlan) else list(plan.seq_ids)
 
 
 class StepBackend(Protocol):
@@ -79,6 +85,18 @@ class StepBackend(Protocol):
     def prefill(self, chunks: Sequence[PrefillChunk]) -> StepResult: ...
 
     def decode(self, seq_ids: Iterable[str]) -> StepResult: ...
+
+    def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Two halves of a decode batch that each need less memory than the whole."""
+        ...
+
+    def free_cached_memory(self) -> None:
+        """Give cached accelerator memory back before a retry (after an out-of-memory step)."""
+        ...
+
+
+class StepFailure(RuntimeError):
+    """A sequence the step could not serve (its logits were not finite, it did not fit in memory)."""
 
 
 class StepCaller(Protocol):
@@ -112,6 +130,11 @@ class SchedulerStats:
     steps: int = 0
     decode_tokens_per_second: float = 0.0  # over the last decode step
     seconds_per_waiting_request: float = 0.0  # smoothed; behind Retry-After
+    failing_steps: int = 0  # consecutive steps that failed: the server is degraded from 3 on
+
+    @property
+    def degraded(self) -> bool:
+        return self.failing_steps >= DEGRADED_AFTER_FAILED_STEPS
 
 
 @dataclass(slots=True)
@@ -160,6 +183,7 @@ class GpuScheduler:
         self._steps = 0
         self._drain_rate = 0.0
         self._decode_rate = 0.0
+        self._consecutive_failures = 0
         self.stats = SchedulerStats()
 
     # -- the handle other tasks use ------------------------------------------------------------
@@ -293,19 +317,23 @@ class GpuScheduler:
 
         def in_thread() -> StepResult | None:
             for seq_id in work.releases:
-                self._backend.release(seq_id)
+                try:
+                    self._backend.release(seq_id)
+                except Exception:  # the other releases must still happen, or their rows leak
+                    log.exception("release_failed", request_id=seq_id)
             for request in work.joins:
                 s = request.submit
                 self._backend.add(s.request_id, s.prompt, s.params, s.stop_token_ids)
-            if isinstance(plan, PrefillPlan):
-                return self._backend.prefill([PrefillChunk(seq_id, n) for seq_id, n in plan.chunks])
-            if isinstance(plan, DecodePlan):
-                return self._backend.decode(plan.seq_ids)
-            return None
+            if plan is None:
+                return None
+            try:
+                return self._run_plan(plan)
+            except StepOutOfMemory:
+                return self._retry_split(plan)
 
         try:
             result = await self._call(in_thread)
-        except Exception as error:
+        except Exception as error:  # one bad step must not take the server down
             self._fail_step(work, error)
             return
         finally:
@@ -317,18 +345,62 @@ class GpuScheduler:
         if result is None:
             return
         self._steps += 1
+        self._consecutive_failures = 0 if result.tokens or not result.failed else self._consecutive_failures + 1
         if isinstance(plan, PrefillPlan):
             self._consecutive_prefills += 1
             for seq_id, n in plan.chunks:
                 request = self._running.get(seq_id)
-                if request is not None:
+                if request is not None and seq_id not in result.failed:
                     request.prompt_remaining -= n
         else:
             self._consecutive_prefills = 0
         self._deliver(result)
 
+    def _run_plan(self, plan: PrefillPlan | DecodePlan) -> StepResult:
+        if isinstance(plan, PrefillPlan):
+            return self._backend.prefill([PrefillChunk(seq_id, n) for seq_id, n in plan.chunks])
+        return self._backend.decode(plan.seq_ids)
+
+    def _retry_split(self, plan: PrefillPlan | DecodePlan) -> StepResult:
+        """Out of memory: run the step again as two halves; a half that still does not fit fails."""
+        ids = _plan_ids(plan)
+        kind = "prefill" if isinstance(plan, PrefillPlan) else "decode"
+        log.warning("step_out_of_memory", kind=kind, sequences=len(ids))
+        self._backend.free_cached_memory()
+        if len(ids) < 2:
+            return StepResult({}, kind, 0, 0, 0.0, dict.fromkeys(ids, "out of memory"))
+        halves: list[PrefillPlan | DecodePlan]
+        if isinstance(plan, PrefillPlan):
+            middle = len(plan.chunks) // 2
+            halves = [PrefillPlan(plan.chunks[:middle]), PrefillPlan(plan.chunks[middle:])]
+        else:
+            first, second = self._backend.split(plan.seq_ids)
+            halves = [DecodePlan(tuple(first)), DecodePlan(tuple(second))]
+        tokens: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        seconds = 0.0
+        new_tokens = 0
+        for half in halves:
+            if not _plan_ids(half):
+                continue
+            try:
+                result = self._run_plan(half)
+            except StepOutOfMemory:
+                failed.update(dict.fromkeys(_plan_ids(half), "out of memory, also with the batch split in two"))
+                continue
+            tokens.update(result.tokens)
+            failed.update(result.failed)
+            seconds += result.seconds
+            new_tokens += result.new_tokens
+        return StepResult(tokens, kind, len(ids) - len(failed), new_tokens, seconds, failed)
+
     def _deliver(self, result: StepResult) -> None:
         now = self._clock()
+        for seq_id, why in result.failed.items():
+            failed = self._running.pop(seq_id, None)
+            if failed is not None:
+                self._pending_releases.append(seq_id)
+                self._fail(failed, StepFailure(why))
         gaps: list[float] = []
         for seq_id, token in result.tokens.items():
             request = self._running.get(seq_id)
@@ -392,6 +464,7 @@ class GpuScheduler:
         elif isinstance(plan, DecodePlan):
             involved += list(plan.seq_ids)
         log.error("step_failed", error=repr(error), requests=involved)
+        self._consecutive_failures += 1
         for seq_id in involved:
             request = self._running.pop(seq_id, None)
             if request is None:
@@ -432,6 +505,7 @@ class GpuScheduler:
             steps=self._steps,
             decode_tokens_per_second=self._decode_rate,
             seconds_per_waiting_request=self._drain_rate,
+            failing_steps=self._consecutive_failures,
         )
 
     # -- sending without ever waiting --------------------------------------------------------------

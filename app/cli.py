@@ -147,7 +147,7 @@ async def serve_until_stopped(config: ServerConfig) -> int:
 async def _serve(
     server: Server, config: ServerConfig, shutdown: trio.Event, *, task_status: trio.TaskStatus[list[str]]
 ) -> None:
-    await serve(server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+    await serve(server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait, task_status=task_status)
 
 
 async def _stop_on_signal(server: Server, config: ServerConfig, shutdown: trio.Event) -> None:

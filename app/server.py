@@ -148,4 +148,4 @@ def create_server(
     generate_routes.register(app, state)
     openai_routes.register(app, state)
     ops_routes.register(app, state, __version__)
-    return Server(app, RequestScopeMiddleware(app), state)
+    return Server(app, RequestScopeMiddleware(app, stall_timeout=config.stall_timeout), state)

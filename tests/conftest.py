@@ -79,7 +79,7 @@ async def running_server(
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
-            functools.partial(serve, server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+            functools.partial(serve, server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait)
         )
         try:
             yield RunningServer(binds[0], server)

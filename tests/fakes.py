@@ -76,6 +76,13 @@ class FakeBackend:
             assert self.seqs[seq_id].pending == 0, "decode before prefill finished"
         return StepResult({s: self._next(s) for s in ids}, "decode", len(ids), len(ids), 0.001)
 
+    def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        middle = len(seq_ids) // 2
+        return list(seq_ids[:middle]), list(seq_ids[middle:])
+
+    def free_cached_memory(self) -> None:
+        self.log.append(("free_cached_memory", ()))
+
 
 def inline_steps(seconds: float = 0.01) -> StepCaller:
     """Run steps in the event loop, each taking ``seconds`` of (virtual) time."""

@@ -183,3 +183,17 @@ def test_sampling_respects_top_k_and_seeds() -> None:
     b = choose_tokens(logits, params[:1], [seeded_generator(3, torch.device("cpu"))], [()])
     assert a == b
     assert choose_tokens(logits[:1], [GREEDY], [None], [(1,)]) == [2]
+
+
+def test_sequences_whose_prefill_never_ran_can_be_released(tiny_weights: ModelWeights) -> None:
+    runner = ModelRunner(tiny_weights.model, max_batch_size=8, max_context=4096, stop_token_ids=[])
+    runner.add("a", [1000, 2000], GREEDY)
+    runner.prefill([PrefillChunk("a", 2)])  # storage for the rows so far
+    for name in "bcdefg":  # joined, but their step failed before any forward
+        runner.add(name, [3000], GREEDY)
+    for name in "bcdef":
+        runner.release(name)
+    assert runner.sequence_ids() == ["a", "g"]
+    runner.release("a")
+    runner.release("g")
+    assert runner.free_rows == 8 and runner.kv_cache_bytes == 0

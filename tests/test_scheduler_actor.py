@@ -297,3 +297,68 @@ async def test_abort_reasons_map_to_finish_reasons(reason: str, finish: str) -> 
         events = await drain(channel)
         scheduler.close()
     assert isinstance(events[-1], Finished) and events[-1].reason == finish
+
+
+async def test_an_out_of_memory_step_is_retried_split_in_two() -> None:
+    from app.engine.errors import StepOutOfMemory
+
+    def too_big(kind: str, ids: list[str]) -> Exception | None:
+        return StepOutOfMemory("CUDA out of memory") if kind == "decode" and len(ids) > 2 else None
+
+    backend = FakeBackend(fail=too_big)
+    scheduler, _ = make_scheduler(backend, max_batch=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        channels = [submit(scheduler, name, prompt=(i * 10,), max_tokens=4) for i, name in enumerate("abcd")]
+        results = [await drain(channel) for channel in channels]
+        scheduler.close()
+    assert all(isinstance(events[-1], Finished) and events[-1].reason == "length" for events in results)
+    assert [tokens_of(events) for events in results] == [
+        [0, 1, 2, 3],
+        [10, 11, 12, 13],
+        [20, 21, 22, 23],
+        [30, 31, 32, 33],
+    ]
+    assert ("free_cached_memory", ()) in backend.log
+    assert any(kind == "decode" and len(ids) == 2 for kind, ids in backend.log)
+
+
+async def test_a_sequence_that_never_fits_fails_alone() -> None:
+    from app.engine.errors import StepOutOfMemory
+
+    def huge(kind: str, ids: list[str]) -> Exception | None:
+        return StepOutOfMemory("CUDA out of memory") if "huge" in ids else None
+
+    backend = FakeBackend(fail=huge)
+    scheduler, _ = make_scheduler(backend, max_batch=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        small = submit(scheduler, "small", max_tokens=6)
+        await small.receive()
+        big = await drain(submit(scheduler, "huge", max_tokens=6))
+        small_events = await drain(small)
+        scheduler.close()
+    assert isinstance(big[-1], Failed) and "out of memory" in big[-1].message
+    assert isinstance(small_events[-1], Finished) and small_events[-1].reason == "length"
+
+
+async def test_steps_that_keep_failing_mark_the_scheduler_degraded() -> None:
+    broken = {"on": True}
+
+    def fail(kind: str, ids: list[str]) -> Exception | None:
+        return RuntimeError("device lost") if broken["on"] else None
+
+    backend = FakeBackend(fail=fail)
+    scheduler, _ = make_scheduler(backend)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        for i in range(3):
+            events = await drain(submit(scheduler, f"f{i}", max_tokens=3))
+            assert isinstance(events[-1], Failed)
+        await trio.sleep(0.05)
+        assert scheduler.stats.degraded
+        broken["on"] = False
+        events = await drain(submit(scheduler, "ok", max_tokens=3))
+        await trio.sleep(0.05)
+        assert isinstance(events[-1], Finished) and not scheduler.stats.degraded
+        scheduler.close()

@@ -27,6 +27,7 @@ class Segment:
 class _DecodePlan:
     positions: torch.Tensor  # [rows], the position each row's new key is written to
     kv_length: int
+    first_row: int  # the decode covers rows first_row .. first_row + len(positions) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +87,14 @@ class RowKVCache:
     def move_row(self, source: int, target: int, length: int) -> None:
         for store in (self._keys, self._values):
             for tensor in store:
-                if tensor is not None:
+                # A row past the storage never had a forward (its prefill failed or never ran):
+                # there is nothing of it to move.
+                if tensor is not None and source < tensor.shape[0]:
                     tensor[target, :, :length] = tensor[source, :, :length]
 
     # -- per-forward plans -------------------------------------------------------------------
-    def plan_decode(self, positions: torch.Tensor, kv_length: int) -> None:
-        self._plan = _DecodePlan(positions, kv_length)
+    def plan_decode(self, positions: torch.Tensor, kv_length: int, first_row: int = 0) -> None:
+        self._plan = _DecodePlan(positions, kv_length, first_row)
 
     def plan_prefill(self, segments: tuple[Segment, ...]) -> None:
         self._plan = _PrefillPlan(segments)
@@ -106,11 +109,12 @@ class RowKVCache:
         keys, values = self._layer(layer_idx, key_states)
         plan = self._plan
         if isinstance(plan, _DecodePlan):
-            rows = torch.arange(key_states.shape[0], device=keys.device)
+            batch = key_states.shape[0]
+            rows = torch.arange(plan.first_row, plan.first_row + batch, device=keys.device)
             keys[rows, :, plan.positions] = key_states[:, :, 0]
             values[rows, :, plan.positions] = value_states[:, :, 0]
-            batch = key_states.shape[0]
-            return keys[:batch, :, : plan.kv_length], values[:batch, :, : plan.kv_length]
+            span = slice(plan.first_row, plan.first_row + batch)
+            return keys[span, :, : plan.kv_length], values[span, :, : plan.kv_length]
         if isinstance(plan, _PrefillPlan):
             offset = 0
             for seg in plan.segments:

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from app.engine.attention_masks import MaskShapes
+from app.engine.errors import StepOutOfMemory
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.params import SamplingParams
 from app.engine.sampling import choose_tokens, seeded_generator
@@ -34,6 +35,7 @@ class StepResult:
     batch: int
     new_tokens: int  # tokens that went through the model
     seconds: float
+    failed: dict[str, str] = field(default_factory=dict)  # seq_id -> why it got no token (NaN logits...)
 
 
 @dataclass(slots=True)
@@ -153,14 +155,16 @@ class ModelRunner:
                 use_cache=True,
                 logits_to_keep=keep,
             ).logits[0]
+        except torch.cuda.OutOfMemoryError as error:
+            raise StepOutOfMemory(str(error)) from error
         finally:
             self._cache.clear_plan()
         for chunk, seg in zip(chunks, segments, strict=True):
             seq = self._seqs[chunk.seq_id]
             del seq.pending[: seg.length]
             seq.length += seg.length
-        tokens = self._choose([seq for seq, _ in finishing], logits) if finishing else {}
-        return StepResult(tokens, "prefill", len(chunks), len(input_ids), time.perf_counter() - started)
+        tokens, failed = self._choose([seq for seq, _ in finishing], logits) if finishing else ({}, {})
+        return StepResult(tokens, "prefill", len(chunks), len(input_ids), time.perf_counter() - started, failed)
 
     @torch.inference_mode()
     def decode(self, seq_ids: Iterable[str]) -> StepResult:
@@ -171,14 +175,15 @@ class ModelRunner:
         for seq in wanted:
             if seq.pending or seq.last_token < 0:
                 raise ValueError(f"sequence {seq.seq_id} has not finished its prefill")
-        # Every row in use takes part (rows are 0..n-1, a plain slice of the cache). A row that is
-        # not decoding writes a throwaway key at its next free position, which its next write
-        # overwrites, and its output is ignored.
-        rows = self._by_row
+        # The rows from the first to the last wanted one take part: a plain slice of the cache. A
+        # row in between that is not decoding writes a throwaway key at its next free position,
+        # which its next write overwrites, and its output is ignored.
+        first = min(seq.row for seq in wanted)
+        rows = self._by_row[first : max(seq.row for seq in wanted) + 1]
         positions = torch.tensor([seq.length for seq in rows], device=self.device)
         kv_length = int(max(seq.length for seq in rows)) + 1
-        self._cache.reserve(len(rows), kv_length)
-        self._cache.plan_decode(positions, kv_length)
+        self._cache.reserve(len(self._by_row), kv_length)
+        self._cache.plan_decode(positions, kv_length, first_row=first)
         last = [max(seq.last_token, 0) for seq in rows]
         try:
             logits = self.model(
@@ -189,17 +194,39 @@ class ModelRunner:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
+        except torch.cuda.OutOfMemoryError as error:
+            raise StepOutOfMemory(str(error)) from error
         finally:
             self._cache.clear_plan()
         for seq in wanted:
             seq.length += 1
-        tokens = self._choose(wanted, logits[[seq.row for seq in wanted]])
-        return StepResult(tokens, "decode", len(wanted), len(wanted), time.perf_counter() - started)
+        tokens, failed = self._choose(wanted, logits[[seq.row - first for seq in wanted]])
+        return StepResult(tokens, "decode", len(wanted), len(wanted), time.perf_counter() - started, failed)
 
-    def _choose(self, seqs: Sequence[_Sequence], logits: torch.Tensor) -> dict[str, int]:
+    def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Two halves by row, so each half decodes over (about) half the rows."""
+        ordered = sorted(seq_ids, key=lambda seq_id: self._seqs[seq_id].row)
+        middle = len(ordered) // 2
+        return ordered[:middle], ordered[middle:]
+
+    def free_cached_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _choose(self, seqs: Sequence[_Sequence], logits: torch.Tensor) -> tuple[dict[str, int], dict[str, str]]:
+        """The next token of each sequence; a sequence whose logits hold NaN (or +inf) fails alone."""
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
+        failed = {
+            seq.seq_id: "the model's logits were not finite" for seq, bad in zip(seqs, broken, strict=True) if bad
+        }
+        if failed:
+            keep = [i for i, bad in enumerate(broken) if not bad]
+            seqs, logits = [seqs[i] for i in keep], logits[keep]
+        if not seqs:
+            return {}, failed
         suppress = [seq.suppress_until_min if seq.generated < seq.params.min_tokens else () for seq in seqs]
         chosen = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs], suppress)
         for seq, token in zip(seqs, chosen, strict=True):
             seq.last_token = token
             seq.generated += 1
-        return {seq.seq_id: token for seq, token in zip(seqs, chosen, strict=True)}
+        return {seq.seq_id: token for seq, token in zip(seqs, chosen, strict=True)}, failed

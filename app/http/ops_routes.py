@@ -22,6 +22,9 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
     pipeline = state.pipeline
     model = pipeline.model
     status = {"ready": "ok"}.get(pipeline.state, pipeline.state)
+    scheduler = pipeline.scheduler
+    if status == "ok" and scheduler is not None and scheduler.stats.degraded:
+        status = "degraded"  # steps keep failing: route traffic elsewhere until one succeeds
     body: dict[str, Any] = {
         "status": status,
         "model_id": model.model_id if model else None,
@@ -36,6 +39,8 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
     }
     if pipeline.failure:
         body["error"] = pipeline.failure
+    if scheduler is not None and scheduler.stats.failing_steps:
+        body["failing_steps"] = scheduler.stats.failing_steps
     return body, 200 if status == "ok" else 503
 
 

@@ -1,0 +1,169 @@
+"""Chaos: hundreds of requests, a third cancelled at random points, some malformed, some over the
+queue bound, some hitting an injected step fault. Afterwards every request had exactly one ending,
+nothing is left running, the cache holds only complete outputs, and memory is back near the start."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import json
+import random
+from typing import Any
+
+import httpx
+import psutil
+import trio
+
+from actors.prompt_cache import STORED_REASONS
+from app.config import PROFILES
+from app.engine.loader import ModelWeights
+from app.prompts.harmony_encoding import harmony_encoding
+from tests.conftest import running_server, server_config
+from tests.fakes import with_faults
+
+REQUESTS = 300
+CONCURRENCY = 28  # a little over the batch (8) plus the queue (16): some are refused
+MALFORMED: list[bytes] = [
+    b"{not json",
+    b"[]",
+    json.dumps({"prompt": "x", "max_tokens": -1}).encode(),
+    json.dumps({"messages": []}).encode(),
+    json.dumps({"prompt": "x", "temperature": "hot"}).encode(),
+    json.dumps({"prompt": "x", "max_tokens": 10**9}).encode(),
+]
+
+
+def sse_endings(text: str) -> list[str]:
+    """The terminal events of an SSE body, in order (a healthy stream has exactly one, last)."""
+    blocks = [b for b in text.split("\n\n") if b.startswith("event: ")]
+    return [b.split("\n", 1)[0][7:] for b in blocks if b.startswith(("event: done", "event: error"))]
+
+
+# Per hundred requests: a third are cancelled by their client at a random point.
+MIX = {"stream": 16, "json": 12, "cancel_stream": 20, "cancel_json": 14, "malformed": 8, "fault": 6, "repeat": 24}
+
+
+async def one_request(client: httpx.AsyncClient, rng: random.Random, index: int, kind: str) -> str:
+    """Send one request of the given kind; return how it ended, as the client saw it."""
+    await trio.sleep(rng.uniform(0.0, 0.05))  # arrivals spread out, not all in one instant
+    max_tokens = rng.randint(1, 24)
+    body: dict[str, Any] = {"prompt": f"chaos {index}", "max_tokens": max_tokens, "temperature": 0.8}
+    if kind == "malformed":
+        response = await client.post("/generate", content=rng.choice(MALFORMED))
+        assert 400 <= response.status_code < 500, response.text
+        return "invalid"
+    if kind == "fault":
+        body["prompt"] = "FAILNOW"
+    if kind == "repeat":
+        body = {"prompt": f"popular {rng.randint(0, 4)}", "max_tokens": 12, "temperature": 0}
+    if kind in ("json", "fault", "repeat") or kind == "cancel_json":
+        body["stream"] = False
+        if kind == "cancel_json":
+            with trio.move_on_after(rng.uniform(0.0, 0.3)):
+                response = await client.post("/generate", json=body)
+                return _json_ending(response)
+            return "cancelled"
+        return _json_ending(await client.post("/generate", json=body))
+    # Streams, read to the end or dropped after a few tokens.
+    drop_after = rng.randint(0, 4) if kind == "cancel_stream" else None
+    text = ""
+    async with client.stream("POST", "/generate", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return _json_ending(response)
+        async for chunk in response.aiter_text():
+            text += chunk
+            if drop_after is not None and text.count("event: token\n") > drop_after and not sse_endings(text):
+                return "cancelled"
+    endings = sse_endings(text)
+    assert len(endings) == 1 and text.rstrip().split("\n\n")[-1].startswith(f"event: {endings[0]}"), text[-500:]
+    return "done" if endings[0] == "done" else "error"
+
+
+def _json_ending(response: httpx.Response) -> str:
+    if response.status_code == 200:
+        assert response.json()["finish_reason"] in ("stop", "length")
+        return "done"
+    assert response.json()["error"]["message"]
+    if response.status_code == 429:
+        assert int(response.headers["Retry-After"]) >= 1
+        return "refused"
+    assert response.status_code == 500, response.text
+    return "error"
+
+
+async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights) -> None:
+    profile = dataclasses.replace(PROFILES["latency_first"], max_batch_size=8, max_queue=16)
+    marker = harmony_encoding().encode("FAILNOW", allowed_special="all")
+    hook = with_faults(marker, lambda: RuntimeError("injected step fault"))
+    async with running_server(tiny_weights, server_config(profile=profile), runner_hook=hook) as server:
+        pipeline = server.server.pipeline
+        limits = httpx.Limits(max_connections=CONCURRENCY + 8)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            for _ in range(3):  # warm up before the memory baseline
+                await client.post("/generate", json={"prompt": "warm", "max_tokens": 8, "stream": False})
+            gc.collect()
+            rss_before = psutil.Process().memory_info().rss
+            tasks_before = pipeline.task_count
+            rng = random.Random(20261125)
+            seeds = [rng.random() for _ in range(REQUESTS)]
+            kinds = [kind for kind, count in MIX.items() for _ in range(count * REQUESTS // 100)]
+            rng.shuffle(kinds)
+            endings: collections.Counter[str] = collections.Counter()
+            limiter = trio.CapacityLimiter(CONCURRENCY)
+
+            async def run(index: int) -> None:
+                async with limiter:
+                    ending = await one_request(client, random.Random(seeds[index]), index, kinds[index])
+                    endings[ending] += 1
+
+            with trio.fail_after(600):
+                async with trio.open_nursery() as nursery:
+                    for index in range(REQUESTS):
+                        nursery.start_soon(run, index)
+                while True:  # the server's side of the last cancellations
+                    stats = (await client.get("/stats")).json()
+                    figures = stats["model_metrics"]["tiny-gpt-oss"]
+                    if figures["active_streams"] == 0 and stats["active_sequences"] == 0:
+                        break
+                    await trio.sleep(0.05)
+            await trio.sleep(0.2)
+            stats = (await client.get("/stats")).json()["model_metrics"]["tiny-gpt-oss"]
+            tasks_after, relays_after = pipeline.task_count, pipeline.active_relays
+        gc.collect()
+        rss_after = psutil.Process().memory_info().rss
+        model = pipeline.model
+        assert model is not None and pipeline.cache is not None
+        runner = model.runner
+        cached = [pipeline.cache._store.get(key) for key in pipeline.cache.cached_keys()]
+
+    requests = stats["requests"]
+    print(
+        f"\nchaos: {REQUESTS} requests, kinds {dict(collections.Counter(kinds))}, client endings {dict(endings)}; "
+        f"server {requests}; "
+        f"RSS {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after"
+    )
+    assert sum(endings.values()) == REQUESTS
+    assert kinds.count("cancel_stream") + kinds.count("cancel_json") >= REQUESTS // 3
+    assert endings["refused"] > 0 and endings["error"] > 0 and endings["cancelled"] > REQUESTS // 10
+    # Every request the server took had exactly one ending, and they add up.
+    assert requests["ok"] + requests["error"] + requests["cancelled"] + requests["rejected"] == requests["total"]
+    # Every valid request reached the server, except some a client cancelled before it was sent.
+    valid = REQUESTS - endings["invalid"] + 3  # + the warm-up requests
+    assert valid - endings["cancelled"] <= requests["total"] <= valid
+    # What a client saw, the server counted; a client that cancels can miss a last event (a done,
+    # an error or a 429 already on its way), never the reverse.
+    assert requests["ok"] >= endings["done"] + 3
+    assert requests["rejected"] >= endings["refused"] and requests["error"] >= endings["error"]
+    assert requests["cached"] > 0
+    # Nothing left running.
+    assert stats["active_sequences"] == 0 and stats["queue_depth"] == 0 and stats["active_streams"] == 0
+    assert relays_after == 0 and tasks_after == tasks_before, "no relay or actor task is left behind"
+    assert runner.sequence_ids() == [] and runner.kv_cache_bytes == 0  # type: ignore[attr-defined]
+    # The cache holds only complete outputs.
+    assert cached, "the repeated requests were stored"
+    for entry in cached:
+        assert entry is not None and entry.done.finish_reason in STORED_REASONS
+        assert len(entry.tokens) == entry.done.usage.completion_tokens
+    assert rss_after - rss_before < 150 * 2**20, "memory is back near where it started"

@@ -1,0 +1,311 @@
+"""Bad input, overload, deadlines, faults, slow and vanished clients, shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypercorn.trio import serve
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from actors.scheduler import StepCaller
+from app.cli import hypercorn_config
+from app.engine.loader import ModelWeights, serve_weights
+from app.http.request_scope import RequestScopeMiddleware, on_request_close
+from app.prompts.harmony_encoding import harmony_encoding
+from app.server import create_server
+from tests.conftest import RunningServer, running_server, server_config, weights
+from tests.fakes import with_faults
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- bad input, property-based ---------------------------------------------------------------------
+@contextlib.contextmanager
+def server_in_thread(model: str = "tiny-gpt-oss") -> Iterator[str]:
+    """A real server on its own trio loop in a thread, for synchronous tests (hypothesis)."""
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        config = server_config()
+        loaded = weights(model)
+        server = create_server(
+            config, loader=lambda: serve_weights(loaded, max_batch_size=config.profile.max_batch_size)
+        )
+        shutdown = trio.Event()
+        state["stop"] = shutdown.set
+        state["token"] = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            serving = functools.partial(serve, server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait)
+            binds = await nursery.start(serving)
+            state["url"] = binds[0]
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    assert ready.wait(120), "the server did not start"
+    try:
+        yield state["url"]
+    finally:
+        trio.from_thread.run_sync(state["stop"], trio_token=state["token"])
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[str]:
+    with server_in_thread() as url:
+        yield url
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = [
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "min_tokens",
+    "ignore_eos",
+    "timeout",
+    "n",
+    "model",
+    "cache",
+    "reasoning_effort",
+    "logprobs",
+    "tools",
+    "response_format",
+    "conversation_date",
+    "instructions",
+    "frequency_penalty",
+]
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]) | json_values, "content": json_values}
+)
+field_values = st.one_of(json_values, st.lists(message, max_size=3), st.integers(-3, 6), st.text(max_size=30))
+bodies = st.one_of(
+    st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), field_values, max_size=7),
+    json_values,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, raw=st.booleans())
+def test_arbitrary_json_never_gets_a_5xx(fuzz_server: str, body: Any, raw: bool) -> None:
+    content = json.dumps(body).encode() if not raw else json.dumps(body).encode()[: max(1, len(json.dumps(body)) // 2)]
+    # A body that happens to be valid could ask for thousands of tokens: a deadline bounds it.
+    headers = {"Content-Type": "application/json", "X-Request-Timeout": "2"}
+    with httpx.Client(base_url=fuzz_server, timeout=30) as client:
+        for path in ("/generate", "/v1/chat/completions"):
+            response = client.post(path, content=content, headers=headers)
+            assert response.status_code < 500, (path, body, response.status_code, response.text[:300])
+            if response.status_code >= 400:
+                error = response.json()["error"]
+                assert error["message"] and error["type"]
+
+
+def test_after_the_fuzzing_a_normal_request_is_served(fuzz_server: str) -> None:
+    with httpx.Client(base_url=fuzz_server, timeout=30) as client:
+        response = client.post("/generate", json={"prompt": "still fine?", "max_tokens": 3, "stream": False})
+        stats = client.get("/stats").json()
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+    assert stats["active_sequences"] == 0 and stats["model_metrics"]["tiny-gpt-oss"]["active_streams"] == 0
+
+
+# -- deadlines, heartbeats, faults -------------------------------------------------------------------
+async def test_a_request_past_its_deadline_ends_with_timeout(tiny_server: RunningServer) -> None:
+    async with tiny_server.client() as client:
+        by_body = await client.post(
+            "/generate", json={"prompt": "x", "max_tokens": 8000, "timeout": 0.3, "stream": False}
+        )
+        by_header = await client.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": 8000}, headers={"X-Request-Timeout": "0.3"}
+        )
+        bad_header = await client.post("/generate", json={"prompt": "x"}, headers={"X-Request-Timeout": "soon"})
+        stats = (await client.get("/stats")).json()
+    assert by_body.json()["finish_reason"] == "timeout" and by_body.json()["usage"]["completion_tokens"] < 8000
+    assert by_header.json()["choices"][0]["finish_reason"] == "timeout"
+    assert bad_header.status_code == 422 and bad_header.json()["error"]["param"] == "X-Request-Timeout"
+    assert stats["active_sequences"] == 0
+
+
+def slow_steps(seconds: float) -> StepCaller:
+    async def call(fn: Any) -> Any:
+        await trio.sleep(seconds)
+        return await trio.to_thread.run_sync(fn)
+
+    return call
+
+
+async def test_idle_streams_get_heartbeats(tiny_weights: ModelWeights) -> None:
+    config = server_config(heartbeat_seconds=0.05)
+    async with running_server(tiny_weights, config, step_caller=slow_steps(0.3)) as server, server.client() as client:
+        response = await client.post("/generate", json={"prompt": "x", "max_tokens": 2})
+    assert response.status_code == 200
+    body = response.text
+    assert ": keep-alive" in body
+    assert body.index(": keep-alive") < body.index("event: token"), "heartbeats while the prompt is prefilled"
+    assert body.rstrip().split("\n\n")[-1].startswith("event: done")
+
+
+async def test_failing_steps_turn_health_degraded_until_one_succeeds(tiny_weights: ModelWeights) -> None:
+    marker = harmony_encoding().encode("FAILNOW", allowed_special="all")
+    hook = with_faults(marker, lambda: RuntimeError("device-side assert triggered"))
+    async with running_server(tiny_weights, runner_hook=hook) as server, server.client() as client:
+        for _ in range(3):
+            failed = await client.post("/generate", json={"prompt": "FAILNOW", "max_tokens": 3, "stream": False})
+            assert failed.status_code == 500
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        assert health.json()["failing_steps"] == 3
+        ok = await client.post("/generate", json={"prompt": "fine", "max_tokens": 3, "stream": False})
+        assert ok.status_code == 200
+        assert (await client.get("/health")).json()["status"] == "ok"
+
+
+async def test_an_error_mid_stream_ends_with_an_error_event(tiny_weights: ModelWeights) -> None:
+    """The fault hits the decode steps: the stream has started, so it must end with event: error."""
+
+    def decode_fault(loaded: Any) -> Any:
+        runner = loaded.runner
+        real_decode = runner.decode
+        calls = {"n": 0}
+
+        def decode(seq_ids: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return real_decode(seq_ids)
+
+        runner.decode = decode
+        return loaded
+
+    async with running_server(tiny_weights, runner_hook=decode_fault) as server, server.client() as client:
+        response = await client.post("/generate", json={"prompt": "x", "max_tokens": 50})
+        chat = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": True},
+        )
+    events = [block for block in response.text.strip().split("\n\n") if block]
+    assert events[0].startswith("event: start") and events[-1].startswith("event: error")
+    assert "illegal memory access" in events[-1]
+    assert sum(e.startswith("event: token") for e in events) == 3  # the prefill's token and two decodes
+    assert chat.status_code == 200 and chat.text.rstrip().endswith("data: [DONE]")
+
+
+# -- slow clients ------------------------------------------------------------------------------------
+async def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(autojump_clock: object) -> None:
+    closed: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        on_request_close(scope, lambda: closed.append("aborted"))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+
+    sent: list[Any] = []
+
+    async def stuck_client_send(message: Any) -> None:
+        if len(sent) >= 3:
+            await trio.sleep_forever()  # the socket's buffers are full: the client stopped reading
+        sent.append(message)
+
+    middleware = RequestScopeMiddleware(app, stall_timeout=5.0)
+    start = trio.current_time()
+    with trio.fail_after(60):
+        scope: Any = {"type": "http", "path": "/generate"}
+        await middleware(scope, trio.sleep_forever, stuck_client_send)
+    assert closed == ["aborted"]
+    assert 5.0 <= trio.current_time() - start < 6.0
+
+
+# -- shutdown ----------------------------------------------------------------------------------------
+async def test_sigterm_drains_then_ends_running_streams_with_shutdown() -> None:
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "--model",
+            "tiny-gpt-oss",
+            "--port",
+            "0",
+            "--drain-timeout",
+            "2",
+            "--log-format",
+            "json",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    url = await _listening_url(process.stderr)
+    events: list[str] = []
+    with trio.fail_after(120):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            while (await client.get("/health")).json()["status"] != "ok":
+                await trio.sleep(0.1)
+
+            async def long_stream() -> None:
+                body = {"prompt": "x", "max_tokens": 8000, "cache": False}
+                async with client.stream("POST", "/generate", json=body) as response:
+                    async for line in response.aiter_lines():
+                        events.append(line)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_stream)
+                while sum(line.startswith("event: token") for line in events) < 3:
+                    await trio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                await trio.sleep(0.3)
+                health = await client.get("/health")
+                refused = await client.post("/generate", json={"prompt": "x", "max_tokens": 2, "stream": False})
+        code = await process.wait()
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    assert refused.status_code == 503
+    done = [json.loads(line[6:]) for line in events if line.startswith("data: ") and "finish_reason" in line]
+    assert done and done[-1]["finish_reason"] == "shutdown"
+    assert code == 0
+
+
+async def _listening_url(stderr: trio.abc.ReceiveStream) -> str:
+    buffer = b""
+    with trio.fail_after(120):
+        while True:
+            chunk = await stderr.receive_some()
+            assert chunk, "the server exited before listening"
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if line.startswith(b"{"):
+                    event = json.loads(line)
+                    if event.get("event") == "listening":
+                        return str(event["urls"][0])
+
+
+def test_config_replace_keeps_validation() -> None:
+    with pytest.raises(ValueError):
+        dataclasses.replace(server_config(), stall_timeout=0)
