@@ -29,16 +29,21 @@ class ShownError extends Error {}
 // -- /health ---------------------------------------------------------------------------------
 
 async function showHealth() {
+  let response;
   let body;
-  let status;
   try {
-    const response = await fetch("health", { cache: "no-store" });
-    status = response.status;
-    body = await response.json();
+    response = await fetch("health", { cache: "no-store" });
   } catch (error) {
     setStatus("unreachable", "unreachable");
     showHealthError(`Could not reach the server (${error.message}). Is it running?`);
     setTimeout(showHealth, 3000);
+    return;
+  }
+  try {
+    body = await response.json();
+  } catch {
+    setStatus("unknown", `HTTP ${response.status}`);
+    showHealthError(`The server's /health answered HTTP ${response.status}, not with its JSON.`);
     return;
   }
   $("#model-id").textContent = body.model_id ?? "—";
@@ -48,7 +53,7 @@ async function showHealth() {
   // Reasoning effort means something to gpt-oss (Harmony) only.
   ui.effortLabel.hidden = !/gpt-oss/i.test(body.model_id ?? "");
   setStatus(body.status, body.status === "ok" ? `ready on ${body.device}` : body.status);
-  if (status === 200) {
+  if (response.ok) {
     showHealthError(null);
   } else {
     const why = body.error ? `: ${body.error}` : "";
@@ -88,7 +93,9 @@ async function* sseEvents(body) {
       }
     }
   } finally {
-    reader.releaseLock();
+    // Leaving early (an error event, a bad line): close the body, so the connection closes and
+    // the server stops the generation. After the end, or an abort, this does nothing.
+    reader.cancel().catch(() => {});
   }
 }
 
@@ -116,7 +123,7 @@ async function refusal(response) {
   const text = await response.text();
   let message = text.trim().slice(0, 500) || response.statusText;
   try {
-    message = JSON.parse(text).error.message ?? message;
+    message = String(JSON.parse(text).error.message ?? message);
   } catch {
     // not the server's JSON error shape (a proxy's page, say): show the text as it came
   }
