@@ -262,6 +262,7 @@ def test_the_page_streams_an_answer_with_its_figures(
     assert re.fullmatch(rf"TTFT [\d.]+ m?s · {completion} tokens · [\d.]+ tokens/s · .+", figures), figures
     assert playground.page.is_hidden(".turn:last-of-type .reasoning")  # SmolLM2 does not reason
     assert playground.page.is_enabled("#send") and playground.page.is_disabled("#stop")
+    assert not figures.endswith("from the cache")
     playground.only_this_server(url)
     assert playground.console_errors == []
 
@@ -271,6 +272,14 @@ def test_the_page_streams_an_answer_with_its_figures(
     assert shot.stat().st_size > 10_000
     with capsys.disabled():
         print(f"\nscreenshot of the answer: {shot}")
+
+    # The same greedy question in a new chat: the server replays its finished answer, and says so.
+    playground.page.click("#new-chat")
+    assert playground.page.locator(".turn").count() == 0
+    playground.ask(question, max_tokens=120, temperature=0)
+    playground.page.wait_for_selector(".turn:last-of-type[data-status=done]")
+    assert playground.last_turn(".answer") == answer
+    assert playground.last_turn(".stats").endswith(" · from the cache")
 
 
 def test_stop_cancels_the_generation_on_the_server(
@@ -327,8 +336,8 @@ def test_a_refused_request_is_shown_in_words(open_tab: OpenTab, tiny_app: Served
 
 
 def test_reasoning_is_shown_apart_and_stream_errors_in_words(open_tab: OpenTab, tiny_app: ServedApp) -> None:
-    """The server does not mark gpt-oss channels yet (its relay detokenises plainly), so the page
-    reads canned streams here, framed by the server's own SSE functions."""
+    """Random weights never open a Harmony channel, so the page reads canned streams here, framed
+    by the server's own SSE functions."""
     start = sse_event("start", {"request_id": "req-1", "model": "tiny-gpt-oss", "created": 0, "prompt_tokens": 3})
     streams = [
         start

@@ -171,6 +171,7 @@ async function ask(question) {
   let tokens = 0;
   let answer = "";
   let done = null;
+  let cached = false;
   try {
     const response = await fetch("generate", {
       method: "POST",
@@ -183,6 +184,7 @@ async function ask(question) {
     for await (const event of sseEvents(response.body)) {
       if (event.name === "start") {
         turn.element.dataset.requestId = event.data.request_id ?? "";
+        cached = event.data.cached === true;
       } else if (event.name === "token") {
         tokens += 1;
         if (event.data.channel === "analysis") {
@@ -201,7 +203,7 @@ async function ask(question) {
       }
     }
     if (!done) throw new ShownError("The connection closed before the answer finished.");
-    finish(turn, "done", doneStats(done));
+    finish(turn, "done", doneStats(done, cached));
     const ending = ENDINGS[done.finish_reason];
     if (ending) showNotice(turn, ending);
     history = [...messages, { role: "assistant", content: answer }];
@@ -236,7 +238,7 @@ function describe(error) {
   return `Something went wrong while reading the answer: ${error.message ?? error}`;
 }
 
-function doneStats(done) {
+function doneStats(done, cached) {
   const completion = done.usage?.completion_tokens ?? 0;
   const ttft = done.timings?.ttft_ms;
   const e2e = done.timings?.e2e_ms;
@@ -245,6 +247,8 @@ function doneStats(done) {
   parts.push(`${completion} ${plural(completion, "token")}`);
   if (e2e) parts.push(`${(completion / (e2e / 1000)).toFixed(1)} tokens/s`);
   parts.push(FINISH_WORDS[done.finish_reason] ?? done.finish_reason);
+  // A deterministic answer the server had finished before: replayed without the model.
+  if (cached) parts.push("from the cache");
   return parts.join(" · ");
 }
 
