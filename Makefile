@@ -11,7 +11,7 @@ PROFILE ?= latency_first
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint pytest bench clean
+.PHONY: install serve test lint pytest bench browser-deps browser-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m app --model $(MODEL) --host $(HOST) --port $(PORT) --profile $(PROFILE) $(ARGS)
 
-test: lint pytest
+test: browser-deps lint pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check app actors tests tools
@@ -35,6 +35,19 @@ lint: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The browser tests (tests/test_browser.py) drive Debian's chromium; they skip without it, except
+# in CI. Installed from apt, never downloaded by Playwright.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser-deps:
+	@if [ -x $(CHROMIUM) ]; then echo "$(CHROMIUM) is installed"; else \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; fi
+
+browser-test: browser-deps $(STAMP)
+	$(BIN)/python -m pytest tests/test_browser.py tests/test_playground_routes.py $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench_batching $(ARGS)

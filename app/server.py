@@ -143,9 +143,10 @@ def create_server(
         body = error_body(500, f"internal error: {type(error).__name__}")
         return Response(json.dumps(body), status=500, content_type="application/json")
 
-    from app.http import generate_routes, openai_routes, ops_routes
+    from app.http import generate_routes, openai_routes, ops_routes, playground_routes
 
     generate_routes.register(app, state)
     openai_routes.register(app, state)
     ops_routes.register(app, state, __version__)
+    playground_routes.register(app)
     return Server(app, RequestScopeMiddleware(app, stall_timeout=config.stall_timeout), state)

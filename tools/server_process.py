@@ -1,16 +1,20 @@
-"""Start ``python -m app`` in a subprocess for a tool, and wait until it serves."""
+"""Start ``python -m app`` in a subprocess for a tool or a test, and wait until it serves."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -40,13 +44,78 @@ def app_server(*args: str, ready_timeout: float = 600.0, log_path: Path | None =
         wait_ready(url, process, ready_timeout)
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
         if log_path:
             log.close()  # type: ignore[union-attr]
+
+
+@dataclass
+class ServerLog:
+    """The server's JSON log lines as they come (read in a thread, so its stderr never fills up),
+    and the URL from its ``listening`` line."""
+
+    lines: list[str] = field(default_factory=list)
+    url: str | None = None
+    listening: threading.Event = field(default_factory=threading.Event)
+
+    def read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            if self.url is None and line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if event.get("event") == "listening":
+                        self.url = event["urls"][0]
+                        self.listening.set()
+        self.listening.set()  # end of output: whoever waits for the URL stops waiting
+
+    def tail(self, count: int = 20) -> str:
+        return "\n".join(self.lines[-count:])
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    url: str
+    log: ServerLog
+
+
+@contextlib.contextmanager
+def app_on_port_zero(*args: str, ready_timeout: float = 600.0) -> Iterator[ServedApp]:
+    """Serve ``python -m app ARGS`` on a port the OS picks (no race between choosing a free port
+    and binding it), wait until /health says ready, and SIGTERM it afterwards."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "--port", "0", "--log-format", "json", *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    log = ServerLog()
+    reader = threading.Thread(target=log.read, args=(process.stderr,), name="server-log", daemon=True)
+    reader.start()
+    try:
+        log.listening.wait(ready_timeout)
+        if log.url is None:
+            raise RuntimeError(f"the server did not say where it listens; its log ends:\n{log.tail()}")
+        wait_ready(log.url, process, ready_timeout)
+        yield ServedApp(log.url, log)
+    finally:
+        stop(process)
+        reader.join(timeout=10)  # the process is gone: its stderr ends
+        process.stderr.close()
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains and exits), then SIGKILL if it has not gone within a minute."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
