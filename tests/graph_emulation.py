@@ -8,11 +8,12 @@ is not consulted again. So, as with a real CUDA graph,
   tensors made during the step are made afresh on each replay;
 - an operation that would break a capture on a GPU fails the capture here too: reading a value
   back to Python (``.item()``, ``.tolist()``, ``nonzero``: a device synchronisation) or making a
-  tensor from Python data inside the step (``torch.tensor(...)``: a host-to-device copy on a GPU,
-  the failure the notes saw in transformers' mask builder and static sliding-window cache).
+  tensor from Python data inside the step (``torch.tensor(...)``: a host-to-device copy on a GPU).
 
 A step whose per-call inputs do not all flow through the static buffers replays with stale values,
-which the token-for-token comparisons with generate() then catch.
+which the token-for-token comparisons with generate() then catch. What it cannot see: copies that
+exist only on a GPU (``.to(device)`` of a tensor made on the host inside the step is a no-op
+here), and kernels that refuse capture; those are for tools/gpu_check.py to find.
 """
 
 from __future__ import annotations

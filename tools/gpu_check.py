@@ -201,7 +201,10 @@ def build_model(plan: Plan) -> Any:
     torch.manual_seed(0)
     with torch.device(plan.device):
         model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
+    if model.device.type != torch.device(plan.device).type:  # a transformers that built it elsewhere
+        model.to(plan.device)
     model.eval()
+    synchronize(plan)
     return model
 
 
