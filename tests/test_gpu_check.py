@@ -31,6 +31,8 @@ def test_gpu_check_smoke_run_fills_every_figure(tmp_path: Path) -> None:
     assert report["info"]["server"]["decode_path"] == "static"
     assert report["phases"]["graphs_vs_eager"]["graphs_equal_eager"] is True
     assert report["phases"]["server_ttft"]["complete"] is True
+    served = report["info"]["server_stats"]["requests"]
+    assert served["cached"] == 0 and served["ok"] == 1 + 2 + 3 + 4 + 4, "every stream was generated, none replayed"
     measures = [row["measure"] for row in report["rows"]]
     assert measures[0] == "decode tok/s, 1 stream" and measures[-1].startswith("p95 TTFT")
     assert report["total_s"] < 120

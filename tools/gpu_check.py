@@ -329,7 +329,15 @@ class StreamTally:
 
 
 async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int, tally: StreamTally) -> None:
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    # cache: false, or the prompt cache would replay repeats (and share identical requests) unmeasured.
+    body = {
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "cache": False,
+    }
     began = time.perf_counter()
     async with client.stream("POST", "/generate", json=body) as response:
         if response.status_code != 200:
@@ -476,6 +484,10 @@ async def measure_server(plan: Plan, url: str, report: Report) -> None:
         "server_ttft", lambda: stream_phase(url, prompts, plan.ttft_max_tokens, report.limit("ttft"))
     )
     report.figures["server_ttft_p95"] = ttft["ttft_p95_s"] if ttft else None
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        stats = (await client.get("/stats")).json()
+    # The server's own view (requests by outcome, cache hits: none expected, tokens, latencies).
+    report.info["server_stats"] = next(iter(stats.get("model_metrics", {}).values()), stats)
 
 
 # -- the run ------------------------------------------------------------------------------------------
