@@ -80,6 +80,9 @@ class ServedModel(Protocol):
     @property
     def runner(self) -> StepBackend: ...
 
+    @property
+    def decode_path(self) -> str: ...
+
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
 

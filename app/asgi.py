@@ -5,7 +5,8 @@ variables (the CLI has no flags of ours):
 
     GPTOSS_MODEL (default 20b), GPTOSS_PROFILE (latency_first), GPTOSS_DTYPE (auto),
     GPTOSS_DEVICE (auto), GPTOSS_MAX_BATCH_SIZE, GPTOSS_MAX_QUEUE, GPTOSS_PREFILL_CHUNK,
-    GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json)
+    GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json),
+    GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN
 
 The model loads during start-up: Hypercorn accepts connections once it is ready, and a model that
 cannot load fails start-up.
@@ -40,6 +41,8 @@ def config_from_env() -> ServerConfig:
         device=os.environ.get("GPTOSS_DEVICE", "auto"),
         log_level=os.environ.get("GPTOSS_LOG_LEVEL", "info"),
         log_format=os.environ.get("GPTOSS_LOG_FORMAT", "json"),  # type: ignore[arg-type]
+        cuda_graphs=os.environ.get("GPTOSS_CUDA_GRAPHS", "0").lower() in ("1", "true", "yes", "on"),
+        max_seq_len=_int("GPTOSS_MAX_SEQ_LEN"),
     )
 
 

@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prefill-chunk", type=int, default=None, help="most prompt tokens per prefill step (overrides the profile)"
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="static decode path: a KV cache of --max-batch-size slots allocated at start-up and "
+        "decode steps captured as CUDA graphs (on the CPU the same path runs without graphs)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="most tokens (prompt + generated) per sequence; default: the model's context, or 4096 "
+        "with --cuda-graphs (every slot holds that many positions)",
+    )
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
     parser.add_argument(
         "--log-format", default="json", choices=["json", "console"], help="JSON lines or human-readable"
@@ -109,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout=args.drain_timeout,
         cache_max_entries=args.cache_max_entries,
         cache_max_bytes=int(args.cache_max_mb * 1024 * 1024),
+        cuda_graphs=args.cuda_graphs,
+        max_seq_len=args.max_seq_len,
     )
 
 

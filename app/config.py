@@ -68,6 +68,10 @@ class ServerConfig:
     heartbeat_seconds: float = 15.0  # SSE comment lines while a stream waits (proxies drop idle ones)
     cache_max_entries: int = 1024  # finished deterministic responses kept; 0 turns the cache off
     cache_max_bytes: int = 64 * 1024 * 1024
+    # The static decode path: a slot cache allocated at start-up and decode steps captured as CUDA
+    # graphs (eager without CUDA). Off by default until it has been measured on a GPU.
+    cuda_graphs: bool = False
+    max_seq_len: int | None = None  # prompt + generated tokens per sequence; None: the model's context
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -81,5 +85,7 @@ class ServerConfig:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0:
             raise ConfigError("cache bounds must not be negative")
+        if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or self.max_seq_len < 2):
+            raise ConfigError(f"max_seq_len must be at least 2 tokens, got {self.max_seq_len!r}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")

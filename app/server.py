@@ -45,7 +45,12 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
 
     def load() -> ServedModel:
         return load_model(
-            source, dtype=config.dtype, device=config.device, max_batch_size=config.profile.max_batch_size
+            source,
+            dtype=config.dtype,
+            device=config.device,
+            max_batch_size=config.profile.max_batch_size,
+            cuda_graphs=config.cuda_graphs,
+            max_seq_len=config.max_seq_len,
         )
 
     return load

@@ -72,7 +72,12 @@ async def running_server(
     def load() -> ServedModel:
         if before_load is not None:
             before_load()  # e.g. block, to see the server while it is loading
-        loaded = serve_weights(model_weights, max_batch_size=config.profile.max_batch_size)
+        loaded = serve_weights(
+            model_weights,
+            max_batch_size=config.profile.max_batch_size,
+            cuda_graphs=config.cuda_graphs,
+            max_seq_len=config.max_seq_len,
+        )
         return runner_hook(loaded) if runner_hook else loaded
 
     server = create_server(config, loader=load, step_caller=step_caller, wait_for_model=wait_for_model)

@@ -13,7 +13,8 @@ import httpx
 import pytest
 import trio
 
-from app.cli import build_parser
+from app.cli import build_parser, config_from_args
+from app.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,6 +75,14 @@ def test_bad_numbers_are_refused() -> None:
 def test_parser_defaults_match_the_seed_command() -> None:
     args = build_parser().parse_args(["--model", "20b", "--profile", "latency_first", "--port", "8000"])
     assert (args.model, args.profile, args.port) == ("20b", "latency_first", 8000)
+    assert config_from_args(args).cuda_graphs is False, "the static path stays off until measured on a GPU"
+
+
+def test_cuda_graphs_flag_reaches_the_config() -> None:
+    config = config_from_args(build_parser().parse_args(["--cuda-graphs", "--max-seq-len", "2048"]))
+    assert config.cuda_graphs is True and config.max_seq_len == 2048
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        config_from_args(build_parser().parse_args(["--max-seq-len", "1"]))
 
 
 async def test_serves_then_exits_zero_on_sigterm() -> None:

@@ -12,7 +12,7 @@ from app.engine.attention_masks import decode_mask, prefill_mask
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.loader import ModelWeights
 from app.engine.params import SamplingParams
-from app.engine.runner import ModelRunner, PrefillChunk
+from app.engine.runner import BaseRunner, ModelRunner, PrefillChunk
 from app.engine.sampling import choose_tokens, seeded_generator
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
@@ -51,7 +51,7 @@ def test_greedy_tokens_are_the_same_alone_or_batched_joining_mid_flight(tiny_wei
 
 
 def drive(
-    runner: ModelRunner,
+    runner: BaseRunner,
     prompts: dict[str, list[int]],
     n: int,
     joins: dict[str, int],

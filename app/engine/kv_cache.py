@@ -31,8 +31,55 @@ class _DecodePlan:
 
 
 @dataclass(frozen=True, slots=True)
-class _PrefillPlan:
+class PrefillPlan:
     segments: tuple[Segment, ...]
+
+
+class PlannedCache:
+    """What the row and slot caches share: a plan set by the runner before each forward (which
+    rows and positions the new keys go to), and what transformers' model code may ask of any
+    cache object."""
+
+    _plan: object = None
+
+    def plan_prefill(self, segments: tuple[Segment, ...]) -> None:
+        self._plan = PrefillPlan(segments)
+
+    def clear_plan(self) -> None:
+        self._plan = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def write_packed_prefill(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    segments: tuple[Segment, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write a packed prefill's new keys into their rows; return the keys its queries attend to.
+
+    ``keys``/``values`` are [rows, heads, positions, head_dim]; the new states are packed along
+    the sequence axis of a batch of one, segment after segment.
+    """
+    offset = 0
+    for seg in segments:
+        span = slice(seg.start, seg.start + seg.length)
+        keys[seg.row, :, span] = key_states[0, :, offset : offset + seg.length]
+        values[seg.row, :, span] = value_states[0, :, offset : offset + seg.length]
+        offset += seg.length
+    if all(seg.start == 0 for seg in segments):
+        return key_states, value_states  # nothing cached before: attend to the packed keys
+    # Each segment attends to its row's cached prefix and its own new keys, packed alike.
+    gathered_k = [keys[seg.row, :, : seg.start + seg.length] for seg in segments]
+    gathered_v = [values[seg.row, :, : seg.start + seg.length] for seg in segments]
+    return torch.cat(gathered_k, dim=1)[None], torch.cat(gathered_v, dim=1)[None]
 
 
 def _grown(size: int, needed: int, floor: int) -> int:
@@ -42,7 +89,7 @@ def _grown(size: int, needed: int, floor: int) -> int:
     return size
 
 
-class RowKVCache:
+class RowKVCache(PlannedCache):
     MIN_POSITIONS = 64
     MIN_ROWS = 2
 
@@ -54,7 +101,6 @@ class RowKVCache:
         self._positions = 0
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
-        self._plan: _DecodePlan | _PrefillPlan | None = None
 
     # -- storage -----------------------------------------------------------------------------
     @property
@@ -96,12 +142,6 @@ class RowKVCache:
     def plan_decode(self, positions: torch.Tensor, kv_length: int, first_row: int = 0) -> None:
         self._plan = _DecodePlan(positions, kv_length, first_row)
 
-    def plan_prefill(self, segments: tuple[Segment, ...]) -> None:
-        self._plan = _PrefillPlan(segments)
-
-    def clear_plan(self) -> None:
-        self._plan = None
-
     # -- the interface transformers' attention layers call -----------------------------------
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
@@ -115,19 +155,8 @@ class RowKVCache:
             values[rows, :, plan.positions] = value_states[:, :, 0]
             span = slice(plan.first_row, plan.first_row + batch)
             return keys[span, :, : plan.kv_length], values[span, :, : plan.kv_length]
-        if isinstance(plan, _PrefillPlan):
-            offset = 0
-            for seg in plan.segments:
-                span = slice(seg.start, seg.start + seg.length)
-                keys[seg.row, :, span] = key_states[0, :, offset : offset + seg.length]
-                values[seg.row, :, span] = value_states[0, :, offset : offset + seg.length]
-                offset += seg.length
-            if all(seg.start == 0 for seg in plan.segments):
-                return key_states, value_states  # nothing cached before: attend to the packed keys
-            # Each segment attends to its row's cached prefix and its own new keys, packed alike.
-            gathered_k = [keys[seg.row, :, : seg.start + seg.length] for seg in plan.segments]
-            gathered_v = [values[seg.row, :, : seg.start + seg.length] for seg in plan.segments]
-            return torch.cat(gathered_k, dim=1)[None], torch.cat(gathered_v, dim=1)[None]
+        if isinstance(plan, PrefillPlan):
+            return write_packed_prefill(keys, values, key_states, value_states, plan.segments)
         raise RuntimeError("RowKVCache.update called without a plan for this forward")
 
     def _layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +169,3 @@ class RowKVCache:
             values = like.new_zeros(shape)
             self._keys[layer_idx], self._values[layer_idx] = keys, values
         return keys, values
-
-    # transformers' model code may ask these of any cache object.
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    @property
-    def is_compileable(self) -> bool:
-        return False

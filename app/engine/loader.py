@@ -1,19 +1,35 @@
-"""Load a model and its tokenizer, and wrap them in a ModelRunner ready to serve."""
+"""Load a model and its tokenizer, and wrap them in a runner ready to serve.
+
+The runner is chosen here, once: ``ModelRunner`` (the dynamic row cache) by default,
+``StaticModelRunner`` (preallocated slots, fixed-shape decode steps, CUDA graphs on a GPU) with
+``cuda_graphs``. Both have the same interface; the scheduler does not know which it drives.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import structlog
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from app.engine import moe_loading
 from app.engine.params import SamplingParams
-from app.engine.runner import ModelRunner, PrefillChunk
+from app.engine.runner import BaseRunner, ModelRunner, PrefillChunk
+from app.engine.slot_cache import SlotKVCache, SlotShape
+from app.engine.static_runner import StaticModelRunner
 from app.models.registry import GPT_OSS_SIZES, ModelSource
 
+log = structlog.get_logger("engine.loader")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# With --cuda-graphs every slot holds this many positions from start-up, unless --max-seq-len says.
+STATIC_DEFAULT_SEQ_LEN = 4096
+# Decode graphs captured at start-up: every batch bucket, kv buckets up to this many positions
+# (longer ones are captured on first use).
+PRECAPTURE_POSITIONS = 1024
 
 
 class ModelLoadError(RuntimeError):
@@ -30,9 +46,10 @@ class LoadedModel:
     max_context: int
     harmony: bool  # gpt-oss: Harmony prompts and channels
     tokenizer: PreTrainedTokenizerBase
-    runner: ModelRunner
+    runner: BaseRunner
     stop_token_ids: frozenset[int]
     parameters: int
+    decode_path: str = "dynamic"  # "dynamic", "static" (eager) or "static+cuda_graphs"
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=False))
@@ -106,11 +123,16 @@ def load_weights(source: ModelSource, *, dtype: str, device: str) -> ModelWeight
     torch_dtype = pick_dtype(dtype, torch_device)
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, device_map=torch_device)
+        model = _from_pretrained(location, config, torch_dtype, torch_device)
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load model {source.model_id!r}: {_first_line(error)}") from error
     model.eval()
+    experts = moe_loading.experts_in_use(model)
+    if experts is not None:
+        log.info("experts", implementation=experts, device=str(torch_device), dtype=str(torch_dtype))
+        if torch_device.type == "cuda" and experts == "eager":
+            log.warning("experts_eager", detail="grouped_mm was not available: decode runs at about half speed")
     harmony = config.model_type == "gpt_oss"
     text_config = config.get_text_config()
     max_context = int(getattr(text_config, "max_position_embeddings", 0) or tokenizer.model_max_length)
@@ -127,15 +149,51 @@ def load_weights(source: ModelSource, *, dtype: str, device: str) -> ModelWeight
     )
 
 
-def serve_weights(weights: ModelWeights, *, max_batch_size: int) -> LoadedModel:
-    """A fresh runner (and row cache) over loaded weights, warmed up."""
-    runner = ModelRunner(
-        weights.model,
-        max_batch_size=max_batch_size,
-        max_context=weights.max_context,
-        stop_token_ids=weights.stop_token_ids,
-    )
+def _from_pretrained(location: str, config: object, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    options = moe_loading.load_options(config, device)
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device, **options)
+    except Exception as error:
+        if "quantization_config" in options or moe_loading.quantization_method(config) != "mxfp4":
+            raise
+        # The MXFP4 kernels could not be had (most often: not in the local hub cache, offline).
+        reason = f"MXFP4 load failed: {_first_line(error)}"
+        options = moe_loading.load_options(config, device, mxfp4_reason=reason)
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device, **options)
+
+
+def serve_weights(
+    weights: ModelWeights,
+    *,
+    max_batch_size: int,
+    cuda_graphs: bool = False,
+    max_seq_len: int | None = None,
+    precapture_positions: int = PRECAPTURE_POSITIONS,
+) -> LoadedModel:
+    """A fresh runner (and KV cache) over loaded weights, warmed up.
+
+    ``cuda_graphs``: the static path (slot cache allocated now, fixed-shape decode steps, captured
+    as CUDA graphs on a GPU, eager elsewhere). ``max_seq_len`` caps prompt + generated tokens per
+    sequence (the static path's default is STATIC_DEFAULT_SEQ_LEN: every slot holds that many).
+    """
+    max_context = weights.max_context
+    if max_seq_len is not None:
+        max_context = min(max_context, max_seq_len)
+    elif cuda_graphs:
+        max_context = min(max_context, STATIC_DEFAULT_SEQ_LEN)
+    runner: BaseRunner
+    if cuda_graphs:
+        runner = _static_runner(weights, max_batch_size, max_context)
+    else:
+        runner = ModelRunner(
+            weights.model, max_batch_size=max_batch_size, max_context=max_context, stop_token_ids=weights.stop_token_ids
+        )
     _warm_up(runner, weights.tokenizer)
+    decode_path = "dynamic"
+    if isinstance(runner, StaticModelRunner):
+        if runner.graphs.enabled:
+            runner.capture_graphs(precapture_positions)
+        decode_path = "static+cuda_graphs" if runner.graphs.captured else "static"
     source = weights.source
     return LoadedModel(
         model_id=source.model_id,
@@ -143,17 +201,50 @@ def serve_weights(weights: ModelWeights, *, max_batch_size: int) -> LoadedModel:
         model_size=size_label(source.model_id, weights.parameters),
         dtype=str(weights.dtype).removeprefix("torch."),
         device=str(weights.device),
-        max_context=weights.max_context,
+        max_context=max_context,
         harmony=weights.harmony,
         tokenizer=weights.tokenizer,
         runner=runner,
         stop_token_ids=weights.stop_token_ids,
         parameters=weights.parameters,
+        decode_path=decode_path,
     )
 
 
-def load_model(source: ModelSource, *, dtype: str, device: str, max_batch_size: int) -> LoadedModel:
-    return serve_weights(load_weights(source, dtype=dtype, device=device), max_batch_size=max_batch_size)
+def _static_runner(weights: ModelWeights, max_batch_size: int, max_context: int) -> StaticModelRunner:
+    shape = SlotShape.for_config(weights.model.config.get_text_config())
+    needed = SlotKVCache.bytes_needed(shape, max_batch_size, max_context, weights.dtype)
+    log.info("slot_cache", slots=max_batch_size, positions=max_context, gib=round(needed / 2**30, 2))
+    try:
+        return StaticModelRunner(
+            weights.model,
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+            stop_token_ids=weights.stop_token_ids,
+            cuda_graphs=True,
+        )
+    except torch.cuda.OutOfMemoryError as error:
+        raise ModelLoadError(
+            f"the slot cache ({max_batch_size} slots x {max_context} positions, {needed / 2**30:.1f} GiB) does not "
+            "fit: lower --max-batch-size or --max-seq-len"
+        ) from error
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    dtype: str,
+    device: str,
+    max_batch_size: int,
+    cuda_graphs: bool = False,
+    max_seq_len: int | None = None,
+) -> LoadedModel:
+    return serve_weights(
+        load_weights(source, dtype=dtype, device=device),
+        max_batch_size=max_batch_size,
+        cuda_graphs=cuda_graphs,
+        max_seq_len=max_seq_len,
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -161,7 +252,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _warm_up(runner: ModelRunner, tokenizer: PreTrainedTokenizerBase) -> None:
+def _warm_up(runner: BaseRunner, tokenizer: PreTrainedTokenizerBase) -> None:
     """One prefill and one decode step, so a broken model fails at start-up, not on a request."""
     prompt = tokenizer.encode("Hello", add_special_tokens=False) or [0]
     runner.add("warm-up", prompt, SamplingParams(max_tokens=2, temperature=0.0))

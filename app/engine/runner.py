@@ -1,16 +1,23 @@
-"""ModelRunner: one model, one row cache, one forward at a time. Torch only; nothing async here.
+"""Model runners: one model, one KV cache, one forward at a time. Torch only; nothing async here.
 
 The scheduler owns the policy (who joins, what each step does); the runner owns the tensors.
 Between steps sequences are added and released; a step is either a packed prefill of prompt
 chunks or one decode token for every sequence that has finished its prompt.
+
+``ModelRunner`` is the dynamic path (a row cache that grows and stays compact, any shapes);
+``app.engine.static_runner.StaticModelRunner`` is the static path behind ``--cuda-graphs``. Both
+share ``BaseRunner``: the sequence table, the packed prefill and the token choice.
 """
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -39,7 +46,7 @@ class StepResult:
 
 
 @dataclass(slots=True)
-class _Sequence:
+class SequenceState:
     seq_id: str
     row: int
     params: SamplingParams
@@ -52,10 +59,40 @@ class _Sequence:
     prompt_length: int = field(default=0)
 
 
-class ModelRunner:
+class PrefillCache(Protocol):
+    """What the shared prefill needs of a cache (RowKVCache, SlotKVCache)."""
+
+    @property
+    def allocated_bytes(self) -> int: ...
+
+    def reserve(self, rows: int, positions: int) -> None: ...
+
+    def plan_prefill(self, segments: tuple[Segment, ...]) -> None: ...
+
+    def clear_plan(self) -> None: ...
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name a model's forward takes its cache by: ``cache`` in recent transformers 5.x,
+    ``past_key_values`` before the rename (a wrong name would be swallowed by ``**kwargs``)."""
+    parameters = inspect.signature(type(model).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes no cache argument")
+
+
+class BaseRunner(ABC):
+    """What every runner shares: the sequence table, packed chunked prefill, and token choice.
+
+    Subclasses own where a sequence's keys live (``_claim_row``/``release``) and the forward of a
+    decode step (``_decode_logits``).
+    """
+
     def __init__(
         self,
         model: PreTrainedModel,
+        cache: PrefillCache,
         *,
         max_batch_size: int,
         max_context: int,
@@ -67,23 +104,34 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.max_context = max_context
         self.stop_token_ids = tuple(sorted(set(stop_token_ids)))
-        config = model.config.get_text_config()
-        self._masks = MaskShapes.for_config(config)
-        self._cache = RowKVCache(config.num_hidden_layers, max_batch_size, max_context)
-        self._seqs: dict[str, _Sequence] = {}
-        self._by_row: list[_Sequence] = []
+        self._masks = MaskShapes.for_config(model.config.get_text_config())
+        self._cache = cache
+        self._cache_arg = cache_argument(model)
+        self._seqs: dict[str, SequenceState] = {}
 
     # -- membership ----------------------------------------------------------------------------
     @property
     def free_rows(self) -> int:
-        return self.max_batch_size - len(self._by_row)
+        return self.max_batch_size - len(self._seqs)
 
     @property
     def kv_cache_bytes(self) -> int:
         return self._cache.allocated_bytes
 
     def sequence_ids(self) -> list[str]:
-        return [seq.seq_id for seq in self._by_row]
+        return [seq.seq_id for seq in sorted(self._seqs.values(), key=lambda seq: seq.row)]
+
+    @abstractmethod
+    def _claim_row(self) -> int:
+        """The row (or slot) of the cache a new sequence gets."""
+
+    @abstractmethod
+    def release(self, seq_id: str) -> None:
+        """Free a sequence's row at once (idempotent)."""
+
+    @abstractmethod
+    def _decode_logits(self, wanted: Sequence[SequenceState]) -> torch.Tensor:
+        """One forward of a decode step: logits [len(wanted), vocab], in ``wanted``'s order."""
 
     def add(
         self,
@@ -103,24 +151,9 @@ class ModelRunner:
         stops = self.stop_token_ids if stop_token_ids is None else tuple(sorted(stop_token_ids))
         # Below min_tokens the stop tokens are masked out, so the request cannot end early.
         suppress = () if params.ignore_eos or params.min_tokens == 0 else stops
-        seq = _Sequence(seq_id, len(self._by_row), params, suppress, generator, list(prompt))
+        seq = SequenceState(seq_id, self._claim_row(), params, suppress, generator, list(prompt))
         seq.prompt_length = len(prompt)
         self._seqs[seq_id] = seq
-        self._by_row.append(seq)
-
-    @torch.inference_mode()
-    def release(self, seq_id: str) -> None:
-        """Free a sequence's row at once (idempotent); the last row moves into the hole."""
-        seq = self._seqs.pop(seq_id, None)
-        if seq is None:
-            return
-        last = self._by_row.pop()
-        if last is not seq:
-            self._cache.move_row(last.row, seq.row, last.length)
-            last.row = seq.row
-            self._by_row[seq.row] = last
-        if not self._by_row:
-            self._cache.release()
 
     def pending_prompt(self, seq_id: str) -> int:
         return len(self._seqs[seq_id].pending)
@@ -132,7 +165,7 @@ class ModelRunner:
         segments: list[Segment] = []
         input_ids: list[int] = []
         positions: list[int] = []
-        finishing: list[tuple[_Sequence, int]] = []  # (sequence, index of its last new token)
+        finishing: list[tuple[SequenceState, int]] = []  # (sequence, index of its last new token)
         for chunk in chunks:
             seq = self._seqs[chunk.seq_id]
             take = seq.pending[: chunk.tokens]
@@ -143,7 +176,7 @@ class ModelRunner:
             positions.extend(range(seq.length, seq.length + len(take)))
             if len(take) == len(seq.pending):
                 finishing.append((seq, len(input_ids) - 1))
-        self._cache.reserve(len(self._by_row), max(s.start + s.length for s in segments) + 1)
+        self._cache.reserve(len(self._seqs), max(s.start + s.length for s in segments) + 1)
         self._cache.plan_prefill(tuple(segments))
         keep = torch.tensor([index for _, index in finishing] or [len(input_ids) - 1], device=self.device)
         try:
@@ -151,9 +184,9 @@ class ModelRunner:
                 input_ids=torch.tensor([input_ids], device=self.device),
                 position_ids=torch.tensor([positions], device=self.device),
                 attention_mask=self._masks.prefill(segments, self.dtype, self.device),
-                cache=self._cache,
                 use_cache=True,
                 logits_to_keep=keep,
+                **{self._cache_arg: self._cache},
             ).logits[0]
         except torch.cuda.OutOfMemoryError as error:
             raise StepOutOfMemory(str(error)) from error
@@ -168,6 +201,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seq_ids: Iterable[str]) -> StepResult:
+        """One token for each of ``seq_ids``, whose prompts are all in the cache."""
         started = time.perf_counter()
         wanted = [self._seqs[seq_id] for seq_id in seq_ids]
         if not wanted:
@@ -175,36 +209,17 @@ class ModelRunner:
         for seq in wanted:
             if seq.pending or seq.last_token < 0:
                 raise ValueError(f"sequence {seq.seq_id} has not finished its prefill")
-        # The rows from the first to the last wanted one take part: a plain slice of the cache. A
-        # row in between that is not decoding writes a throwaway key at its next free position,
-        # which its next write overwrites, and its output is ignored.
-        first = min(seq.row for seq in wanted)
-        rows = self._by_row[first : max(seq.row for seq in wanted) + 1]
-        positions = torch.tensor([seq.length for seq in rows], device=self.device)
-        kv_length = int(max(seq.length for seq in rows)) + 1
-        self._cache.reserve(len(self._by_row), kv_length)
-        self._cache.plan_decode(positions, kv_length, first_row=first)
-        last = [max(seq.last_token, 0) for seq in rows]
         try:
-            logits = self.model(
-                input_ids=torch.tensor(last, device=self.device)[:, None],
-                position_ids=positions[:, None],
-                attention_mask=self._masks.decode(positions, kv_length, self.dtype),
-                cache=self._cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            logits = self._decode_logits(wanted)
         except torch.cuda.OutOfMemoryError as error:
             raise StepOutOfMemory(str(error)) from error
-        finally:
-            self._cache.clear_plan()
         for seq in wanted:
             seq.length += 1
-        tokens, failed = self._choose(wanted, logits[[seq.row - first for seq in wanted]])
+        tokens, failed = self._choose(wanted, logits)
         return StepResult(tokens, "decode", len(wanted), len(wanted), time.perf_counter() - started, failed)
 
     def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Two halves by row, so each half decodes over (about) half the rows."""
+        """Two halves by row, so that each half decodes over (about) half the rows."""
         ordered = sorted(seq_ids, key=lambda seq_id: self._seqs[seq_id].row)
         middle = len(ordered) // 2
         return ordered[:middle], ordered[middle:]
@@ -213,12 +228,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _choose(self, seqs: Sequence[_Sequence], logits: torch.Tensor) -> tuple[dict[str, int], dict[str, str]]:
+    def _choose(self, seqs: Sequence[SequenceState], logits: torch.Tensor) -> tuple[dict[str, int], dict[str, str]]:
         """The next token of each sequence; a sequence whose logits hold NaN (or +inf) fails alone."""
         broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
-        failed = {
-            seq.seq_id: "the model's logits were not finite" for seq, bad in zip(seqs, broken, strict=True) if bad
-        }
+        why = "the model's logits were not finite"
+        failed = {seq.seq_id: why for seq, bad in zip(seqs, broken, strict=True) if bad}
         if failed:
             keep = [i for i, bad in enumerate(broken) if not bad]
             seqs, logits = [seqs[i] for i in keep], logits[keep]
@@ -230,3 +244,66 @@ class ModelRunner:
             seq.last_token = token
             seq.generated += 1
         return {seq.seq_id: token for seq, token in zip(seqs, chosen, strict=True)}, failed
+
+
+class ModelRunner(BaseRunner):
+    """The dynamic path: a row cache that grows on demand and stays compact (rows 0..n-1)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        max_batch_size: int,
+        max_context: int,
+        stop_token_ids: Iterable[int],
+    ) -> None:
+        layers = model.config.get_text_config().num_hidden_layers
+        self._rows = RowKVCache(layers, max_batch_size, max_context)
+        super().__init__(
+            model, self._rows, max_batch_size=max_batch_size, max_context=max_context, stop_token_ids=stop_token_ids
+        )
+
+    def _in_row_order(self) -> list[SequenceState]:
+        return sorted(self._seqs.values(), key=lambda seq: seq.row)
+
+    def _claim_row(self) -> int:
+        return len(self._seqs)  # rows in use are always 0..n-1
+
+    @torch.inference_mode()
+    def release(self, seq_id: str) -> None:
+        """Free a sequence's row at once (idempotent); the last row moves into the hole."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        last_row = len(self._seqs)
+        if seq.row != last_row:
+            last = next(other for other in self._seqs.values() if other.row == last_row)
+            self._rows.move_row(last.row, seq.row, last.length)
+            last.row = seq.row
+        if not self._seqs:
+            self._rows.release()
+
+    def _decode_logits(self, wanted: Sequence[SequenceState]) -> torch.Tensor:
+        # The rows from the first to the last wanted one take part: a plain slice of the cache (a
+        # split batch really uses less memory). A row in between that is not decoding writes a
+        # throwaway key at its next free position, which its next write overwrites, and its
+        # output is ignored.
+        first = min(seq.row for seq in wanted)
+        rows = self._in_row_order()[first : max(seq.row for seq in wanted) + 1]
+        positions = torch.tensor([seq.length for seq in rows], device=self.device)
+        kv_length = int(max(seq.length for seq in rows)) + 1
+        self._rows.reserve(len(self._seqs), kv_length)
+        self._rows.plan_decode(positions, kv_length, first_row=first)
+        last = [max(seq.last_token, 0) for seq in rows]
+        try:
+            logits = self.model(
+                input_ids=torch.tensor(last, device=self.device)[:, None],
+                position_ids=positions[:, None],
+                attention_mask=self._masks.decode(positions, kv_length, self.dtype),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: self._rows},
+            ).logits[:, -1]
+        finally:
+            self._rows.clear_plan()
+        return logits[[seq.row - first for seq in wanted]]

@@ -31,6 +31,7 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
         "model_size": model.model_size if model else None,
         "dtype": model.dtype if model else None,
         "device": model.device if model else None,
+        "decode_path": model.decode_path if model else None,
         "profile": state.config.profile.name,
         "profile_settings": dataclasses.asdict(state.config.profile),
         "max_context": model.max_context if model else None,
