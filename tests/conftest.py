@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import subprocess
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -65,6 +69,7 @@ async def running_server(
     runner_hook: Callable[[ServedModel], ServedModel] | None = None,
     wait_for_model: bool = True,
     before_load: Callable[[], object] | None = None,
+    wrap_asgi: Callable[[Any], Any] | None = None,
 ) -> AsyncIterator[RunningServer]:
     """A real Hypercorn (trio worker) on 127.0.0.1, port 0, serving the app in this event loop."""
     config = config or server_config()
@@ -83,8 +88,9 @@ async def running_server(
     server = create_server(config, loader=load, step_caller=step_caller, wait_for_model=wait_for_model)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
+        app = wrap_asgi(server.asgi) if wrap_asgi is not None else server.asgi
         binds = await nursery.start(
-            functools.partial(serve, server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait)
+            functools.partial(serve, app, hypercorn_config(config), shutdown_trigger=shutdown.wait)
         )
         try:
             yield RunningServer(binds[0], server)
@@ -106,6 +112,38 @@ async def stream_then_drop(client: httpx.AsyncClient, body: dict[str, object], t
             if received.count(b"event: token\n") >= tokens:
                 break
     return received.count(b"event: token\n")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@asynccontextmanager
+async def app_process(*args: str) -> AsyncIterator[tuple[trio.Process, str]]:
+    """``python -m app ... --port 0 --log-format json`` in a subprocess: yields it and its URL once it
+    listens, and kills it afterwards if the test did not end it."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "app", *args, "--port", "0", "--log-format", "json"], cwd=ROOT, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        buffer = b""
+        url = None
+        with trio.fail_after(120):
+            while url is None:
+                chunk = await process.stderr.receive_some()
+                assert chunk, "the server exited before listening"
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.startswith(b"{") and json.loads(line).get("event") == "listening":
+                        url = str(json.loads(line)["urls"][0])
+        yield process, url
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
 
 
 @pytest.fixture

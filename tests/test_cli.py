@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import trio
 
 from app.cli import build_parser, config_from_args
 from app.config import ConfigError
+from tests.conftest import app_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,29 +86,12 @@ def test_cuda_graphs_flag_reaches_the_config() -> None:
 
 
 async def test_serves_then_exits_zero_on_sigterm() -> None:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "app", "--model", "tiny-gpt-oss", "--port", "0", "--log-format", "json"],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    url = None
-    buffer = b""
-    with trio.fail_after(120):
-        while url is None:
-            chunk = await process.stderr.receive_some()
-            assert chunk, "the server exited before listening"
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                if line.startswith(b"{"):
-                    event = json.loads(line)
-                    if event.get("event") == "listening":
-                        url = event["urls"][0]
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            while (await client.get("/health")).json()["status"] != "ok":
-                await trio.sleep(0.1)
-            response = await client.post("/generate", json={"prompt": "hi", "max_tokens": 3, "stream": False})
-            assert response.status_code == 200
-        process.send_signal(signal.SIGTERM)
-        assert await process.wait() == 0
+    async with app_process("--model", "tiny-gpt-oss") as (process, url):
+        with trio.fail_after(120):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                while (await client.get("/health")).json()["status"] != "ok":
+                    await trio.sleep(0.1)
+                response = await client.post("/generate", json={"prompt": "hi", "max_tokens": 3, "stream": False})
+                assert response.status_code == 200
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0

@@ -7,8 +7,6 @@ import dataclasses
 import functools
 import json
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from app.engine.loader import ModelWeights, serve_weights
 from app.http.request_scope import RequestScopeMiddleware, on_request_close
 from app.prompts.harmony_encoding import harmony_encoding
 from app.server import create_server
-from tests.conftest import RunningServer, running_server, server_config, weights
+from tests.conftest import RunningServer, app_process, running_server, server_config, weights
 from tests.fakes import with_faults
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,66 +242,33 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(au
 
 # -- shutdown ----------------------------------------------------------------------------------------
 async def test_sigterm_drains_then_ends_running_streams_with_shutdown() -> None:
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "--model",
-            "tiny-gpt-oss",
-            "--port",
-            "0",
-            "--drain-timeout",
-            "2",
-            "--log-format",
-            "json",
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    url = await _listening_url(process.stderr)
     events: list[str] = []
-    with trio.fail_after(120):
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            while (await client.get("/health")).json()["status"] != "ok":
-                await trio.sleep(0.1)
+    async with app_process("--model", "tiny-gpt-oss", "--drain-timeout", "2") as (process, url):
+        with trio.fail_after(120):
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                while (await client.get("/health")).json()["status"] != "ok":
+                    await trio.sleep(0.1)
 
-            async def long_stream() -> None:
-                body = {"prompt": "x", "max_tokens": 8000, "cache": False}
-                async with client.stream("POST", "/generate", json=body) as response:
-                    async for line in response.aiter_lines():
-                        events.append(line)
+                async def long_stream() -> None:
+                    body = {"prompt": "x", "max_tokens": 8000, "cache": False}
+                    async with client.stream("POST", "/generate", json=body) as response:
+                        async for line in response.aiter_lines():
+                            events.append(line)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(long_stream)
-                while sum(line.startswith("event: token") for line in events) < 3:
-                    await trio.sleep(0.02)
-                process.send_signal(signal.SIGTERM)
-                await trio.sleep(0.3)
-                health = await client.get("/health")
-                refused = await client.post("/generate", json={"prompt": "x", "max_tokens": 2, "stream": False})
-        code = await process.wait()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(long_stream)
+                    while sum(line.startswith("event: token") for line in events) < 3:
+                        await trio.sleep(0.02)
+                    process.send_signal(signal.SIGTERM)
+                    await trio.sleep(0.3)
+                    health = await client.get("/health")
+                    refused = await client.post("/generate", json={"prompt": "x", "max_tokens": 2, "stream": False})
+            code = await process.wait()
     assert health.status_code == 503 and health.json()["status"] == "draining"
     assert refused.status_code == 503
     done = [json.loads(line[6:]) for line in events if line.startswith("data: ") and "finish_reason" in line]
     assert done and done[-1]["finish_reason"] == "shutdown"
     assert code == 0
-
-
-async def _listening_url(stderr: trio.abc.ReceiveStream) -> str:
-    buffer = b""
-    with trio.fail_after(120):
-        while True:
-            chunk = await stderr.receive_some()
-            assert chunk, "the server exited before listening"
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                if line.startswith(b"{"):
-                    event = json.loads(line)
-                    if event.get("event") == "listening":
-                        return str(event["urls"][0])
 
 
 def test_config_replace_keeps_validation() -> None:

@@ -11,6 +11,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from actors.pipeline import Pipeline
+from app.runtime_info import runtime_info
 from app.server import ServerState
 
 
@@ -37,6 +38,7 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
         "max_context": model.max_context if model else None,
         "version": version,
         "uptime_s": round(pipeline.clock() - pipeline.started_at, 3),
+        "runtime": runtime_info(),
     }
     if pipeline.failure:
         body["error"] = pipeline.failure

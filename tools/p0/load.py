@@ -1,0 +1,137 @@
+"""Concurrent streaming load against /generate, with a progress bar: what the performance and the
+load-and-memory checks drive."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+import httpx
+import trio
+
+WORDS = (
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "river", "stones",
+    "hum", "under", "an", "old", "bridge", "and", "seven", "gulls", "circle", "the", "harbour", "wall",
+    "before", "the", "evening", "tide", "turns", "grey", "then", "silver",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSettings:
+    concurrency: int = 8
+    requests: int = 48
+    prompt_words: int = 96
+    max_tokens: int = 64
+    disconnect_share: float = 0.0  # this share of streams is dropped by the client mid-answer
+    seed: int = 0
+    request_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    ok: bool  # a complete stream: start, tokens, done
+    dropped: bool  # the client closed it mid-stream on purpose
+    ttft: float | None
+    e2e: float | None
+    tokens: int
+    error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def prompt_text(rng: random.Random, words: int, index: int) -> str:
+    body = " ".join(rng.choice(WORDS) for _ in range(max(1, words)))
+    return f"Request {index}. Continue this text: {body}"
+
+
+class Progress:
+    """A one-line progress bar on stderr (nothing when disabled or not a terminal-like stream)."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = sys.stderr, width: int = 30) -> None:
+        self._label, self._total, self._stream, self._width = label, total, stream, width
+        self._done = 0
+        self._started = time.monotonic()
+
+    def advance(self) -> None:
+        self._done += 1
+        if self._stream is None:
+            return
+        filled = int(self._width * self._done / max(1, self._total))
+        elapsed = time.monotonic() - self._started
+        bar = "#" * filled + "-" * (self._width - filled)
+        self._stream.write(f"\r{self._label} [{bar}] {self._done}/{self._total} {elapsed:6.1f}s")
+        if self._done >= self._total:
+            self._stream.write("\n")
+        self._stream.flush()
+
+
+async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, drop_after: int | None) -> RequestRecord:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "cache": False}
+    started = time.perf_counter()
+    first: float | None = None
+    received = b""
+    try:
+        async with client.stream("POST", "/generate", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return RequestRecord(False, False, None, None, 0, f"HTTP {response.status_code}")
+            async for chunk in response.aiter_raw():
+                received += chunk
+                tokens = received.count(b"event: token\n")
+                if first is None and tokens:
+                    first = time.perf_counter() - started
+                if drop_after is not None and tokens >= drop_after:
+                    return RequestRecord(False, True, first, None, tokens)
+    except httpx.HTTPError as error:
+        return RequestRecord(False, False, first, None, 0, f"{type(error).__name__}: {error}")
+    e2e = time.perf_counter() - started
+    tokens = received.count(b"event: token\n")
+    if b"event: error" in received:
+        return RequestRecord(False, False, first, e2e, tokens, "error event")
+    if not received.rstrip().split(b"\n\n")[-1].startswith(b"event: done"):
+        return RequestRecord(False, False, first, e2e, tokens, "the stream ended without a done event")
+    return RequestRecord(True, False, first, e2e, tokens)
+
+
+async def run_load(
+    client: httpx.AsyncClient,
+    settings: LoadSettings,
+    progress: Progress | None = None,
+    on_finished: Callable[[int], None] | None = None,
+) -> list[RequestRecord]:
+    """Send ``settings.requests`` streams, ``settings.concurrency`` at a time."""
+    rng = random.Random(settings.seed)
+    plans = []
+    for index in range(settings.requests):
+        drop = rng.random() < settings.disconnect_share
+        drop_after = rng.randint(1, max(1, settings.max_tokens // 2)) if drop else None
+        plans.append((prompt_text(rng, settings.prompt_words, index), drop_after))
+    records: list[RequestRecord] = []
+    limiter = trio.CapacityLimiter(settings.concurrency)
+
+    async def run(prompt: str, drop_after: int | None) -> None:
+        async with limiter:
+            with trio.move_on_after(settings.request_timeout) as scope:
+                record = await one_stream(client, prompt, settings.max_tokens, drop_after)
+            if scope.cancelled_caught:
+                record = RequestRecord(False, False, None, None, 0, f"no answer in {settings.request_timeout} s")
+            records.append(record)
+            if progress is not None:
+                progress.advance()
+            if on_finished is not None:
+                on_finished(len(records))
+
+    async with trio.open_nursery() as nursery:
+        for prompt, drop_after in plans:
+            nursery.start_soon(run, prompt, drop_after)
+    return records
