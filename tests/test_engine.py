@@ -197,3 +197,24 @@ def test_sequences_whose_prefill_never_ran_can_be_released(tiny_weights: ModelWe
     runner.release("a")
     runner.release("g")
     assert runner.free_rows == 8 and runner.kv_cache_bytes == 0
+
+
+def test_a_sequence_with_non_finite_logits_fails_alone(tiny_weights: ModelWeights) -> None:
+    runner = ModelRunner(tiny_weights.model, max_batch_size=4, max_context=4096, stop_token_ids=[])
+    for name, prompt in (("good", [1000, 2000]), ("bad", [3000, 4000])):
+        runner.add(name, prompt, GREEDY)
+    runner.prefill([PrefillChunk("good", 2), PrefillChunk("bad", 2)])
+    bad_row = 1  # rows follow admission order
+
+    def poison(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[bad_row] = float("nan")  # as a broken kernel or an overflow would
+        return output
+
+    hook = tiny_weights.model.get_output_embeddings().register_forward_hook(poison)
+    try:
+        result = runner.decode(["good", "bad"])
+    finally:
+        hook.remove()
+    assert set(result.tokens) == {"good"}
+    assert result.failed == {"bad": "the model's logits were not finite"}
