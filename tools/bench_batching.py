@@ -13,50 +13,23 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 
 import httpx
 import trio
 
 from tools.server_process import app_server
+from tools.stream_client import StreamTally, generate_body, stream_generate
 
 
-@dataclass(frozen=True)
-class StreamResult:
-    tokens: int
-    ttft: float
-    seconds: float
+async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int) -> StreamTally:
+    tally = await stream_generate(client, generate_body(prompt, tokens), StreamTally())
+    if tally.error is not None:
+        raise RuntimeError(tally.error)
+    return tally
 
 
-async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int) -> StreamResult:
-    # cache: false, or repeats would be replayed from the prompt cache instead of generated.
-    body = {
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "cache": False,
-    }
-    started = time.perf_counter()
-    first: float | None = None
-    count = 0
-    received = b""
-    async with client.stream("POST", "/generate", json=body) as response:
-        response.raise_for_status()
-        # Raw bytes, counted, not parsed line by line: the client shares the CPU with the server.
-        async for chunk in response.aiter_raw():
-            if first is None and b"event: token" in chunk:
-                first = time.perf_counter() - started
-            received += chunk
-    count = received.count(b"event: token\n")
-    if b"event: done" not in received:
-        raise RuntimeError(f"stream ended without a done event: {received[-200:]!r}")
-    return StreamResult(count, first or 0.0, time.perf_counter() - started)
-
-
-async def run_phase(url: str, streams: int, tokens: int) -> tuple[float, list[StreamResult]]:
-    results: list[StreamResult] = []
+async def run_phase(url: str, streams: int, tokens: int) -> tuple[float, list[StreamTally]]:
+    results: list[StreamTally] = []
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=streams + 4)) as client:
         await one_stream(client, "warm-up", 4)
         started = time.perf_counter()
@@ -80,7 +53,7 @@ def main() -> int:
     parser.add_argument("--min-speedup", type=float, default=3.0)
     args = parser.parse_args()
 
-    def measure(url: str) -> tuple[tuple[float, list[StreamResult]], tuple[float, list[StreamResult]]]:
+    def measure(url: str) -> tuple[tuple[float, list[StreamTally]], tuple[float, list[StreamTally]]]:
         single = trio.run(run_phase, url, 1, args.tokens)
         many = trio.run(run_phase, url, args.streams, args.tokens)
         return single, many
@@ -97,7 +70,7 @@ def main() -> int:
     print(f"{'streams':>8} {'aggregate tok/s':>16} {'per-stream tok/s':>17} {'median TTFT ms':>15}")
     for streams, rate, results in ((1, one, one_results), (args.streams, many, many_results)):
         per_stream = statistics.median(r.tokens / r.seconds for r in results)
-        ttft = statistics.median(r.ttft for r in results) * 1000
+        ttft = statistics.median(r.ttft or 0.0 for r in results) * 1000
         print(f"{streams:>8} {rate:>16.1f} {per_stream:>17.1f} {ttft:>15.1f}")
     verdict = "PASS" if speedup >= args.min_speedup else "FAIL"
     print(f"speedup at {args.streams} streams: {speedup:.2f}x (needs >= {args.min_speedup}x): {verdict}")

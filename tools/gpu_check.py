@@ -34,6 +34,8 @@ import httpx
 import torch
 import trio
 
+from tools.stream_client import StreamTally, generate_body, stream_generate
+
 GPT_OSS_20B: dict[str, Any] = {
     "num_hidden_layers": 24,
     "num_local_experts": 32,
@@ -320,40 +322,10 @@ def graphs_vs_eager(plan: Plan, weights: Any) -> dict[str, Any]:
 
 
 # -- this server, over HTTP --------------------------------------------------------------------------
-@dataclass
-class StreamTally:
-    tokens: int = 0
-    ttft: float | None = None
-    seconds: float = 0.0
-    done: bool = False
-
-
 async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int, tally: StreamTally) -> None:
-    # cache: false, or the prompt cache would replay repeats (and share identical requests) unmeasured.
-    body = {
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "cache": False,
-    }
-    began = time.perf_counter()
-    async with client.stream("POST", "/generate", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"/generate answered {response.status_code}: {(await response.aread())[:300]!r}")
-        tail = b""  # the end of the previous chunk: an event name may be split across chunks
-        async for chunk in response.aiter_raw():
-            joined = tail + chunk
-            seen = joined.count(b"event: token\n") - tail.count(b"event: token\n")
-            if seen and tally.ttft is None:
-                tally.ttft = time.perf_counter() - began
-            tally.tokens += seen
-            tally.done = tally.done or b"event: done\n" in joined
-            tail = joined[-16:]
-            tally.seconds = time.perf_counter() - began
-    if not tally.done:
-        raise RuntimeError("a stream ended without its done event")
+    await stream_generate(client, generate_body(prompt, tokens), tally)
+    if tally.error is not None:
+        raise RuntimeError(tally.error)
 
 
 async def stream_phase(url: str, prompts: list[str], tokens: int, limit: float) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from typing import TextIO
 import httpx
 import trio
 
+from tools.stream_client import StreamTally, generate_body, stream_generate
+
 WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "river", "stones",
     "hum", "under", "an", "old", "bridge", "and", "seven", "gulls", "circle", "the", "harbour", "wall",
@@ -76,31 +78,12 @@ class Progress:
 
 
 async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, drop_after: int | None) -> RequestRecord:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "cache": False}
-    started = time.perf_counter()
-    first: float | None = None
-    received = b""
     try:
-        async with client.stream("POST", "/generate", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return RequestRecord(False, False, None, None, 0, f"HTTP {response.status_code}")
-            async for chunk in response.aiter_raw():
-                received += chunk
-                tokens = received.count(b"event: token\n")
-                if first is None and tokens:
-                    first = time.perf_counter() - started
-                if drop_after is not None and tokens >= drop_after:
-                    return RequestRecord(False, True, first, None, tokens)
+        tally = await stream_generate(client, generate_body(prompt, max_tokens), StreamTally(), drop_after)
     except httpx.HTTPError as error:
-        return RequestRecord(False, False, first, None, 0, f"{type(error).__name__}: {error}")
-    e2e = time.perf_counter() - started
-    tokens = received.count(b"event: token\n")
-    if b"event: error" in received:
-        return RequestRecord(False, False, first, e2e, tokens, "error event")
-    if not received.rstrip().split(b"\n\n")[-1].startswith(b"event: done"):
-        return RequestRecord(False, False, first, e2e, tokens, "the stream ended without a done event")
-    return RequestRecord(True, False, first, e2e, tokens)
+        return RequestRecord(False, False, None, None, 0, f"{type(error).__name__}: {error}")
+    e2e = None if tally.dropped or not tally.done else tally.seconds
+    return RequestRecord(tally.ok, tally.dropped, tally.ttft, e2e, tokens=tally.tokens, error=tally.error)
 
 
 async def run_load(
