@@ -299,4 +299,3 @@ class StreamError:
 
 
 StreamEvent = StreamStarted | StreamRejected | StreamToken | StreamDone | StreamError
-TERMINAL_STREAM_EVENTS = (StreamRejected, StreamDone, StreamError)

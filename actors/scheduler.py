@@ -128,8 +128,6 @@ class SchedulerStats:
     waiting: int = 0
     prefilling: int = 0
     steps: int = 0
-    decode_tokens_per_second: float = 0.0  # over the last decode step
-    seconds_per_waiting_request: float = 0.0  # smoothed; behind Retry-After
     failing_steps: int = 0  # consecutive steps that failed: the server is degraded from 3 on
 
     @property
@@ -142,7 +140,6 @@ class _Request:
     submit: Submit
     prompt_remaining: int
     generated: int = 0
-    admitted_at: float | None = None
     last_token_at: float | None = None
 
     @property
@@ -182,7 +179,6 @@ class GpuScheduler:
         self._consecutive_prefills = 0
         self._steps = 0
         self._drain_rate = 0.0
-        self._decode_rate = 0.0
         self._consecutive_failures = 0
         self.stats = SchedulerStats()
 
@@ -303,7 +299,6 @@ class GpuScheduler:
         now = self._clock()
         for _ in range(admit_count(len(self._waiting), len(self._running), self._settings.batch)):
             request = self._waiting.popleft()
-            request.admitted_at = now
             self._running[request.request_id] = request
             work.joins.append(request)
             self._emit(request.submit.events, Admitted(request.request_id, now))
@@ -417,8 +412,6 @@ class GpuScheduler:
             if finish is not None and self._running.pop(seq_id, None) is not None:
                 self._pending_releases.append(seq_id)
                 self._finish(request, finish)
-        if result.kind == "decode" and result.seconds > 0:
-            self._decode_rate = result.new_tokens / result.seconds
         self._metric(
             StepCompleted(result.kind, result.batch, result.new_tokens, len(result.tokens), result.seconds, tuple(gaps))
         )
@@ -503,8 +496,6 @@ class GpuScheduler:
             waiting=len(self._waiting),
             prefilling=prefilling,
             steps=self._steps,
-            decode_tokens_per_second=self._decode_rate,
-            seconds_per_waiting_request=self._drain_rate,
             failing_steps=self._consecutive_failures,
         )
 
