@@ -230,7 +230,8 @@ class BaseRunner(ABC):
 
     def _choose(self, seqs: Sequence[SequenceState], logits: torch.Tensor) -> tuple[dict[str, int], dict[str, str]]:
         """The next token of each sequence; a sequence whose logits hold NaN (or +inf) fails alone."""
-        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
+        # A row's maximum is NaN if any of its logits is, and +inf if one is: one pass, not three.
+        broken = (~torch.isfinite(logits.amax(dim=-1))).tolist()
         why = "the model's logits were not finite"
         failed = {seq.seq_id: why for seq, bad in zip(seqs, broken, strict=True) if bad}
         if failed:
