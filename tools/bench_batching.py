@@ -30,7 +30,14 @@ class StreamResult:
 
 async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int) -> StreamResult:
     # cache: false, or repeats would be replayed from the prompt cache instead of generated.
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True, "cache": False}
+    body = {
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "cache": False,
+    }
     started = time.perf_counter()
     first: float | None = None
     count = 0
