@@ -143,7 +143,7 @@ def test_options() -> None:
     assert bench.parse_levels("1,8") == (1, 8)
     with pytest.raises(argparse.ArgumentTypeError):
         bench.parse_levels("0,8")
-    assert [bench.requests_for(level, None) for level in (1, 8)] == [8, 32]
+    assert [bench.requests_for(level, None) for level in (1, 8)] == [8, 64]
     assert bench.requests_for(8, 5) == 5
     command = bench.transformers_serve_command("/models/m", 1234, "float32", "cpu", ["--cb-num-blocks", "64"])
     assert command[2:5] == ["transformers.cli.transformers", "serve", "/models/m"]
