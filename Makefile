@@ -10,8 +10,9 @@ PORT ?= 8000
 PROFILE ?= latency_first
 ARGS ?=
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install serve test lint pytest bench browser-deps browser-test clean
+.PHONY: install serve test lint pytest bench bench-vs-transformers browser-deps browser-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,14 @@ browser-test: browser-deps $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench_batching $(ARGS)
+
+# transformers[serving] and matplotlib, on top of the torch already installed (pip keeps it).
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench-vs-transformers: $(BENCH_STAMP)
+	$(BIN)/python -m tools.bench_vs_transformers $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import platform
 import statistics
 import sys
@@ -34,6 +33,7 @@ import httpx
 import torch
 import trio
 
+from actors.metrics import percentile
 from tools.stream_client import StreamTally, generate_body, stream_generate
 
 GPT_OSS_20B: dict[str, Any] = {
@@ -354,12 +354,8 @@ async def stream_phase(url: str, prompts: list[str], tokens: int, limit: float) 
         "aggregate_tok_s": round(total / wall, 1) if wall > 0 else None,
         "median_stream_decode_tok_s": round(statistics.median(decode_rates), 1) if decode_rates else None,
         "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
-        "ttft_p95_s": round(nearest_rank(ttfts, 0.95), 4) if ttfts else None,
+        "ttft_p95_s": round(p95, 4) if (p95 := percentile(ttfts, 95)) is not None else None,
     }
-
-
-def nearest_rank(ordered: list[float], quantile: float) -> float:
-    return ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]
 
 
 def short_prompts(count: int) -> list[str]:

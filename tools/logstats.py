@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from actors.metrics import percentile
 
 OUTCOMES = ("finished", "cancelled", "failed", "rejected")
 
@@ -37,13 +38,6 @@ class ModelFigures:
             "ttft_ms": {"p50": percentile(self.ttft_ms, 50), "p95": percentile(self.ttft_ms, 95)},
             "e2e_ms": {"p50": percentile(self.e2e_ms, 50), "p95": percentile(self.e2e_ms, 95)},
         }
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 def read_lines(lines: Iterable[str]) -> dict[str, ModelFigures]:

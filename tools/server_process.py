@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -28,16 +28,36 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def app_server(*args: str, ready_timeout: float = 600.0, log_path: Path | None = None) -> Iterator[str]:
+def app_server(
+    *args: str, ready_timeout: float = 600.0, log_path: Path | None = None, env: Mapping[str, str] | None = None
+) -> Iterator[str]:
     """Yield the base URL of a freshly started server; SIGTERM it afterwards."""
     port = free_port()
+    command = [sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning", *args]
+    with command_server(command, port, ready_timeout=ready_timeout, log_path=log_path, env=env) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def command_server(
+    command: Sequence[str],
+    port: int,
+    *,
+    ready_timeout: float = 600.0,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """Run a server COMMAND that listens on 127.0.0.1:PORT (this server, or another one to compare
+    with); yield its base URL once GET /health answers 200; SIGTERM it afterwards. ENV is added to
+    this process's environment; stdout and stderr go to LOG_PATH (or nowhere)."""
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning", *args],
+        list(command),
         cwd=ROOT,
+        stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:

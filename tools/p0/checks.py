@@ -13,7 +13,8 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tools.p0.load import LoadSettings, Progress, percentile, run_load
+from actors.metrics import percentile
+from tools.p0.load import LoadSettings, Progress, run_load
 from tools.p0.results import CheckResult
 
 MiB = 1024 * 1024

@@ -3,7 +3,6 @@ load-and-memory checks drive."""
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
@@ -42,13 +41,6 @@ class RequestRecord:
     e2e: float | None
     tokens: int
     error: str | None = None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 def prompt_text(rng: random.Random, words: int, index: int) -> str:
