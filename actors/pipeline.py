@@ -94,6 +94,7 @@ class PipelineSettings:
     cache_max_entries: int = 1024  # 0 turns the prompt cache off
     cache_max_bytes: int = 64 * 1024 * 1024
     profile_name: str = ""
+    arrival_window: float = 0.0  # seconds
 
 
 TextMode = Literal["plain", "harmony"]
@@ -277,7 +278,9 @@ class Pipeline:
                     self._on_fatal(self.failure)
                 return
             self.model = model
-            settings = SchedulerSettings(self.settings.batch, self.settings.max_queue, model.max_context)
+            settings = SchedulerSettings(
+                self.settings.batch, self.settings.max_queue, model.max_context, self.settings.arrival_window
+            )
             scheduler = GpuScheduler(
                 model.runner, settings, self.metrics.sender(), step_caller=self._step_caller, clock=self.clock
             )

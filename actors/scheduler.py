@@ -120,6 +120,7 @@ class SchedulerSettings:
     batch: BatchSettings
     max_queue: int  # waiting requests beyond the running batch; more are refused with 429
     max_context: int
+    arrival_window: float = 0.0  # seconds to gather arrivals before the first prefill of an idle batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,8 @@ class GpuScheduler:
                             self._handle(await self._inbox.receive())
                         except trio.EndOfChannel:
                             break
+                    if self._waiting and not self._running and self._settings.arrival_window > 0:
+                        await trio.sleep(self._settings.arrival_window)  # the others come in meanwhile
                 if not self._drain_inbox():
                     break
                 self._expire_deadlines()
@@ -254,7 +257,10 @@ class GpuScheduler:
 
     def _on_submit(self, submit: Submit) -> None:
         now = self._clock()
-        if len(self._waiting) >= self._settings.max_queue:
+        # Requests that will take a free row at the next step are not queueing (they may be held
+        # back for the arrival window): the bound is on those beyond the batch.
+        free_rows = max(0, self._settings.batch.max_batch_size - len(self._running))
+        if len(self._waiting) >= self._settings.max_queue + free_rows:
             retry = max(1.0, self._drain_rate * (len(self._waiting) + 1))
             self._emit(submit.events, Rejected(submit.request_id, 429, "the waiting queue is full", retry, now))
             submit.events.close()

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="most tokens (prompt + generated) per sequence; default: the model's context, or 4096 "
         "with --cuda-graphs (every slot holds that many positions)",
     )
+    parser.add_argument(
+        "--arrival-window-ms",
+        type=int,
+        default=None,
+        help="when the batch is empty, wait this long for more requests before the first prefill "
+        "(overrides the profile)",
+    )
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
     parser.add_argument(
         "--log-format", default="json", choices=["json", "console"], help="JSON lines or human-readable"
@@ -107,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         prefill_chunk_tokens=args.prefill_chunk,
+        arrival_window_ms=args.arrival_window_ms,
     )
     return ServerConfig(
         model=args.model,

@@ -76,6 +76,7 @@ def pipeline_settings(config: ServerConfig) -> PipelineSettings:
         cache_max_entries=config.cache_max_entries,
         cache_max_bytes=config.cache_max_bytes,
         profile_name=profile.name,
+        arrival_window=profile.arrival_window_ms / 1000.0,
     )
 
 

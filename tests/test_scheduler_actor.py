@@ -362,3 +362,20 @@ async def test_steps_that_keep_failing_mark_the_scheduler_degraded() -> None:
         await trio.sleep(0.05)
         assert isinstance(events[-1], Finished) and not scheduler.stats.degraded
         scheduler.close()
+
+
+async def test_an_idle_batch_waits_briefly_for_arrivals_before_its_first_prefill(autojump_clock: object) -> None:
+    backend = FakeBackend()
+    metrics_send, _ = trio.open_memory_channel[MetricsEvent](math.inf)
+    settings = SchedulerSettings(BatchSettings(8, 64, 2), 16, 4096, arrival_window=0.01)
+    scheduler = GpuScheduler(backend, settings, metrics_send, step_caller=inline_steps(0.05), clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        first = submit(scheduler, "a", max_tokens=2)
+        await trio.sleep(0.005)  # within the window
+        second = submit(scheduler, "b", max_tokens=2)
+        await drain(first)
+        await drain(second)
+        scheduler.close()
+    prefills = [ids for kind, ids in backend.log if kind == "prefill"]
+    assert prefills[0] == ("a", "b"), "both prompts went into the first prefill"
