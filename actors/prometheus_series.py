@@ -24,9 +24,9 @@ class GpuMemoryCollector(Collector):
         self._labels = labels
 
     def collect(self) -> Iterable[Metric]:
-        import torch
+        from app.runtime_info import gpu_memory
 
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        if (gpu := gpu_memory()) is None:
             return []
         allocated = GaugeMetricFamily(
             "gptoss_gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=list(LABELS)
@@ -34,8 +34,8 @@ class GpuMemoryCollector(Collector):
         reserved = GaugeMetricFamily(
             "gptoss_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator", labels=list(LABELS)
         )
-        allocated.add_metric(list(self._labels), float(torch.cuda.memory_allocated()))
-        reserved.add_metric(list(self._labels), float(torch.cuda.memory_reserved()))
+        allocated.add_metric(list(self._labels), float(gpu[0]))
+        reserved.add_metric(list(self._labels), float(gpu[1]))
         return [allocated, reserved]
 
 

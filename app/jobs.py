@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from werkzeug.datastructures import Headers
+
 from actors.pipeline import GenerationJob, TextMode
 from app.engine.params import SamplingParams
 from app.http.errors import ApiError
@@ -83,25 +85,26 @@ def build_job(
     fields: SamplingFields,
     *,
     received_at: float,
-    request_id: str,
-    timeout_header: str | None,
+    headers: Headers,
     use_cache: bool,
     max_tokens_field: str = "max_tokens",
 ) -> GenerationJob:
     """Everything an endpoint needs to start a generation: tokens, sampling, deadline, cache key.
 
-    ``model`` is the served model (its tokenizer, context, id and whether it speaks Harmony).
+    ``model`` is the served model (its tokenizer, context, id and whether it speaks Harmony);
+    ``headers`` the request's: ``X-Request-Id`` names the request, ``X-Request-Timeout`` may set
+    its deadline.
     """
     tokens = prompt_tokens(spec, model.tokenizer, model.harmony)
     params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field)
     text_mode: TextMode = "harmony" if model.harmony and spec.messages is not None else "plain"
     key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode)
-    job_deadline = deadline(received_at, fields.timeout, timeout_header)
+    job_deadline = deadline(received_at, fields.timeout, headers.get("X-Request-Timeout"))
     return GenerationJob(
         prompt=tokens,
         params=params,
         received_at=received_at,
-        request_id=request_id,
+        request_id=headers.get("X-Request-Id", ""),
         deadline=job_deadline,
         text_mode=text_mode,
         cache_key=key,

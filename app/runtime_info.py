@@ -25,3 +25,12 @@ def runtime_info() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
     }
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(allocated, reserved) bytes of torch's CUDA allocator; None when CUDA is not in use."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import subprocess
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -26,6 +25,7 @@ from app.engine.loader import ModelWeights, load_weights, serve_weights
 from app.logging_setup import configure_logging
 from app.models.registry import resolve
 from app.server import Server, create_server
+from tools.server_process import listening_url
 
 
 @functools.cache
@@ -135,8 +135,7 @@ async def app_process(*args: str) -> AsyncIterator[tuple[trio.Process, str]]:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
-                    if line.startswith(b"{") and json.loads(line).get("event") == "listening":
-                        url = str(json.loads(line)["urls"][0])
+                    url = url or listening_url(line.decode(errors="replace"))
         yield process, url
     finally:
         if process.returncode is None:

@@ -69,6 +69,17 @@ def command_server(
             log.close()  # type: ignore[union-attr]
 
 
+def listening_url(line: str) -> str | None:
+    """The URL in ``python -m app``'s JSON ``listening`` log line; None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return str(event["urls"][0]) if event.get("event") == "listening" else None
+
+
 @dataclass
 class ServerLog:
     """The server's JSON log lines as they come (read in a thread, so its stderr never fills up),
@@ -82,12 +93,9 @@ class ServerLog:
         for raw in stream:
             line = raw.decode(errors="replace").rstrip()
             self.lines.append(line)
-            if self.url is None and line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    event = json.loads(line)
-                    if event.get("event") == "listening":
-                        self.url = event["urls"][0]
-                        self.listening.set()
+            if self.url is None and (url := listening_url(line)) is not None:
+                self.url = url
+                self.listening.set()
         self.listening.set()  # end of output: whoever waits for the URL stops waiting
 
     def tail(self, count: int = 20) -> str:

@@ -38,8 +38,7 @@ def build_generate_job(state: ServerState, body: GenerateRequest, received_at: f
         body.prompt_spec(body.messages, body.prompt),
         body,
         received_at=received_at,
-        request_id=request.headers.get("X-Request-Id", ""),
-        timeout_header=request.headers.get("X-Request-Timeout"),
+        headers=request.headers,
         use_cache=body.cache,
     )
 

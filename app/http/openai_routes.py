@@ -109,8 +109,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             body.prompt_spec(body.messages, None),
             body.model_copy(update={"max_tokens": max_tokens}),
             received_at=received_at,
-            request_id=request.headers.get("X-Request-Id", ""),
-            timeout_header=request.headers.get("X-Request-Timeout"),
+            headers=request.headers,
             use_cache=body.cache,
             max_tokens_field=body.effective_max_tokens_field(),
         )
@@ -126,8 +125,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             body.prompt_spec(None, body.prompt_text()),
             body,
             received_at=received_at,
-            request_id=request.headers.get("X-Request-Id", ""),
-            timeout_header=request.headers.get("X-Request-Timeout"),
+            headers=request.headers,
             use_cache=body.cache,
         )
         return await _respond(state, "completion", body, job, model, "cmpl")

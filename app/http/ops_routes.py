@@ -11,7 +11,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from actors.pipeline import Pipeline
-from app.runtime_info import runtime_info
+from app.runtime_info import gpu_memory, runtime_info
 from app.server import ServerState
 
 
@@ -50,12 +50,10 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
 def memory_body() -> dict[str, Any]:
     """The process's resident memory, and the GPU allocator's figures when on CUDA."""
     import psutil
-    import torch
 
     memory: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        memory["gpu_allocated_bytes"] = torch.cuda.memory_allocated()
-        memory["gpu_reserved_bytes"] = torch.cuda.memory_reserved()
+    if (gpu := gpu_memory()) is not None:
+        memory["gpu_allocated_bytes"], memory["gpu_reserved_bytes"] = gpu
     return memory
 
 
