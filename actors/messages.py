@@ -13,7 +13,7 @@ import trio
 from app.engine.params import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "shutdown", "error"]
-AbortReason = Literal["client_disconnect", "stop_string", "timeout", "shutdown", "stalled"]
+AbortReason = Literal["client_disconnect", "stop_string", "timeout", "shutdown", "stalled", "relay_error"]
 
 
 # -- to the scheduler -------------------------------------------------------------------------

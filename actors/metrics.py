@@ -218,7 +218,7 @@ def lifecycle_line(event: MetricsEvent) -> tuple[str, dict[str, Any]] | None:
         case FirstToken():
             return "first_token", {"ttft_ms": _round(event.ttft_seconds * 1000)}
         case RequestFinished():
-            name = "finished" if event.reason in ("stop", "length") else "cancelled"
+            name = {"stop": "finished", "length": "finished", "error": "failed"}.get(event.reason, "cancelled")
             fields: dict[str, Any] = {
                 "finish_reason": event.reason,
                 "completion_tokens": event.completion_tokens,
@@ -262,13 +262,19 @@ class MetricsActor:
         async with self._receive:
             task_status.started(self)
             async for event in self._receive:
-                self.book.apply(event)
-                line = lifecycle_line(event)
-                if line is not None:
-                    name, fields = line
-                    request_id = getattr(event, "request_id", "")
-                    log.info(name, **self.book.context(request_id), **fields)
-                if isinstance(event, RequestFinished | RequestFailed | RequestRejected) or (
-                    isinstance(event, RequestOutcome) and event.cached
-                ):
-                    self.book.contexts.pop(event.request_id, None)
+                try:
+                    self._record(event)
+                except Exception:  # a figure lost is better than every actor stopped with it
+                    log.exception("metrics_event_failed", message=type(event).__name__)
+
+    def _record(self, event: MetricsEvent) -> None:
+        self.book.apply(event)
+        line = lifecycle_line(event)
+        if line is not None:
+            name, fields = line
+            request_id = getattr(event, "request_id", "")
+            log.info(name, **self.book.context(request_id), **fields)
+        if isinstance(event, RequestFinished | RequestFailed | RequestRejected) or (
+            isinstance(event, RequestOutcome) and event.cached
+        ):
+            self.book.contexts.pop(event.request_id, None)

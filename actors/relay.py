@@ -10,6 +10,7 @@ the request and exits.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +105,14 @@ class TokenRelay:
             except _Stalled:
                 log.warning("stream_stalled", request_id=self.request_id, seconds=self._stall_timeout)
                 self._abort(self.request_id, "stalled")
+            except Exception as error:
+                # A fault in turning tokens into text (a tokenizer bug, a token it cannot decode)
+                # ends this request with an error; raised, it would stop every actor in the pipeline.
+                log.exception("relay_failed", request_id=self.request_id)
+                self._abort(self.request_id, "relay_error")
+                failure = StreamError(self.request_id, f"the token stream failed: {error!r}", type(error).__name__)
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._out.send_nowait(failure)  # else its reader sees the stream end: also an error
 
     async def _deliver(self, event: StreamEvent) -> None:
         with trio.move_on_after(self._stall_timeout) as scope:

@@ -66,6 +66,7 @@ ABORT_FINISH: dict[AbortReason, FinishReason] = {
     "stop_string": "stop",
     "timeout": "timeout",
     "shutdown": "shutdown",
+    "relay_error": "error",
 }
 
 

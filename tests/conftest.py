@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import subprocess
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -114,6 +115,32 @@ async def stream_then_drop(client: httpx.AsyncClient, body: dict[str, object], t
     return received.count(b"event: token\n")
 
 
+async def wait_for_stats(
+    client: httpx.AsyncClient,
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float = 10.0,
+    server: RunningServer | None = None,
+) -> dict[str, Any]:
+    """Poll /stats until ``predicate`` holds; past ``timeout`` fail with the last body seen and,
+    given the in-process ``server``, what its pipeline held: which side lost track shows at once."""
+    last: dict[str, Any] = {}
+    with trio.move_on_after(timeout):
+        while True:
+            last = (await client.get("/stats")).json()
+            if predicate(last):
+                return last
+            await trio.sleep(0.02)
+    inside = ""
+    if server is not None:
+        pipeline = server.server.pipeline
+        scheduler = pipeline.scheduler.stats if pipeline.scheduler is not None else None
+        inside = (
+            f"; pipeline: streams={pipeline.active_streams} relays={pipeline.active_relays} "
+            f"tasks={pipeline.task_count} scheduler={scheduler} requests={pipeline.metrics.book.requests}"
+        )
+    raise AssertionError(f"/stats did not get there within {timeout} s; last seen: {json.dumps(last)}{inside}")
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -153,3 +180,24 @@ async def tiny_server(tiny_weights: ModelWeights) -> AsyncIterator[RunningServer
 
 def pytest_configure(config: pytest.Config) -> None:
     configure_logging("warning", "console")
+
+
+# A test that fails and then passes on its rerun (pyproject: --reruns 1) is a race worth fixing,
+# not noise: the first attempt's failure is kept and printed at the end of the run.
+_RERUN_REPORTS: list[pytest.TestReport] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.outcome == "rerun":
+        _RERUN_REPORTS.append(report)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _RERUN_REPORTS:
+        return
+    terminalreporter.section("failed first attempts (passed on rerun)")
+    for report in _RERUN_REPORTS:
+        lines = report.longreprtext.splitlines()
+        terminalreporter.write_line(f"{report.nodeid} ({report.when}):")
+        for line in lines[-25:]:
+            terminalreporter.write_line(f"    {line}")

@@ -9,16 +9,7 @@ import trio
 
 from app.engine.loader import ModelWeights
 from app.engine.runner import ModelRunner
-from tests.conftest import RunningServer, running_server, stream_then_drop
-
-
-async def wait_for_stats(client: httpx.AsyncClient, predicate: object, timeout: float = 5.0) -> dict:
-    with trio.fail_after(timeout):
-        while True:
-            stats = (await client.get("/stats")).json()
-            if predicate(stats):  # type: ignore[operator]
-                return stats
-            await trio.sleep(0.01)
+from tests.conftest import RunningServer, running_server, stream_then_drop, wait_for_stats
 
 
 def runner_of(server: RunningServer) -> ModelRunner:

@@ -14,10 +14,12 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from actors.messages import RequestOutcome
+from actors.metrics import MetricsActor
 from app.engine.loader import ModelWeights
 from app.logging_setup import configure_logging
 from app.prompts.harmony_encoding import harmony_encoding
-from tests.conftest import RunningServer, running_server, stream_then_drop
+from tests.conftest import RunningServer, running_server, stream_then_drop, wait_for_stats
 from tests.fakes import with_faults
 from tools import logstats
 
@@ -29,15 +31,6 @@ def fault_hook() -> Any:
     return with_faults(marker, lambda: RuntimeError("injected step fault"))
 
 
-async def wait_until(client: httpx.AsyncClient, check: Any, timeout: float = 10.0) -> dict[str, Any]:
-    with trio.fail_after(timeout):
-        while True:
-            stats = (await client.get("/stats")).json()
-            if check(stats["model_metrics"]["tiny-gpt-oss"]):
-                return stats
-            await trio.sleep(0.02)
-
-
 async def known_sequence(server: RunningServer, client: httpx.AsyncClient) -> None:
     """Three ok (one of them from the cache), one failed, one cancelled by its client."""
     greedy = {"prompt": "alpha", "max_tokens": 5, "temperature": 0, "stream": False}
@@ -47,8 +40,13 @@ async def known_sequence(server: RunningServer, client: httpx.AsyncClient) -> No
     assert (await client.post("/generate", json=sampled)).status_code == 200
     failed = await client.post("/generate", json={"prompt": FAIL_PROMPT, "max_tokens": 5, "stream": False})
     assert failed.status_code == 500 and "injected step fault" in failed.json()["error"]["message"]
-    await stream_then_drop(client, {"prompt": "gamma", "max_tokens": 5000}, 2)
-    await wait_until(client, lambda m: m["requests"]["cancelled"] == 1 and m["active_sequences"] == 0)
+    assert await stream_then_drop(client, {"prompt": "gamma", "max_tokens": 5000}, 2) == 2
+    await wait_for_stats(client, one_cancelled_none_running, server=server)
+
+
+def one_cancelled_none_running(stats: dict[str, Any]) -> bool:
+    figures = stats["model_metrics"]["tiny-gpt-oss"]
+    return bool(figures["requests"]["cancelled"] == 1 and figures["active_sequences"] == 0)
 
 
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -187,3 +185,16 @@ async def test_logstats_reads_a_log_the_server_wrote(tiny_weights: ModelWeights,
     with contextlib.redirect_stdout(table):
         logstats.main([str(log_file)])
     assert "tiny-gpt-oss" in table.getvalue() and "TTFT p95" in table.getvalue()
+
+
+async def test_an_event_the_metrics_cannot_record_is_logged_and_the_actor_goes_on() -> None:
+    actor = MetricsActor()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        actor.report(RequestOutcome("r1", "bogus", "stop", False, 1))  # type: ignore[arg-type]
+        actor.report(RequestOutcome("r2", "ok", "stop", False, 1))
+        with trio.fail_after(5):
+            while actor.book.requests["ok"] != 1:
+                await trio.sleep(0.01)
+        actor.close()
+    assert actor.book.requests["ok"] == 1

@@ -13,6 +13,7 @@ from actors.messages import (
     Queued,
     SchedulerEvent,
     StreamDone,
+    StreamError,
     StreamEvent,
     StreamStarted,
     StreamToken,
@@ -31,8 +32,17 @@ class LetterText:
         return TextPiece("")
 
 
+class BrokenText(LetterText):
+    """Text that cannot decode the letter z, like a tokenizer meeting an id it has no bytes for."""
+
+    def push(self, token_id: int, is_stop_token: bool) -> TextPiece:
+        if chr(token_id) == "z":
+            raise KeyError(token_id)
+        return super().push(token_id, is_stop_token)
+
+
 def make_relay(
-    stop: tuple[str, ...] = (), stall_timeout: float = math.inf
+    stop: tuple[str, ...] = (), stall_timeout: float = math.inf, text: LetterText | None = None
 ) -> tuple[
     TokenRelay,
     trio.MemorySendChannel[SchedulerEvent],
@@ -48,7 +58,7 @@ def make_relay(
         3,
         relay_in,
         relay_out,
-        LetterText(),
+        text or LetterText(),
         stop,
         lambda rid, why: aborts.append((rid, why)),
         stall_timeout=stall_timeout,
@@ -110,6 +120,15 @@ async def test_text_held_for_a_possible_stop_string_is_flushed_at_the_end() -> N
     out = await run_relay(relay, to_relay, script("xxab"), from_relay)
     tokens = [e for e in out if isinstance(e, StreamToken)]
     assert [t.text for t in tokens] == ["x", "x", "", "ab"]
+
+
+async def test_a_fault_in_the_text_fails_this_stream_with_an_error_and_stops_its_sequence() -> None:
+    relay, to_relay, from_relay, aborts = make_relay(text=BrokenText())
+    out = await run_relay(relay, to_relay, script("abzcd"), from_relay)  # run() returns: nothing raised
+    assert "".join(e.text for e in out if isinstance(e, StreamToken)) == "ab"
+    error = out[-1]
+    assert isinstance(error, StreamError) and error.error_type == "KeyError" and "122" in error.message
+    assert aborts == [("r1", "relay_error")]
 
 
 async def test_reader_gone_aborts() -> None:

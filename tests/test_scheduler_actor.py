@@ -285,7 +285,10 @@ async def test_close_fails_what_is_left() -> None:
     assert isinstance(a_events[-1], Failed) and isinstance(b_events[-1], Failed)
 
 
-@pytest.mark.parametrize("reason,finish", [("stop_string", "stop"), ("shutdown", "shutdown")])
+@pytest.mark.parametrize(
+    "reason,finish",
+    [("stop_string", "stop"), ("shutdown", "shutdown"), ("relay_error", "error"), ("stalled", "cancelled")],
+)
 async def test_abort_reasons_map_to_finish_reasons(reason: str, finish: str) -> None:
     backend = FakeBackend()
     scheduler, _ = make_scheduler(backend)
