@@ -59,6 +59,9 @@ def sampling_params(
         min_tokens=fields.min_tokens,
         ignore_eos=fields.ignore_eos,
         stop=fields.stop_strings(),
+        presence_penalty=fields.presence_penalty or 0.0,
+        frequency_penalty=fields.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if fields.repetition_penalty is None else fields.repetition_penalty,
     )
 
 

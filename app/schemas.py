@@ -47,6 +47,9 @@ class SamplingFields(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds; past it the request ends
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None  # vLLM's extension
 
     @field_validator("stop")
     @classmethod
@@ -115,8 +118,6 @@ class OpenAIFields(BaseModel):
 
     model: str | None = None
     n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     logprobs: bool | int | None = None
     tools: list[dict[str, Any]] | None = None
     stream: bool = False
@@ -127,13 +128,6 @@ class OpenAIFields(BaseModel):
     def _one_choice(cls, value: int | None) -> int | None:
         if value not in (None, 1):
             raise ValueError("only n=1 is supported: send one request per completion")
-        return value
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported: send 0 or leave it out")
         return value
 
     @field_validator("logprobs")

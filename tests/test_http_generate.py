@@ -105,6 +105,8 @@ async def test_bad_input_gets_clear_errors(tiny_server: RunningServer) -> None:
             (await client.post("/generate", json={"prompt": "x", "max_tokens": 8192}), 400, "max_tokens"),
             (await client.post("/generate", content=b"{" + b" " * (5 * 1024 * 1024) + b"}"), 413, None),
             (await client.get("/no/such/thing"), 404, None),
+            (await client.post("/generate", json={"prompt": "x", "presence_penalty": 2.5}), 422, "presence_penalty"),
+            (await client.post("/generate", json={"prompt": "x", "repetition_penalty": 0}), 422, "repetition_penalty"),
         ]
     for response, status, param in cases:
         assert response.status_code == status, (response.status_code, response.text)

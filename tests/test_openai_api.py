@@ -50,6 +50,28 @@ async def test_sync_client_chat_on_smollm2(smollm2_server: RunningServer) -> Non
     assert completion.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+async def test_penalties_are_applied_and_keyed(smollm2_server: RunningServer) -> None:
+    ask = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Write the word cat twenty times."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    async with smollm2_server.client() as client:
+        plain = await client.post("/v1/chat/completions", json=ask)
+        penalised = await client.post("/v1/chat/completions", json={**ask, "frequency_penalty": 1.5})
+        repeated = await client.post("/v1/chat/completions", json={**ask, "frequency_penalty": 1.5})
+        extension = await client.post("/v1/chat/completions", json={**ask, "repetition_penalty": 1.5})
+    for response in (plain, penalised, repeated, extension):
+        assert response.status_code == 200, response.text
+    text = [r.json()["choices"][0]["message"]["content"] for r in (plain, penalised, repeated, extension)]
+    assert text[0].lower().count("cat") > text[1].lower().count("cat")
+    assert text[1] == text[2] and repeated.headers["X-Cache"] == "HIT"  # greedy with penalties: deterministic
+    assert text[3] != text[0]
+    keys = {r.headers["X-Cache-Key"] for r in (plain, penalised, extension)}
+    assert len(keys) == 3
+
+
 async def test_sync_client_streams_with_usage(smollm2_server: RunningServer) -> None:
     def call() -> list[openai.types.chat.ChatCompletionChunk]:
         with sync_client(smollm2_server) as client:

@@ -142,6 +142,9 @@ def test_cache_key_changes_with_everything_that_changes_the_output() -> None:
         key(dataclasses.replace(BASE, min_tokens=2)),
         key(dataclasses.replace(BASE, ignore_eos=True)),
         key(dataclasses.replace(BASE, stop=("a",))),
+        key(dataclasses.replace(BASE, presence_penalty=0.5)),
+        key(dataclasses.replace(BASE, frequency_penalty=0.5)),
+        key(dataclasses.replace(BASE, repetition_penalty=1.2)),
     ]
     assert len({base, *variants}) == len(variants) + 1
     assert all(len(k) == 64 and int(k, 16) >= 0 for k in variants)

@@ -15,10 +15,21 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()  # stop strings, matched on the detokenised text by the relay
+    # OpenAI's penalties on the tokens generated so far (vLLM's reading): each logit loses
+    # presence_penalty once if its token has appeared and frequency_penalty per appearance.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's and transformers' extension, over the prompt and the output: a seen token's logit is
+    # divided by it when positive and multiplied by it when negative. 1.0 leaves logits alone.
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def deterministic(self) -> bool:

@@ -26,7 +26,7 @@ from app.engine.attention_masks import MaskShapes
 from app.engine.errors import StepOutOfMemory
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.params import SamplingParams
-from app.engine.sampling import choose_tokens, seeded_generator
+from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,7 @@ class SequenceState:
     last_token: int = -1  # the newest token, not yet in the cache
     generated: int = 0
     prompt_length: int = field(default=0)
+    history: TokenHistory | None = None  # kept only when the request has penalties
 
 
 class PrefillCache(Protocol):
@@ -153,6 +154,8 @@ class BaseRunner(ABC):
         suppress = () if params.ignore_eos or params.min_tokens == 0 else stops
         seq = SequenceState(seq_id, self._claim_row(), params, suppress, generator, list(prompt))
         seq.prompt_length = len(prompt)
+        if params.penalized:
+            seq.history = TokenHistory(frozenset(prompt))
         self._seqs[seq_id] = seq
 
     def pending_prompt(self, seq_id: str) -> int:
@@ -240,10 +243,14 @@ class BaseRunner(ABC):
         if not seqs:
             return {}, failed
         suppress = [seq.suppress_until_min if seq.generated < seq.params.min_tokens else () for seq in seqs]
-        chosen = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs], suppress)
+        chosen = choose_tokens(
+            logits, [s.params for s in seqs], [s.generator for s in seqs], suppress, [s.history for s in seqs]
+        )
         for seq, token in zip(seqs, chosen, strict=True):
             seq.last_token = token
             seq.generated += 1
+            if seq.history is not None:
+                seq.history.add(token)
         return {seq.seq_id: token for seq, token in zip(seqs, chosen, strict=True)}, failed
 
 

@@ -22,6 +22,12 @@ def canonical_sampling(params: SamplingParams) -> dict[str, Any]:
         if params.greedy
         else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed}
     )
+    if params.penalized:  # only when set: the keys of requests without penalties stay as they were
+        sampling["penalties"] = {
+            "presence": params.presence_penalty,
+            "frequency": params.frequency_penalty,
+            "repetition": params.repetition_penalty,
+        }
     return {
         **sampling,
         "max_tokens": params.max_tokens,
