@@ -149,11 +149,17 @@ class PromptCache:
             self._nursery = nursery
             task_status.started(self)
             async for message in self._inbox:
-                match message:
-                    case CacheOpen():
-                        self._on_open(message)
-                    case CacheLeave():
-                        self._on_leave(message)
+                try:
+                    match message:
+                        case CacheOpen():
+                            self._on_open(message)
+                        case CacheLeave():
+                            self._on_leave(message)
+                except Exception as error:
+                    # One request's fault must not stop the actor (and every stream with it).
+                    log.exception("prompt_cache_failed", key=message.key, message=type(message).__name__)
+                    if isinstance(message, CacheOpen):
+                        self._fail_open(message, error)
                 self._publish()
             nursery.cancel_scope.cancel()
 
@@ -190,6 +196,16 @@ class PromptCache:
         if self._nursery is None:
             raise RuntimeError("PromptCache.run is not running")
         self._nursery.start_soon(self._pump, flight, generation_receive)
+
+    def _fail_open(self, message: CacheOpen, error: Exception) -> None:
+        """Give the client of a request the cache could not handle an error instead of silence."""
+        failure = StreamError(message.request_id, f"the prompt cache failed: {error!r}", type(error).__name__)
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            message.channel.send_nowait(failure)
+        message.channel.close()
+        flight = self._flights.get(message.key)
+        if flight is not None and message.subscriber in flight.subscribers:
+            self._on_leave(CacheLeave(message.key, message.subscriber))
 
     def _on_leave(self, message: CacheLeave) -> None:
         flight = self._flights.get(message.key)

@@ -11,6 +11,7 @@ from actors.messages import (
     CacheLookup,
     MetricsEvent,
     StreamDone,
+    StreamError,
     StreamEvent,
     StreamStarted,
     StreamToken,
@@ -215,3 +216,34 @@ async def test_lru_eviction_by_bytes_in_the_actor() -> None:
         cache.close()
     # Each entry is 100 text bytes + 2 events of overhead (228): only one fits in 400.
     assert cache.cached_keys() == ["key3"] and cache.stats.evictions == 3
+
+
+class BrokenStore(ResponseStore[CachedResponse]):
+    """A store whose lookup of one key raises, like a bug in the cache's own code."""
+
+    def get(self, key: str) -> CachedResponse | None:
+        if key == "broken":
+            raise RuntimeError("lookup failed")
+        return super().get(key)
+
+
+async def test_a_fault_handling_one_request_fails_that_request_and_the_actor_goes_on() -> None:
+    metrics_send, _ = trio.open_memory_channel[MetricsEvent](math.inf)
+    cache = PromptCache(BrokenStore(8, 10_000), metrics_send, clock=trio.current_time)
+    generation = ScriptedGeneration(["ok"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        send, broken = trio.open_memory_channel[StreamEvent](64)
+        cache.open("broken", "r1", send, trio.current_time(), 64, generation.start)  # type: ignore[arg-type]
+        with trio.fail_after(5):
+            broken_events = await drain(broken)
+        working, _ = await open_and_read(cache, generation, "r2")
+        await trio.sleep(0.01)
+        generation.emit_tokens()
+        generation.finish_now()
+        with trio.fail_after(5):
+            working_events = await drain(working)
+        cache.close()
+    assert len(broken_events) == 1 and isinstance(broken_events[0], StreamError)
+    assert "lookup failed" in broken_events[0].message and broken_events[0].request_id == "r1"
+    assert isinstance(working_events[-1], StreamDone) and generation.starts == 1
