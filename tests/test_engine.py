@@ -210,7 +210,7 @@ def test_repetition_penalty_matches_generate_while_batched_with_unpenalised_rows
 def test_frequency_and_presence_penalties_follow_the_output_counts() -> None:
     logits = torch.tensor([[0.0, 3.0, 2.5, 2.0]])
     before = logits.clone()
-    history = TokenHistory(frozenset({3}))
+    history = TokenHistory([3], vocab_size=4, device=torch.device("cpu"))
     history.add(1)
     history.add(1)
 

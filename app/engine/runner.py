@@ -106,6 +106,7 @@ class BaseRunner(ABC):
         self.max_context = max_context
         self.stop_token_ids = tuple(sorted(set(stop_token_ids)))
         self._masks = MaskShapes.for_config(model.config.get_text_config())
+        self.vocab_size = int(model.config.get_text_config().vocab_size)  # the logits' width
         self._cache = cache
         self._cache_arg = cache_argument(model)
         self._seqs: dict[str, SequenceState] = {}
@@ -155,7 +156,7 @@ class BaseRunner(ABC):
         seq = SequenceState(seq_id, self._claim_row(), params, suppress, generator, list(prompt))
         seq.prompt_length = len(prompt)
         if params.penalized:
-            seq.history = TokenHistory(frozenset(prompt))
+            seq.history = TokenHistory(prompt, self.vocab_size, self.device)
         self._seqs[seq_id] = seq
 
     def pending_prompt(self, seq_id: str) -> int:

@@ -6,9 +6,7 @@ seeded request samples the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -21,29 +19,29 @@ def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
-@dataclass(slots=True)
 class TokenHistory:
-    """What the penalties look at: the prompt's distinct tokens and how often each output token came."""
+    """What the penalties look at, kept over the vocabulary on the logits' device: which tokens the
+    prompt or the output holds, and how often each came in the output. A new token is one indexed
+    write; applying the penalties needs no host-side work however long the prompt is."""
 
-    prompt_ids: frozenset[int]
-    output_counts: Counter[int] = field(default_factory=Counter)
+    def __init__(self, prompt: Sequence[int], vocab_size: int, device: torch.device) -> None:
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(list(prompt), device=device)] = True
+        self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
     def add(self, token: int) -> None:
+        self.seen[token] = True
         self.output_counts[token] += 1
 
 
 def apply_penalties(row: torch.Tensor, params: SamplingParams, history: TokenHistory) -> None:
     """Penalise one row of float logits in place (vLLM's order: repetition, then frequency and presence)."""
     if params.repetition_penalty != 1.0:
-        seen = history.prompt_ids.union(history.output_counts)
-        if seen:
-            ids = torch.tensor(sorted(seen), device=row.device)
-            picked = row[ids]
-            row[ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and history.output_counts:
-        ids = torch.tensor(list(history.output_counts), device=row.device)
-        counts = torch.tensor(list(history.output_counts.values()), dtype=row.dtype, device=row.device)
-        row[ids] -= params.frequency_penalty * counts + params.presence_penalty
+        penalty = params.repetition_penalty
+        row.copy_(torch.where(history.seen, torch.where(row > 0, row / penalty, row * penalty), row))
+    if params.presence_penalty or params.frequency_penalty:
+        counts = history.output_counts
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
 
 
 def _filtered_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
