@@ -19,7 +19,7 @@ from actors.prompt_cache import STORED_REASONS
 from app.config import PROFILES
 from app.engine.loader import ModelWeights
 from app.prompts.harmony_encoding import harmony_encoding
-from tests.conftest import running_server, server_config
+from tests.conftest import running_server, server_config, wait_for_stats
 from tests.fakes import with_faults
 
 REQUESTS = 300
@@ -93,6 +93,10 @@ def _json_ending(response: httpx.Response) -> str:
     return "error"
 
 
+def nothing_in_flight(stats: dict[str, Any]) -> bool:
+    return bool(stats["model_metrics"]["tiny-gpt-oss"]["active_streams"] == 0 and stats["active_sequences"] == 0)
+
+
 async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights) -> None:
     profile = dataclasses.replace(PROFILES["latency_first"], max_batch_size=8, max_queue=16)
     marker = harmony_encoding().encode("FAILNOW", allowed_special="all")
@@ -122,12 +126,8 @@ async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights)
                 async with trio.open_nursery() as nursery:
                     for index in range(REQUESTS):
                         nursery.start_soon(run, index)
-                while True:  # the server's side of the last cancellations
-                    stats = (await client.get("/stats")).json()
-                    figures = stats["model_metrics"]["tiny-gpt-oss"]
-                    if figures["active_streams"] == 0 and stats["active_sequences"] == 0:
-                        break
-                    await trio.sleep(0.05)
+                # The server's side of the last cancellations.
+                await wait_for_stats(client, nothing_in_flight, timeout=600, server=server)
             await trio.sleep(0.2)
             stats = (await client.get("/stats")).json()["model_metrics"]["tiny-gpt-oss"]
             tasks_after, relays_after = pipeline.task_count, pipeline.active_relays
