@@ -28,6 +28,9 @@ from app.models.registry import resolve
 from app.server import Server, create_server
 from tools.server_process import listening_url
 
+# A test that needed its rerun fails the run (see tests/rerun_guard.py).
+pytest_plugins = ["tests.rerun_guard"]
+
 
 @functools.cache
 def weights(name: str) -> ModelWeights:
@@ -180,24 +183,3 @@ async def tiny_server(tiny_weights: ModelWeights) -> AsyncIterator[RunningServer
 
 def pytest_configure(config: pytest.Config) -> None:
     configure_logging("warning", "console")
-
-
-# A test that fails and then passes on its rerun (pyproject: --reruns 1) is a race worth fixing,
-# not noise: the first attempt's failure is kept and printed at the end of the run.
-_RERUN_REPORTS: list[pytest.TestReport] = []
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.outcome == "rerun":
-        _RERUN_REPORTS.append(report)
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _RERUN_REPORTS:
-        return
-    terminalreporter.section("failed first attempts (passed on rerun)")
-    for report in _RERUN_REPORTS:
-        lines = report.longreprtext.splitlines()
-        terminalreporter.write_line(f"{report.nodeid} ({report.when}):")
-        for line in lines[-25:]:
-            terminalreporter.write_line(f"    {line}")
