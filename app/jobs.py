@@ -55,6 +55,7 @@ def sampling_params(
         temperature=1.0 if fields.temperature is None else fields.temperature,
         top_p=1.0 if fields.top_p is None else fields.top_p,
         top_k=top_k,
+        min_p=fields.min_p or 0.0,
         seed=fields.seed,
         min_tokens=fields.min_tokens,
         ignore_eos=fields.ignore_eos,

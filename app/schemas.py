@@ -42,6 +42,7 @@ class SamplingFields(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # 0 or -1: off
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # vLLM's extension; 0: off
     seed: int | None = None
     stop: str | list[str] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0

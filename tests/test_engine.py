@@ -14,7 +14,6 @@ from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.loader import ModelWeights
 from app.engine.params import SamplingParams
 from app.engine.runner import BaseRunner, ModelRunner, PrefillChunk
-from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
 
@@ -173,20 +172,6 @@ def test_prefill_mask_keeps_packed_sequences_apart() -> None:
     ]
 
 
-def test_sampling_respects_top_k_and_seeds() -> None:
-    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]] * 2)
-    params = [SamplingParams(max_tokens=1, temperature=1.0, top_k=2, seed=1)] * 2
-    draws = {
-        tuple(choose_tokens(logits, params, [seeded_generator(s, torch.device("cpu"))] * 2, [(), ()]))
-        for s in range(20)
-    }
-    assert all(token in (1, 2) for pair in draws for token in pair)
-    a = choose_tokens(logits, params[:1], [seeded_generator(3, torch.device("cpu"))], [()])
-    b = choose_tokens(logits, params[:1], [seeded_generator(3, torch.device("cpu"))], [()])
-    assert a == b
-    assert choose_tokens(logits[:1], [GREEDY], [None], [(1,)]) == [2]
-
-
 def test_repetition_penalty_matches_generate_while_batched_with_unpenalised_rows(
     smollm2_weights: ModelWeights,
 ) -> None:
@@ -205,36 +190,6 @@ def test_repetition_penalty_matches_generate_while_batched_with_unpenalised_rows
     out = drive(runner, prompts, n, dict.fromkeys(prompts, 0), params, chunk=32)
     assert out == expected
     assert out["s0"] != out["plain"], "the penalty changed the answer"
-
-
-def test_frequency_and_presence_penalties_follow_the_output_counts() -> None:
-    logits = torch.tensor([[0.0, 3.0, 2.5, 2.0]])
-    before = logits.clone()
-    history = TokenHistory([3], vocab_size=4, device=torch.device("cpu"))
-    history.add(1)
-    history.add(1)
-
-    def pick(presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> int:
-        params = dataclasses.replace(
-            GREEDY,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty,
-        )
-        return choose_tokens(logits, [params], [None], [()], [history])[0]
-
-    assert pick() == 1
-    assert pick(frequency_penalty=0.3) == 2  # 3.0 - 2 x 0.3 = 2.4 < 2.5
-    assert pick(presence_penalty=0.4) == 1  # 3.0 - 0.4 = 2.6: presence counts once
-    assert pick(presence_penalty=0.6) == 2
-    assert pick(repetition_penalty=2.0) == 2  # 3.0 / 2 = 1.5; the prompt's token 3 falls to 1.0
-    assert pick(frequency_penalty=-1.0, repetition_penalty=2.0) == 1  # negative: encouraged (1.5 + 2)
-    negative = torch.tensor([[-1.0, -0.5, -0.6, -3.0]])
-    repeat = dataclasses.replace(GREEDY, repetition_penalty=1.5)
-    assert choose_tokens(negative, [repeat], [None], [()], [history]) == [2]  # -0.5 x 1.5 = -0.75 < -0.6
-    assert torch.equal(logits, before), "the model's logits are never edited in place"
-    # Without a history (a request without penalties) nothing changes.
-    assert choose_tokens(logits, [dataclasses.replace(GREEDY, frequency_penalty=2.0)], [None], [()], [None]) == [1]
 
 
 def test_sequences_whose_prefill_never_ran_can_be_released(tiny_weights: ModelWeights) -> None:

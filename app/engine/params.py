@@ -11,6 +11,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest one (vLLM's); 0: off
     seed: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False

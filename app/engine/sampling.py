@@ -26,7 +26,7 @@ class TokenHistory:
 
     def __init__(self, prompt: Sequence[int], vocab_size: int, device: torch.device) -> None:
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.seen[torch.tensor(list(prompt), device=device)] = True
+        self.seen[torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
     def add(self, token: int) -> None:
@@ -45,7 +45,12 @@ def apply_penalties(row: torch.Tensor, params: SamplingParams, history: TokenHis
 
 
 def _filtered_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The row's logits after temperature, with the tokens that min-p, top-k and top-p rule out at
+    -inf (each filter judges the temperature-scaled distribution, as vLLM's do)."""
     row = row / params.temperature
+    if params.min_p > 0.0:
+        probs = torch.softmax(row, dim=-1)
+        row = row.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if 0 < params.top_k < row.shape[-1]:
         kth = torch.topk(row, params.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))

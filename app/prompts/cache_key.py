@@ -22,6 +22,8 @@ def canonical_sampling(params: SamplingParams) -> dict[str, Any]:
         if params.greedy
         else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed}
     )
+    if params.min_p and not params.greedy:  # only when set: other keys stay as they were
+        sampling["min_p"] = params.min_p
     if params.penalized:  # only when set: the keys of requests without penalties stay as they were
         sampling["penalties"] = {
             "presence": params.presence_penalty,
