@@ -36,6 +36,9 @@ class Abort:
     request_id: str
     reason: AbortReason
     at: float
+    # The scheduler's finished steps when the abort was sent: the steps that ran before the row
+    # was freed are counted from here (one at most: the step in flight).
+    steps: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class AbortAll:
 
     reason: AbortReason
     at: float
+    steps: int = 0
 
 
 SchedulerMessage = Submit | Abort | AbortAll
@@ -187,8 +191,11 @@ class RequestFinished:
     prompt_tokens: int
     completion_tokens: int
     e2e_seconds: float
-    # Abort received to row freed: how long a cancelled request kept the GPU busy.
+    # For an aborted request: abort sent to row freed, in seconds and in model steps (how long,
+    # and how much work, the request cost after its client left).
     teardown_seconds: float | None = None
+    teardown_steps: int | None = None
+    abort_reason: AbortReason | None = None
 
 
 @dataclass(frozen=True, slots=True)

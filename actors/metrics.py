@@ -106,7 +106,7 @@ class MetricsBook:
     contexts: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
-        for name in ("ttft", "e2e", "itl", "queue", "teardown", "tokens"):
+        for name in ("ttft", "e2e", "itl", "queue", "teardown", "teardown_steps", "tokens"):
             self.windows[name] = RollingWindow(self.window_seconds, self.clock)
 
     def context(self, request_id: str) -> dict[str, Any]:
@@ -145,6 +145,9 @@ class MetricsBook:
                 if event.teardown_seconds is not None:
                     self.windows["teardown"].add(event.teardown_seconds)
                     p.teardown.labels(*labels).observe(event.teardown_seconds)
+                if event.teardown_steps is not None:
+                    self.windows["teardown_steps"].add(event.teardown_steps)
+                    p.teardown_steps.labels(*labels).observe(event.teardown_steps)
             case QueueState():
                 self.running, self.waiting = event.running, event.waiting
                 p.running.labels(*labels).set(event.running)
@@ -181,6 +184,7 @@ class MetricsBook:
             values = self.windows[name].values()
             return {f"p{q}": _round(None if (v := percentile(values, q)) is None else v * 1000.0) for q in (50, 95, 99)}
 
+        teardown_steps = self.windows["teardown_steps"].values()
         finished = self.requests["ok"] + self.requests["error"] + self.requests["cancelled"]
         lookups = self.cache_hits + self.cache_misses
         return {
@@ -196,6 +200,12 @@ class MetricsBook:
             "inter_token_latency_ms": pcts("itl"),
             "queue_time_ms": pcts("queue"),
             "cancel_teardown_ms": pcts("teardown"),
+            # Model steps that ran between an abort and its row's release: 1 at most (the step in flight).
+            "cancel_teardown_steps": {
+                **{f"p{q}": percentile(teardown_steps, q) for q in (50, 95, 99)},
+                "max": max(teardown_steps, default=None),
+                "count": len(teardown_steps),
+            },
             "generation_tokens_per_second": round(self.windows["tokens"].rate(), 3),
             "error_rate": round(self.requests["error"] / finished, 6) if finished else 0.0,
             "cache_hit_rate": round(self.cache_hits / lookups, 6) if lookups else 0.0,
@@ -226,6 +236,10 @@ def lifecycle_line(event: MetricsEvent) -> tuple[str, dict[str, Any]] | None:
             }
             if event.teardown_seconds is not None:
                 fields["teardown_ms"] = _round(event.teardown_seconds * 1000)
+            if event.teardown_steps is not None:
+                fields["teardown_steps"] = event.teardown_steps
+            if event.abort_reason is not None:
+                fields["abort_reason"] = event.abort_reason
             return name, fields
         case RequestFailed():
             return "failed", {"error_type": event.error_type, "error": event.message}

@@ -14,6 +14,8 @@ from prometheus_client.registry import Collector
 LABELS = ("model", "model_size")
 # Latencies from milliseconds (a cache hit, one decode step) to minutes (a long answer under load).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# Model steps that ran for a request after it was aborted (one at most: the step in flight).
+TEARDOWN_STEP_BUCKETS = (0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -77,6 +79,13 @@ class PrometheusSeries:
             "Client disconnect (or other abort) to the sequence's row freed",
             LABELS,
             buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.teardown_steps = Histogram(
+            "gptoss_cancel_teardown_steps",
+            "Model steps that ran between an abort and the sequence's row freed",
+            LABELS,
+            buckets=TEARDOWN_STEP_BUCKETS,
             registry=r,
         )
         self.requests = Counter(

@@ -9,6 +9,7 @@ arrive during a step are honoured before the next one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections import deque
@@ -177,7 +178,8 @@ class GpuScheduler:
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
         self._pending_releases: list[str] = []
-        self._aborted_at: dict[str, float] = {}
+        # Aborted running requests whose row is not freed yet: their teardown is measured at the release.
+        self._aborted: dict[str, tuple[Abort, RequestFinished]] = {}
         self._consecutive_prefills = 0
         self._steps = 0
         self._drain_rate = 0.0
@@ -190,10 +192,10 @@ class GpuScheduler:
 
     def abort(self, request_id: str, reason: AbortReason) -> None:
         """Synchronous and idempotent: safe in a cancelled task's ``finally``."""
-        self._send(Abort(request_id, reason, self._clock()))
+        self._send(Abort(request_id, reason, self._clock(), self._steps))
 
     def abort_all(self, reason: AbortReason) -> None:
-        self._send(AbortAll(reason, self._clock()))
+        self._send(AbortAll(reason, self._clock(), self._steps))
 
     def close(self) -> None:
         self._inbox_send.close()
@@ -254,7 +256,7 @@ class GpuScheduler:
                 self._on_abort(message)
             case AbortAll():
                 for request in [*self._waiting, *self._running.values()]:
-                    self._on_abort(Abort(request.request_id, message.reason, message.at))
+                    self._on_abort(Abort(request.request_id, message.reason, message.at, message.steps))
 
     def _on_submit(self, submit: Submit) -> None:
         now = self._clock()
@@ -277,14 +279,14 @@ class GpuScheduler:
         reason = ABORT_FINISH[abort.reason]
         for waiting in self._waiting:
             if waiting.request_id == abort.request_id:
-                self._waiting.remove(waiting)
-                self._finish(waiting, reason, teardown_from=abort.at)
+                self._waiting.remove(waiting)  # it holds no row: nothing to free
+                finished = self._finish(waiting, reason)
+                self._metric(self._torn_down(finished, abort))
                 return
         running = self._running.pop(abort.request_id, None)
         if running is not None:
             self._pending_releases.append(running.request_id)
-            self._aborted_at[running.request_id] = abort.at
-            self._finish(running, reason, teardown_from=abort.at)
+            self._aborted[running.request_id] = (abort, self._finish(running, reason))
 
     def _next_deadline(self) -> float | None:
         deadlines = [r.submit.deadline for r in (*self._waiting, *self._running.values()) if r.submit.deadline]
@@ -297,7 +299,7 @@ class GpuScheduler:
         now = self._clock()
         for request in [*self._waiting, *self._running.values()]:
             if request.submit.deadline is not None and now >= request.submit.deadline:
-                self._on_abort(Abort(request.request_id, "timeout", now))
+                self._on_abort(Abort(request.request_id, "timeout", now, self._steps))
 
     # -- planning and stepping -------------------------------------------------------------------
     def _next_work(self) -> _Work:
@@ -339,11 +341,9 @@ class GpuScheduler:
             self._fail_step(work, error)
             return
         finally:
-            now = self._clock()
-            for seq_id in work.releases:
-                aborted_at = self._aborted_at.pop(seq_id, None)
-                if aborted_at is not None:
-                    log.debug("released", request_id=seq_id, teardown_ms=round((now - aborted_at) * 1000, 3))
+            for seq_id in work.releases:  # their rows are free now (before this trip's step counts)
+                if (aborted := self._aborted.pop(seq_id, None)) is not None:
+                    self._metric(self._torn_down(aborted[1], aborted[0]))
         if result is None:
             return
         self._steps += 1
@@ -418,7 +418,7 @@ class GpuScheduler:
             self._emit(request.submit.events, TokenOut(seq_id, token, request.generated - 1, now, finish, is_stop))
             if finish is not None and self._running.pop(seq_id, None) is not None:
                 self._pending_releases.append(seq_id)
-                self._finish(request, finish)
+                self._metric(self._finish(request, finish))
         self._metric(
             StepCompleted(result.kind, result.batch, result.new_tokens, len(result.tokens), result.seconds, tuple(gaps))
         )
@@ -435,7 +435,9 @@ class GpuScheduler:
             return "length", False
         return None, False
 
-    def _finish(self, request: _Request, reason: FinishReason, teardown_from: float | None = None) -> None:
+    def _finish(self, request: _Request, reason: FinishReason) -> RequestFinished:
+        """Send the request its terminal event; return its metrics event, which an aborted request
+        sends once its row is freed (with the teardown measured) and any other sends at once."""
         now = self._clock()
         prompt_tokens = len(request.submit.prompt)
         self._emit(
@@ -443,17 +445,19 @@ class GpuScheduler:
             Finished(request.request_id, reason, prompt_tokens, request.generated, now),
         )
         request.submit.events.close()  # the terminal event: the relay's loop ends after it
-        self._metric(
-            RequestFinished(
-                request.request_id,
-                reason,
-                prompt_tokens,
-                request.generated,
-                now - request.submit.received_at,
-                None if teardown_from is None else now - teardown_from,
-            )
+        finished = RequestFinished(
+            request.request_id, reason, prompt_tokens, request.generated, now - request.submit.received_at
         )
         log.debug("finished", request_id=request.request_id, reason=reason, tokens=request.generated)
+        return finished
+
+    def _torn_down(self, finished: RequestFinished, abort: Abort) -> RequestFinished:
+        return dataclasses.replace(
+            finished,
+            teardown_seconds=max(0.0, self._clock() - abort.at),
+            teardown_steps=max(0, self._steps - abort.steps),
+            abort_reason=abort.reason,
+        )
 
     def _fail_step(self, work: _Work, error: Exception) -> None:
         """Fail the requests that were in the failed step; everyone else keeps going."""
@@ -463,6 +467,7 @@ class GpuScheduler:
             involved += [seq_id for seq_id, _ in plan.chunks]
         elif isinstance(plan, DecodePlan):
             involved += list(plan.seq_ids)
+        involved = list(dict.fromkeys(involved))  # a request that joined this step is also in its plan
         log.error("step_failed", error=repr(error), requests=involved)
         self._consecutive_failures += 1
         for seq_id in involved:
@@ -513,10 +518,10 @@ class GpuScheduler:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The relay is gone: the client left. Free the request like an abort.
             if event.request_id in self._running or any(r.request_id == event.request_id for r in self._waiting):
-                self._on_abort(Abort(event.request_id, "client_disconnect", self._clock()))
+                self._on_abort(Abort(event.request_id, "client_disconnect", self._clock(), self._steps))
         except trio.WouldBlock:
             log.error("event_channel_full", request_id=event.request_id)
-            self._on_abort(Abort(event.request_id, "stalled", self._clock()))
+            self._on_abort(Abort(event.request_id, "stalled", self._clock(), self._steps))
 
     def _metric(self, event: MetricsEvent) -> None:
         # Metrics must never hold up generation: a metrics actor that is gone loses the event.

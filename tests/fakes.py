@@ -94,6 +94,17 @@ def inline_steps(seconds: float = 0.01) -> StepCaller:
     return call
 
 
+def slow_steps(seconds: float) -> StepCaller:
+    """Real steps in a worker thread, each after ``seconds`` of waiting: a model whose steps are
+    slow, so that what happens within one step is not a matter of scheduling luck."""
+
+    async def call(fn: Callable[[], T]) -> T:
+        await trio.sleep(seconds)
+        return await trio.to_thread.run_sync(fn)
+
+    return call
+
+
 class FaultInjectingRunner:
     """Wraps a real runner; a step that involves a sequence whose prompt contains ``marker`` raises
     ``error`` (e.g. a RuntimeError standing for a CUDA fault) instead of running."""

@@ -46,7 +46,9 @@ async def known_sequence(server: RunningServer, client: httpx.AsyncClient) -> No
 
 def one_cancelled_none_running(stats: dict[str, Any]) -> bool:
     figures = stats["model_metrics"]["tiny-gpt-oss"]
-    return bool(figures["requests"]["cancelled"] == 1 and figures["active_sequences"] == 0)
+    # The teardown is recorded once the cancelled row is freed, just after the cancellation is counted.
+    freed = figures["cancel_teardown_steps"]["count"] == 1
+    return bool(figures["requests"]["cancelled"] == 1 and figures["active_sequences"] == 0 and freed)
 
 
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -87,6 +89,7 @@ async def test_metrics_follow_a_known_sequence_of_requests(tiny_weights: ModelWe
     assert value(found, "gptoss_e2e_request_latency_seconds_count") == 3
     assert value(found, "gptoss_request_queue_time_seconds_count") == 4  # the generations: not the cache hit
     assert value(found, "gptoss_cancel_teardown_seconds_count") == 1
+    assert value(found, "gptoss_cancel_teardown_steps_count") == 1
     assert value(found, "gptoss_inter_token_latency_seconds_count") > 0
     assert value(found, "gptoss_requests_running") == 0 and value(found, "gptoss_requests_waiting") == 0
     generated = value(found, "gptoss_generation_tokens_total")

@@ -93,7 +93,7 @@ async def test_stop_token_ends_with_stop_and_is_flagged() -> None:
     assert isinstance(events[-1], Finished) and events[-1].reason == "stop"
 
 
-async def test_min_tokens_and_ignore_eos_keep_going_past_stop_tokens() -> None:
+async def test_ignore_eos_keeps_going_past_stop_tokens() -> None:
     backend = FakeBackend(stop_token=STOP, stop_after=1)
     scheduler, _ = make_scheduler(backend)
     async with trio.open_nursery() as nursery:
@@ -102,6 +102,20 @@ async def test_min_tokens_and_ignore_eos_keep_going_past_stop_tokens() -> None:
         scheduler.close()
     assert isinstance(ignoring[-1], Finished) and ignoring[-1].reason == "length"
     assert tokens_of(ignoring) == [1, STOP, STOP, STOP]
+
+
+async def test_min_tokens_ignores_stop_tokens_until_reached() -> None:
+    """Breakage caught: the scheduler ending at a stop token below min_tokens (its check removed)."""
+    backend = FakeBackend(stop_token=STOP, stop_after=1)
+    scheduler, _ = make_scheduler(backend)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        held = await drain(submit(scheduler, "a", max_tokens=10, min_tokens=3))
+        plain = await drain(submit(scheduler, "b", max_tokens=10))
+        scheduler.close()
+    assert tokens_of(held) == [1, STOP, STOP], "the stop token counts once min_tokens are out"
+    assert isinstance(held[-1], Finished) and held[-1].reason == "stop" and held[-1].completion_tokens == 3
+    assert tokens_of(plain) == [1, STOP] and isinstance(plain[-1], Finished) and plain[-1].reason == "stop"
 
 
 async def test_batch_is_capped_and_requests_join_as_rows_free(autojump_clock: object) -> None:
@@ -172,16 +186,12 @@ async def test_abort_running_frees_row_before_next_step_and_is_idempotent() -> N
         scheduler.abort("b", "client_disconnect")
         await drain(other)
         scheduler.close()
-    finished: list[RequestFinished] = []
-    while True:
-        try:
-            metric = metrics.receive_nowait()
-        except trio.WouldBlock:
-            break
-        if isinstance(metric, RequestFinished):
-            finished.append(metric)
+    finished = finished_metrics(metrics)
     assert sorted(e.reason for e in finished) == ["cancelled", "cancelled"]
     assert all(e.teardown_seconds is not None and e.teardown_seconds >= 0 for e in finished)
+    assert all(e.abort_reason == "client_disconnect" for e in finished)
+    a_finished = next(e for e in finished if e.request_id == "a")
+    assert a_finished.teardown_steps is not None and a_finished.teardown_steps <= 1, "freed before the next step"
 
 
 async def test_abort_while_queued_never_reaches_the_backend() -> None:
@@ -199,9 +209,21 @@ async def test_abort_while_queued_never_reaches_the_backend() -> None:
     assert all("b" not in ids for _, ids in backend.log)
 
 
+def finished_metrics(metrics: trio.MemoryReceiveChannel[MetricsEvent]) -> list[RequestFinished]:
+    found: list[RequestFinished] = []
+    while True:
+        try:
+            metric = metrics.receive_nowait()
+        except trio.WouldBlock:
+            return found
+        if isinstance(metric, RequestFinished):
+            found.append(metric)
+
+
 async def test_relay_gone_counts_as_disconnect() -> None:
+    """Breakage caught: a vanished relay taken for a stall (abort reason "stalled", also "cancelled")."""
     backend = FakeBackend()
-    scheduler, _ = make_scheduler(backend)
+    scheduler, metrics = make_scheduler(backend)
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
         channel = submit(scheduler, "a", max_tokens=1000)
@@ -211,6 +233,9 @@ async def test_relay_gone_counts_as_disconnect() -> None:
         assert scheduler.stats.running == 0
         assert backend.seqs == {}
         scheduler.close()
+    (finished,) = finished_metrics(metrics)
+    assert (finished.reason, finished.abort_reason) == ("cancelled", "client_disconnect")
+    assert finished.teardown_steps is not None and finished.teardown_steps <= 1
 
 
 async def test_a_failing_step_fails_only_its_requests() -> None:
