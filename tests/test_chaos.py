@@ -5,6 +5,8 @@ nothing is left running, the cache holds only complete outputs, and memory is ba
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -23,6 +25,10 @@ from tests.conftest import running_server, server_config, wait_for_stats
 from tests.fakes import with_faults
 
 REQUESTS = 300
+# RSS growth allowed over the second half (150 requests, about 100 of them generated): 27 KiB a
+# request. Measured on the 2-core development machine: +0.1 MiB (573.3 -> 573.4 MiB; the first half,
+# from a cold start, grew 18 MiB); 64 KiB leaked per generation gave +6.6 MiB.
+LEAK_BOUND_MIB = 4
 CONCURRENCY = 28  # a little over the batch (8) plus the queue (16): some are refused
 MALFORMED: list[bytes] = [
     b"{not json",
@@ -93,6 +99,15 @@ def _json_ending(response: httpx.Response) -> str:
     return "error"
 
 
+def live_rss() -> int:
+    """Resident memory after giving freed heap pages back to the system: without the trim, a leak
+    fills memory the allocator already holds and RSS does not move."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(psutil.Process().memory_info().rss)
+
+
 def nothing_in_flight(stats: dict[str, Any]) -> bool:
     return bool(stats["model_metrics"]["tiny-gpt-oss"]["active_streams"] == 0 and stats["active_sequences"] == 0)
 
@@ -107,8 +122,7 @@ async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
             for _ in range(3):  # warm up before the memory baseline
                 await client.post("/generate", json={"prompt": "warm", "max_tokens": 8, "stream": False})
-            gc.collect()
-            rss_before = psutil.Process().memory_info().rss
+            rss_before = live_rss()
             tasks_before = pipeline.task_count
             rng = random.Random(20261125)
             seeds = [rng.random() for _ in range(REQUESTS)]
@@ -122,17 +136,20 @@ async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights)
                     ending = await one_request(client, random.Random(seeds[index]), index, kinds[index])
                     endings[ending] += 1
 
+            # Two rounds: the first warms every path (allocator pools, the cache's entries, the
+            # interpreter's caches); the second, the same mix again, must not grow memory.
+            rss: list[int] = []
             with trio.fail_after(600):
-                async with trio.open_nursery() as nursery:
-                    for index in range(REQUESTS):
-                        nursery.start_soon(run, index)
-                # The server's side of the last cancellations.
-                await wait_for_stats(client, nothing_in_flight, timeout=600, server=server)
+                for first, last in ((0, REQUESTS // 2), (REQUESTS // 2, REQUESTS)):
+                    async with trio.open_nursery() as nursery:
+                        for index in range(first, last):
+                            nursery.start_soon(run, index)
+                    # The server's side of the last cancellations.
+                    await wait_for_stats(client, nothing_in_flight, timeout=600, server=server)
+                    rss.append(live_rss())
             await trio.sleep(0.2)
             stats = (await client.get("/stats")).json()["model_metrics"]["tiny-gpt-oss"]
             tasks_after, relays_after = pipeline.task_count, pipeline.active_relays
-        gc.collect()
-        rss_after = psutil.Process().memory_info().rss
         model = pipeline.model
         assert model is not None and pipeline.cache is not None
         runner = model.runner
@@ -142,11 +159,16 @@ async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights)
     print(
         f"\nchaos: {REQUESTS} requests, kinds {dict(collections.Counter(kinds))}, client endings {dict(endings)}; "
         f"server {requests}; "
-        f"RSS {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after"
+        f"RSS {rss_before / 2**20:.1f} MiB before, {rss[0] / 2**20:.1f} after the first half, "
+        f"{rss[1] / 2**20:.1f} after the second"
     )
     assert sum(endings.values()) == REQUESTS
-    assert kinds.count("cancel_stream") + kinds.count("cancel_json") >= REQUESTS // 3
     assert endings["refused"] > 0 and endings["error"] > 0 and endings["cancelled"] > REQUESTS // 10
+    # Only a client that left is counted as cancelled (never a request the server gave up on itself),
+    # and each of them within one model step.
+    assert 0 < requests["cancelled"] <= endings["cancelled"]
+    assert stats["client_disconnects"] <= endings["cancelled"]
+    assert stats["cancel_teardown_steps"]["max"] <= 1, stats["cancel_teardown_steps"]
     # Every request the server took had exactly one ending, and they add up.
     assert requests["ok"] + requests["error"] + requests["cancelled"] + requests["rejected"] == requests["total"]
     # Every valid request reached the server, except some a client cancelled before it was sent.
@@ -166,4 +188,4 @@ async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights)
     for entry in cached:
         assert entry is not None and entry.done.finish_reason in STORED_REASONS
         assert len(entry.tokens) == entry.done.usage.completion_tokens
-    assert rss_after - rss_before < 150 * 2**20, "memory is back near where it started"
+    assert rss[1] - rss[0] < LEAK_BOUND_MIB * 2**20, "the second half, the same mix again, did not grow memory"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 
@@ -70,6 +71,35 @@ async def test_penalties_are_applied_and_keyed(smollm2_server: RunningServer) ->
     assert text[3] != text[0]
     keys = {r.headers["X-Cache-Key"] for r in (plain, penalised, extension)}
     assert len(keys) == 3
+
+
+async def test_min_tokens_holds_off_a_real_models_end_and_ignore_eos_runs_to_max(
+    smollm2_server: RunningServer,
+) -> None:
+    """SmolLM2 ends a short answer by itself; min_tokens makes it go on, ignore_eos runs to max_tokens.
+
+    Breakage caught: min_tokens not enforced (the answer still ends at the model's own end token).
+    """
+
+    def call(**extra: object) -> openai.types.chat.ChatCompletion:
+        with sync_client(smollm2_server) as client:
+            return client.chat.completions.create(
+                model="smollm2-135m",
+                messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=60,
+                temperature=0,
+                extra_body={"cache": False, **extra},
+            )
+
+    plain = await trio.to_thread.run_sync(call)
+    assert plain.usage is not None and plain.choices[0].finish_reason == "stop"
+    natural = plain.usage.completion_tokens
+    assert natural < 30, plain.choices[0].message.content
+    held = await trio.to_thread.run_sync(functools.partial(call, min_tokens=natural + 15))
+    assert held.usage is not None and held.usage.completion_tokens >= natural + 15
+    running = await trio.to_thread.run_sync(functools.partial(call, ignore_eos=True))
+    assert running.usage is not None and running.usage.completion_tokens == 60
+    assert running.choices[0].finish_reason == "length"
 
 
 async def test_sync_client_streams_with_usage(smollm2_server: RunningServer) -> None:

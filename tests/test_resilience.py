@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -19,14 +20,13 @@ from hypercorn.trio import serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.scheduler import StepCaller
 from app.cli import hypercorn_config
 from app.engine.loader import ModelWeights, serve_weights
 from app.http.request_scope import RequestScopeMiddleware, on_request_close
 from app.prompts.harmony_encoding import harmony_encoding
 from app.server import create_server
 from tests.conftest import RunningServer, app_process, running_server, server_config, weights
-from tests.fakes import with_faults
+from tests.fakes import slow_steps, with_faults
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,14 +150,6 @@ async def test_a_request_past_its_deadline_ends_with_timeout(tiny_server: Runnin
     assert stats["active_sequences"] == 0
 
 
-def slow_steps(seconds: float) -> StepCaller:
-    async def call(fn: Any) -> Any:
-        await trio.sleep(seconds)
-        return await trio.to_thread.run_sync(fn)
-
-    return call
-
-
 async def test_idle_streams_get_heartbeats(tiny_weights: ModelWeights) -> None:
     config = server_config(heartbeat_seconds=0.05)
     async with running_server(tiny_weights, config, step_caller=slow_steps(0.3)) as server, server.client() as client:
@@ -185,18 +177,24 @@ async def test_failing_steps_turn_health_degraded_until_one_succeeds(tiny_weight
 
 
 async def test_an_error_mid_stream_ends_with_an_error_event(tiny_weights: ModelWeights) -> None:
-    """The fault hits the decode steps: the stream has started, so it must end with event: error."""
+    """The fault hits each request's third decode step: the stream has started, so /generate must
+    end with ``event: error`` and the chat stream with an OpenAI error chunk, then ``[DONE]``.
+
+    Breakage caught: either framer dropping its error (the stream ends on its last token, or the
+    chat stream closes without the error chunk), or [DONE] missing after it.
+    """
 
     def decode_fault(loaded: Any) -> Any:
         runner = loaded.runner
         real_decode = runner.decode
-        calls = {"n": 0}
+        decodes: collections.Counter[str] = collections.Counter()
 
         def decode(seq_ids: Any) -> Any:
-            calls["n"] += 1
-            if calls["n"] == 3:
+            ids = list(seq_ids)
+            decodes.update(ids)
+            if any(decodes[seq_id] == 3 for seq_id in ids):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return real_decode(seq_ids)
+            return real_decode(ids)
 
         runner.decode = decode
         return loaded
@@ -205,13 +203,20 @@ async def test_an_error_mid_stream_ends_with_an_error_event(tiny_weights: ModelW
         response = await client.post("/generate", json={"prompt": "x", "max_tokens": 50})
         chat = await client.post(
             "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": True},
+            json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 50, "stream": True},
         )
     events = [block for block in response.text.strip().split("\n\n") if block]
     assert events[0].startswith("event: start") and events[-1].startswith("event: error")
     assert "illegal memory access" in events[-1]
     assert sum(e.startswith("event: token") for e in events) == 3  # the prefill's token and two decodes
-    assert chat.status_code == 200 and chat.text.rstrip().endswith("data: [DONE]")
+    assert chat.status_code == 200
+    lines = [block.removeprefix("data: ") for block in chat.text.strip().split("\n\n") if block]
+    assert lines[-1] == "[DONE]"
+    error = json.loads(lines[-2])["error"]
+    assert "illegal memory access" in error["message"] and error["type"] and "code" in error
+    chunks = [json.loads(line) for line in lines[:-2]]
+    assert chunks and all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert not any(choice.get("finish_reason") for chunk in chunks for choice in chunk["choices"])
 
 
 # -- slow clients ------------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""Out of memory in a real model step: the scheduler splits the batch and retries, on the tiny gpt-oss.
+
+A forward pre-hook raises ``torch.cuda.OutOfMemoryError`` (what the CUDA allocator raises; the
+runner maps it to StepOutOfMemory) whenever a decode step holds more than two rows. The scheduler
+must retry the step as two halves that fit, and the answers must be plain generate()'s token for
+token: the failed forward may have written keys for some layers before it raised, and those must
+be overwritten, never read.
+
+Breakage caught: no split (every request fails "out of memory"); halves that do not partition the
+batch (a sequence decoded twice, or skipped: its tokens differ); a failed forward that advances a
+sequence's length (its next keys land one position off: the tokens differ from generate()).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import trio
+
+from actors.batch_policy import BatchSettings
+from actors.messages import Finished, MetricsEvent, SchedulerEvent, Submit, TokenOut
+from actors.scheduler import GpuScheduler, SchedulerSettings
+from app.engine.loader import ModelWeights
+from app.engine.params import SamplingParams
+from app.engine.runner import ModelRunner
+from tests.fakes import inline_steps
+from tests.test_engine import random_prompts, reference_greedy
+
+MAX_ROWS_THAT_FIT = 2
+
+
+async def test_an_out_of_memory_decode_is_split_and_gives_generates_tokens(tiny_weights: ModelWeights) -> None:
+    n = 10
+    prompts = random_prompts(4, 199_000, seed=5)
+    expected = {name: reference_greedy(tiny_weights, prompt, n) for name, prompt in prompts.items()}
+    runner = ModelRunner(tiny_weights.model, max_batch_size=4, max_context=4096, stop_token_ids=[])
+    rows_seen: list[int] = []
+    refused: list[int] = []
+
+    def too_big(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        rows = int(kwargs["input_ids"].shape[0])
+        rows_seen.append(rows)
+        if rows > MAX_ROWS_THAT_FIT:
+            refused.append(rows)
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {rows} rows)")
+
+    metrics, _ = trio.open_memory_channel[MetricsEvent](math.inf)
+    settings = SchedulerSettings(BatchSettings(4, 512, 2), max_queue=8, max_context=4096)
+    scheduler = GpuScheduler(runner, settings, metrics, step_caller=inline_steps(0.0), clock=trio.current_time)
+    greedy = SamplingParams(max_tokens=n, temperature=0.0)
+    hook = tiny_weights.model.register_forward_pre_hook(too_big, with_kwargs=True)
+    out: dict[str, list[int]] = {}
+    finished: dict[str, Finished] = {}
+    try:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(scheduler.run)
+                channels = {}
+                for name, prompt in prompts.items():
+                    send, receive = trio.open_memory_channel[SchedulerEvent](n + 8)
+                    scheduler.submit(Submit(name, tuple(prompt), greedy, frozenset(), trio.current_time(), send))
+                    channels[name] = receive
+                for name, receive in channels.items():
+                    async for event in receive:
+                        if isinstance(event, TokenOut):
+                            out.setdefault(name, []).append(event.token_id)
+                        elif isinstance(event, Finished):
+                            finished[name] = event
+                scheduler.close()
+    finally:
+        hook.remove()
+    assert refused, "a decode step of more than two rows was attempted and refused"
+    assert rows_seen.count(2) == 2 * len(refused), "each refused step ran again as two halves of two rows"
+    assert {name: event.reason for name, event in finished.items()} == dict.fromkeys(prompts, "length")
+    assert out == expected, "the split halves give generate()'s tokens: the failed forward left nothing behind"
+    assert runner.sequence_ids() == [] and runner.kv_cache_bytes == 0
