@@ -14,7 +14,7 @@ import torch
 
 from tools.gpu_check import __main__ as cli
 from tools.gpu_check.build import model_config
-from tools.gpu_check.capture import CaptureLog
+from tools.gpu_check.capture import CaptureLog, capture_factory
 from tools.gpu_check.frozen_capture import FrozenCapture
 from tools.gpu_check.output import write_json
 from tools.gpu_check.plan import Plan, Targets, gpu_plan, smoke_plan
@@ -33,6 +33,7 @@ def test_gpu_check_smoke_run_passes_on_replayed_graphs(tmp_path: Path, capsys: p
     (a capture that is not handed through serve_weights, or the eager path instead of the stand-in)
     compares eager with eager and can never fail; and a sound build that the verdict fails (smoke
     targets out of reach of a 2-core CPU, a check that misreads its own figures)."""
+    assert capture_factory(smoke_plan()) is FrozenCapture, "the smoke run captures with the stand-in"
     out = tmp_path / "check.json"
     assert cli.main(["--cpu-smoke", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
