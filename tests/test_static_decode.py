@@ -1,7 +1,7 @@
 """The static decode path (``--cuda-graphs``) on the CPU: slot cache, buckets, capture and replay.
 
 CUDA graphs cannot be captured here, so the graph path runs on ``FrozenCapture`` (see
-tests/graph_emulation.py): each (batch, kv_length) bucket is recorded once at the aten level and
+tools/gpu_check/frozen_capture.py): each (batch, kv_length) bucket is recorded once at the aten level and
 replayed without running Python again, and a step that would not capture on a GPU (a host
 synchronisation, a tensor made from Python data) fails its capture. Greedy tokens must still be
 generate()'s, with sequences joining and leaving mid-flight and prompts longer than the window.
@@ -25,9 +25,9 @@ from app.engine.static_decode import batch_buckets, bucket_for, kv_buckets
 from app.engine.static_runner import StaticModelRunner
 from app.prompts.harmony_encoding import harmony_encoding
 from tests.conftest import running_server, server_config
-from tests.graph_emulation import CaptureError, FrozenCapture
 from tests.test_engine import GREEDY, drive, random_prompts, reference_greedy
 from tests.test_http_generate import stream_events
+from tools.gpu_check.frozen_capture import CaptureError, FrozenCapture
 
 
 def static_runner(

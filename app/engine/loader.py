@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from app.engine import moe_loading
+from app.engine.cuda_graphs import Capture, StepGraphs
 from app.engine.params import SamplingParams
 from app.engine.runner import BaseRunner, ModelRunner, PrefillChunk
 from app.engine.slot_cache import SlotKVCache, SlotShape
@@ -169,12 +170,15 @@ def serve_weights(
     cuda_graphs: bool = False,
     max_seq_len: int | None = None,
     precapture_positions: int = PRECAPTURE_POSITIONS,
+    capture: Capture | None = None,
 ) -> LoadedModel:
     """A fresh runner (and KV cache) over loaded weights, warmed up.
 
     ``cuda_graphs``: the static path (slot cache allocated now, fixed-shape decode steps, captured
     as CUDA graphs on a GPU, eager elsewhere). ``max_seq_len`` caps prompt + generated tokens per
     sequence (the static path's default is STATIC_DEFAULT_SEQ_LEN: every slot holds that many).
+    ``capture``: what captures the static path's decode steps instead of CUDA graphs, on any
+    device (the GPU check's CPU run serves through a stand-in, so its replays are what it measures).
     """
     max_context = weights.max_context
     if max_seq_len is not None:
@@ -183,7 +187,7 @@ def serve_weights(
         max_context = min(max_context, STATIC_DEFAULT_SEQ_LEN)
     runner: BaseRunner
     if cuda_graphs:
-        runner = _static_runner(weights, max_batch_size, max_context)
+        runner = _static_runner(weights, max_batch_size, max_context, capture)
     else:
         runner = ModelRunner(
             weights.model, max_batch_size=max_batch_size, max_context=max_context, stop_token_ids=weights.stop_token_ids
@@ -211,7 +215,9 @@ def serve_weights(
     )
 
 
-def _static_runner(weights: ModelWeights, max_batch_size: int, max_context: int) -> StaticModelRunner:
+def _static_runner(
+    weights: ModelWeights, max_batch_size: int, max_context: int, capture: Capture | None
+) -> StaticModelRunner:
     shape = SlotShape.for_config(weights.model.config.get_text_config())
     needed = SlotKVCache.bytes_needed(shape, max_batch_size, max_context, weights.dtype)
     log.info("slot_cache", slots=max_batch_size, positions=max_context, gib=round(needed / 2**30, 2))
@@ -222,6 +228,7 @@ def _static_runner(weights: ModelWeights, max_batch_size: int, max_context: int)
             max_context=max_context,
             stop_token_ids=weights.stop_token_ids,
             cuda_graphs=True,
+            graphs=StepGraphs(capture) if capture is not None else None,
         )
     except torch.cuda.OutOfMemoryError as error:
         raise ModelLoadError(

@@ -1,6 +1,6 @@
 """A CPU stand-in for CUDA graph capture, strict in the ways that matter to the static decode path.
 
-``frozen_capture`` records every aten operation one run of a step makes (through a dispatch mode)
+``FrozenCapture`` records every aten operation one run of a step makes (through a dispatch mode)
 and returns a replay that re-executes exactly those operations: Python runs once, at capture, and
 is not consulted again. So, as with a real CUDA graph,
 - every scalar the Python code computed is frozen at its capture-time value, and tensors made
@@ -13,7 +13,9 @@ is not consulted again. So, as with a real CUDA graph,
 A step whose per-call inputs do not all flow through the static buffers replays with stale values,
 which the token-for-token comparisons with generate() then catch. What it cannot see: copies that
 exist only on a GPU (``.to(device)`` of a tensor made on the host inside the step is a no-op
-here), and kernels that refuse capture; those are for tools/gpu_check.py to find.
+here), and kernels that refuse capture; those are for a run of ``python -m tools.gpu_check`` on a
+GPU to find. It lives with the GPU check, whose ``--cpu-smoke`` run captures with it; the tests use
+it too.
 """
 
 from __future__ import annotations
