@@ -1,9 +1,18 @@
-"""PromptBuilder against openai-harmony, token for token, and cache_key stability."""
+"""PromptBuilder and cache_key against literal golden values.
+
+Every reference below is a literal, computed once from the pb-1 rules and written down: token id
+lists and sha256 digests. Each is cross-checked against something the code under test does not
+use: the tokenizer decodes the pinned ids back to the documented text, and the pinned digest is
+the sha256 of a literal canonical JSON document. A change to the rendering or to the key's
+canonical form fails a test here; if the change is meant, bump PROMPT_VERSION and pin the new
+values. openai-harmony's own rendering is compared too, as an extra check only: it is built with
+the same calls as the builder, so it would move with a mistake in how they are used.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +36,67 @@ from app.prompts.harmony_encoding import harmony_encoding
 ROOT = Path(__file__).resolve().parent.parent
 EFFORTS = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
 
+# -- golden values (pb-1) ------------------------------------------------------------------------
+# "What is 2 + 2?" as the only message, at each reasoning effort. The lists differ in one id: the
+# effort word of the system message (4465 low, 14093 medium, 1932 high).
+EFFORT_TOKENS: dict[str, list[int]] = {
+    "low": [
+        200006, 17360, 200008, 3575, 553, 17554, 162016, 11, 261, 4410, 6439, 2359, 22203, 656, 7788, 17527,
+        558, 87447, 100594, 25, 220, 1323, 19, 12, 3218, 198, 6576, 3521, 25, 220, 1323, 20,
+        12, 3218, 12, 2029, 279, 30377, 289, 25, 4465, 279, 2, 13888, 18403, 25, 8450, 11,
+        49159, 11, 1721, 13, 21030, 2804, 413, 7360, 395, 1753, 3176, 13, 200007, 200006, 1428, 200008,
+        4827, 382, 220, 17, 659, 220, 17, 30, 200007, 200006, 173781,
+    ],
+    "medium": [
+        200006, 17360, 200008, 3575, 553, 17554, 162016, 11, 261, 4410, 6439, 2359, 22203, 656, 7788, 17527,
+        558, 87447, 100594, 25, 220, 1323, 19, 12, 3218, 198, 6576, 3521, 25, 220, 1323, 20,
+        12, 3218, 12, 2029, 279, 30377, 289, 25, 14093, 279, 2, 13888, 18403, 25, 8450, 11,
+        49159, 11, 1721, 13, 21030, 2804, 413, 7360, 395, 1753, 3176, 13, 200007, 200006, 1428, 200008,
+        4827, 382, 220, 17, 659, 220, 17, 30, 200007, 200006, 173781,
+    ],
+    "high": [
+        200006, 17360, 200008, 3575, 553, 17554, 162016, 11, 261, 4410, 6439, 2359, 22203, 656, 7788, 17527,
+        558, 87447, 100594, 25, 220, 1323, 19, 12, 3218, 198, 6576, 3521, 25, 220, 1323, 20,
+        12, 3218, 12, 2029, 279, 30377, 289, 25, 1932, 279, 2, 13888, 18403, 25, 8450, 11,
+        49159, 11, 1721, 13, 21030, 2804, 413, 7360, 395, 1753, 3176, 13, 200007, 200006, 1428, 200008,
+        4827, 382, 220, 17, 659, 220, 17, 30, 200007, 200006, 173781,
+    ],
+}  # fmt: skip
+
+MULTI_TURN = (
+    ChatMessage("system", "Answer in French."),
+    ChatMessage("user", "Hello!"),
+    ChatMessage("assistant", "Bonjour !"),
+    ChatMessage("developer", "Be brief."),
+    ChatMessage("user", "How are you? 🙂"),
+)
+MULTI_TURN_TOKENS: list[int] = [
+    200006, 17360, 200008, 3575, 553, 17554, 162016, 11, 261, 4410, 6439, 2359, 22203, 656, 7788, 17527,
+    558, 87447, 100594, 25, 220, 1323, 19, 12, 3218, 198, 6576, 3521, 25, 220, 1323, 20,
+    12, 3218, 12, 2029, 279, 30377, 289, 25, 1932, 279, 2, 13888, 18403, 25, 8450, 11,
+    49159, 11, 1721, 13, 21030, 2804, 413, 7360, 395, 1753, 3176, 13, 200007, 200006, 77944, 200008,
+    2, 68406, 279, 17045, 306, 12911, 364, 3238, 14567, 13, 200007, 200006, 1428, 200008, 13225, 0,
+    200007, 200006, 173781, 200005, 17196, 200008, 45751, 1073, 200007, 200006, 1428, 200008, 5299, 553, 481, 30,
+    26192, 200007, 200006, 173781,
+]  # fmt: skip
+
+# SmolLM2-135M-Instruct's chat template (ChatML): <|im_start|> is 1, <|im_end|> is 2, "\n" is 198.
+SMOLLM2_TOKENS: list[int] = [1, 9690, 198, 6077, 1942, 30, 2, 198, 1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198]
+SMOLLM2_INSTRUCTED_TOKENS: list[int] = [
+    1, 9690, 198, 21350, 13099, 30, 2, 198, 1, 9690, 198, 6077, 1942, 30, 2, 198,
+    1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198, 19556, 17, 2, 198, 1, 4093,
+    198, 3087, 85, 2, 198, 1, 520, 9531, 198,
+]  # fmt: skip
+
+
+def harmony_system(effort: str) -> str:
+    """Harmony's system message as its documentation shows it, with pb-1's fixed date."""
+    return (
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+        f"Knowledge cutoff: 2024-06\nCurrent date: 2025-06-28\n\nReasoning: {effort}\n\n"
+        "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
+    )
+
 
 def harmony_reference(
     effort: str, developer: str | None, turns: list[tuple[oh.Role, str]], date: str = DEFAULT_CONVERSATION_DATE
@@ -46,29 +116,36 @@ def harmony_reference(
 
 
 @pytest.mark.parametrize("effort", ["low", "medium", "high"])
-def test_each_effort_level_matches_openai_harmony(effort: str) -> None:
+def test_each_effort_level_gives_its_pinned_tokens(effort: str) -> None:
+    """Catches a change to the system message: another effort mapping, date, identity or channel
+    list (e.g. low and high swapped in the builder's effort table)."""
     spec = PromptSpec(messages=(ChatMessage("user", "What is 2 + 2?"),), reasoning_effort=effort)  # type: ignore[arg-type]
-    expected = harmony_reference(effort, None, [(oh.Role.USER, "What is 2 + 2?")])
-    assert list(build_prompt_tokens(spec, None, harmony=True)) == expected  # type: ignore[arg-type]
-
-
-def test_multi_turn_with_developer_instructions_matches_openai_harmony() -> None:
-    spec = PromptSpec(
-        messages=(
-            ChatMessage("system", "Answer in French."),
-            ChatMessage("user", "Hello!"),
-            ChatMessage("assistant", "Bonjour !"),
-            ChatMessage("developer", "Be brief."),
-            ChatMessage("user", "How are you? 🙂"),
-        ),
-        reasoning_effort="high",
+    pinned = EFFORT_TOKENS[effort]
+    assert harmony_encoding().decode_utf8(pinned) == (
+        harmony_system(effort) + "<|start|>user<|message|>What is 2 + 2?<|end|><|start|>assistant"
     )
+    assert list(build_prompt_tokens(spec, None, harmony=True)) == pinned  # type: ignore[arg-type]
+    assert harmony_reference(effort, None, [(oh.Role.USER, "What is 2 + 2?")]) == pinned
+
+
+def test_multi_turn_with_developer_instructions_gives_its_pinned_tokens() -> None:
+    """Catches a change to how a conversation maps onto Harmony: the request's system and
+    developer messages joined in another order or with another separator, a message dropped, the
+    assistant's reply without its final channel."""
+    spec = PromptSpec(messages=MULTI_TURN, reasoning_effort="high")
+    assert harmony_encoding().decode_utf8(MULTI_TURN_TOKENS) == (
+        harmony_system("high") + "<|start|>developer<|message|># Instructions\n\nAnswer in French.\n\nBe brief.<|end|>"
+        "<|start|>user<|message|>Hello!<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Bonjour !<|end|>"
+        "<|start|>user<|message|>How are you? 🙂<|end|><|start|>assistant"
+    )
+    assert list(build_prompt_tokens(spec, None, harmony=True)) == MULTI_TURN_TOKENS  # type: ignore[arg-type]
     expected = harmony_reference(
         "high",
         "Answer in French.\n\nBe brief.",
         [(oh.Role.USER, "Hello!"), (oh.Role.ASSISTANT, "Bonjour !"), (oh.Role.USER, "How are you? 🙂")],
     )
-    assert list(build_prompt_tokens(spec, None, harmony=True)) == expected  # type: ignore[arg-type]
+    assert expected == MULTI_TURN_TOKENS
 
 
 def test_harmony_text_is_the_documented_format() -> None:
@@ -81,6 +158,20 @@ def test_harmony_text_is_the_documented_format() -> None:
         "Knowledge cutoff: 2024-06\nCurrent date: 2025-06-28\n\nReasoning: low\n\n"
         "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
         "<|start|>developer<|message|># Instructions\n\nBe terse.<|end|>"
+        "<|start|>user<|message|>Hi<|end|><|start|>assistant"
+    )
+
+
+def test_harmony_instructions_come_before_the_request_s_own() -> None:
+    """Catches the request's ``instructions`` joined after its system and developer messages."""
+    spec = PromptSpec(
+        messages=(ChatMessage("developer", "Be terse."), ChatMessage("user", "Hi")),
+        reasoning_effort="low",
+        instructions="Use metric units.",
+    )
+    text = harmony_encoding().decode_utf8(list(build_prompt_tokens(spec, None, harmony=True)))  # type: ignore[arg-type]
+    assert text == (
+        harmony_system("low") + "<|start|>developer<|message|># Instructions\n\nUse metric units.\n\nBe terse.<|end|>"
         "<|start|>user<|message|>Hi<|end|><|start|>assistant"
     )
 
@@ -103,15 +194,42 @@ def test_special_tokens_in_user_text_stay_text() -> None:
 
 
 def test_other_models_use_their_chat_template(smollm2_weights: ModelWeights) -> None:
+    """Catches a change to how messages reach a chat template: no generation prompt, messages
+    reordered or dropped, another tokenizer call (special tokens spelled out as text)."""
     tokenizer = smollm2_weights.tokenizer
     spec = PromptSpec(messages=(ChatMessage("system", "Be kind."), ChatMessage("user", "Hi")))
+    assert tokenizer.decode(SMOLLM2_TOKENS) == (
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert list(build_prompt_tokens(spec, tokenizer, harmony=False)) == SMOLLM2_TOKENS  # type: ignore[arg-type]
     expected = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
         add_generation_prompt=True,
         tokenize=True,
         return_dict=False,
     )
-    assert list(build_prompt_tokens(spec, tokenizer, harmony=False)) == list(expected)  # type: ignore[arg-type]
+    assert list(expected) == SMOLLM2_TOKENS
+
+
+def test_a_chat_template_gets_instructions_first_and_developer_as_system(smollm2_weights: ModelWeights) -> None:
+    """Catches the request's ``instructions`` placed after the messages (or lost), and a developer
+    message sent to a template that knows no developer role (or dropped)."""
+    tokenizer = smollm2_weights.tokenizer
+    spec = PromptSpec(
+        messages=(
+            ChatMessage("developer", "Be kind."),
+            ChatMessage("user", "Hi"),
+            ChatMessage("assistant", "Hello!"),
+            ChatMessage("user", "Bye"),
+        ),
+        instructions="Answer briefly.",
+    )
+    assert tokenizer.decode(SMOLLM2_INSTRUCTED_TOKENS) == (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>system\nBe kind.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert list(build_prompt_tokens(spec, tokenizer, harmony=False)) == SMOLLM2_INSTRUCTED_TOKENS  # type: ignore[arg-type]
 
 
 def test_empty_requests_are_refused() -> None:
@@ -172,20 +290,42 @@ def test_cache_key_is_the_same_in_another_process() -> None:
         check=True,
         env={"PYTHONHASHSEED": "123"},
     )
-    assert other.stdout.strip() == key(version="pb-1")
+    assert other.stdout.strip() == "8d4e2ba28fee18c902d334bb0b8e8d87916c4ddf84d1c0845e6d9bbf4d87fe8b"
 
 
-def test_cache_key_of_a_known_request_is_pinned() -> None:
-    # Computing it by hand guards against a silent change of the canonical form (which would
-    # need a new prompt_version).
-    import hashlib
+# Known requests (pb-1, model "m", prompt tokens 1 2 3, plain text), the canonical document each
+# must hash, and its digest. The stop strings are given out of order on purpose.
+PINNED_KEYS = [
+    pytest.param(
+        dataclasses.replace(BASE, stop=("b", "a")),
+        '{"model":"m","prompt_tokens":[1,2,3],"prompt_version":"pb-1","sampling":{"greedy":true,"ignore_eos":false,'
+        '"max_tokens":32,"min_tokens":0,"stop":["a","b"]},"text_mode":"plain"}',
+        "8d4e2ba28fee18c902d334bb0b8e8d87916c4ddf84d1c0845e6d9bbf4d87fe8b",
+        id="greedy",
+    ),
+    pytest.param(
+        dataclasses.replace(BASE, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.1),
+        '{"model":"m","prompt_tokens":[1,2,3],"prompt_version":"pb-1","sampling":{"greedy":true,"ignore_eos":false,'
+        '"max_tokens":32,"min_tokens":0,"penalties":{"frequency":0.25,"presence":0.5,"repetition":1.1},'
+        '"stop":["a","b"]},"text_mode":"plain"}',
+        "e6fda249bb9dcc806ef971745b5d921fdfb03d0971d3ebe9c5d942279874af04",
+        id="greedy-with-penalties",
+    ),
+    pytest.param(
+        dataclasses.replace(BASE, temperature=0.8, top_p=0.9, top_k=40, seed=5),
+        '{"model":"m","prompt_tokens":[1,2,3],"prompt_version":"pb-1","sampling":{"ignore_eos":false,'
+        '"max_tokens":32,"min_tokens":0,"seed":5,"stop":["a","b"],"temperature":0.8,"top_k":40,"top_p":0.9},'
+        '"text_mode":"plain"}',
+        "0278916bc0de5d61e39dfb71d11fa08f21dc95bebeee0e53b8607ca2dab87029",
+        id="sampled-with-seed",
+    ),
+]
 
-    document = {
-        "model": "m",
-        "prompt_tokens": [1, 2, 3],
-        "prompt_version": "pb-1",
-        "sampling": {"greedy": True, "ignore_eos": False, "max_tokens": 32, "min_tokens": 0, "stop": ["a", "b"]},
-        "text_mode": "plain",
-    }
-    expected = hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    assert key(version="pb-1") == expected
+
+@pytest.mark.parametrize(("params", "document", "digest"), PINNED_KEYS)
+def test_cache_key_of_a_known_request_is_pinned(params: SamplingParams, document: str, digest: str) -> None:
+    """Catches any change to the canonical form (a field added to or dropped from the document,
+    penalties or the seed left out, another JSON layout), which must come with a new
+    prompt_version: keys already in a cache would otherwise name other outputs."""
+    assert hashlib.sha256(document.encode("ascii")).hexdigest() == digest
+    assert key(params, version="pb-1") == digest

@@ -18,6 +18,7 @@ from tools.p0.load import LoadSettings, Progress, run_load
 from tools.p0.results import CheckResult
 
 MiB = 1024 * 1024
+TOKEN_EVENT = b"event: token\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,14 @@ class PlanSettings:
     """The knobs of the plan; the defaults fit a few minutes on smollm2-135m on a CPU."""
 
     hit_rate_min: float = 0.30
+    determinism_prompts: int = 10  # distinct seeded greedy requests, each sent determinism_rounds times
+    determinism_rounds: int = 3
     cancel_within_s: float = 1.0
+    # Tokens the server may generate for a dropped stream beyond those its client read: the step
+    # in flight when the disconnect arrives, and one more for a disconnect that lands just after
+    # the next step was planned.
+    tokens_after_drop_max: int = 2
+    settle_s: float = 5.0  # how long a dropped stream's sequence may take to leave the batch
     perf: LoadSettings = field(default_factory=LoadSettings)
     perf_profile: str = "latency_first"
     ttft_p95_max_s: float = 7.0
@@ -75,8 +83,8 @@ async def prompt_determinism(client: httpx.AsyncClient, plan: PlanSettings) -> C
     hits = total = 0
     outputs: dict[int, set[str]] = {}
     stamp = time.time_ns()  # fresh prompts: earlier runs must not have warmed the cache
-    for _round in range(3):
-        for i in range(10):
+    for _round in range(plan.determinism_rounds):
+        for i in range(plan.determinism_prompts):
             body = {
                 "prompt": f"P0 determinism {stamp} #{i}:",
                 "max_tokens": 8,
@@ -136,34 +144,97 @@ async def sse_streaming(client: httpx.AsyncClient, plan: PlanSettings) -> CheckR
     if not in_order or tokens == 0:
         shape = " ".join(dict.fromkeys(names)) or "nothing"
         return CheckResult("PR-ST01", name, False, f"events are not start, tokens, done: got {shape} ({len(names)})")
-    before = await _stats(client)
-    streams_before = _model_figures(before).get("active_streams", 0)
-    body = {"prompt": "Write a very long story.", "max_tokens": 4000, "cache": False}
-    async with client.stream("POST", "/generate", json=body) as stream:
-        received = b""
-        async with aclosing(cast(AsyncGenerator[bytes, None], stream.aiter_raw())) as chunks:
-            async for chunk in chunks:
-                received += chunk
-                if received.count(b"event: token\n") >= 2:
-                    break
+    before = await _settled(client, plan.settle_s)
+    figures_before = _model_figures(before)
+    streams_before = figures_before.get("active_streams", 0)
+    if "completion" not in figures_before.get("tokens", {}):
+        return CheckResult("PR-ST01", name, False, "/stats model_metrics has no tokens.completion")
+    # Greedy and ignoring EOS: the stream cannot end on its own before the client drops it. As
+    # long as the context allows (a server run with a short --max-seq-len refuses 4000 tokens).
+    context = (await client.get("/health")).json().get("max_context")
+    body = {
+        "prompt": "Write a very long story.",
+        "max_tokens": max(4, min(4000, int(context) - 64)) if context else 4000,
+        "temperature": 0,
+        "ignore_eos": True,
+        "cache": False,
+    }
+    read = await _read_then_drop(client, body, tokens=2)
+    if isinstance(read, str):
+        return CheckResult("PR-ST01", name, False, read)
     closed_at = time.monotonic()
-    waited = 0.0
-    while waited <= plan.cancel_within_s:
+    cancel_seconds: float | None = None
+    while cancel_seconds is None and time.monotonic() - closed_at <= plan.cancel_within_s:
         stats = await _stats(client)
-        figures = _model_figures(stats)
         cancelled = stats["cancelled_requests"] - before["cancelled_requests"]
-        if cancelled >= 1 and figures.get("active_streams", 0) == streams_before:
-            message = f"start, {tokens} tokens, done in order; a dropped stream was cancelled in {waited * 1000:.0f} ms"
-            return CheckResult("PR-ST01", name, True, message, {"cancel_seconds": waited})
-        await trio.sleep(0.02)
-        waited = time.monotonic() - closed_at
-    return CheckResult(
-        "PR-ST01",
-        name,
-        False,
-        f"a dropped stream was not counted as cancelled (with active streams back to {streams_before}) "
-        f"within {plan.cancel_within_s} s",
+        if cancelled >= 1 and _model_figures(stats).get("active_streams", 0) == streams_before:
+            cancel_seconds = time.monotonic() - closed_at
+        else:
+            await trio.sleep(0.02)
+    after = await _settled(client, plan.settle_s, figures_before.get("active_sequences", 0))
+    generated = _completion_tokens(after) - _completion_tokens(before)
+    extra = generated - read
+    reasons = []
+    if cancel_seconds is None:
+        reasons.append(
+            f"a dropped stream was not counted as cancelled (with active streams back to {streams_before}) "
+            f"within {plan.cancel_within_s} s"
+        )
+    if extra > plan.tokens_after_drop_max:
+        reasons.append(
+            f"{extra} tokens generated after the client stopped reading (> {plan.tokens_after_drop_max}): "
+            "the server kept generating for a client that was gone"
+        )
+    details = {"cancel_seconds": cancel_seconds, "tokens_after_drop": extra}
+    if reasons:
+        return CheckResult("PR-ST01", name, False, "; ".join(reasons), details)
+    message = (
+        f"start, {tokens} tokens, done in order; a dropped stream was cancelled in {(cancel_seconds or 0) * 1000:.0f}"
+        f" ms, {extra} token{'' if extra == 1 else 's'} generated after the client stopped reading"
+        f" (<= {plan.tokens_after_drop_max})"
     )
+    return CheckResult("PR-ST01", name, True, message, details)
+
+
+async def _read_then_drop(client: httpx.AsyncClient, body: dict[str, Any], tokens: int) -> int | str:
+    """Stream ``body`` and close the connection once ``tokens`` token events are in: the number
+    of token events read by then, or why the stream could not be dropped mid-answer."""
+    received = b""
+    # aiter_raw is one generator; httpx's text iterators nest several that aclosing cannot reach.
+    async with (
+        client.stream("POST", "/generate", json=body) as stream,
+        aclosing(cast(AsyncGenerator[bytes, None], stream.aiter_raw())) as chunks,
+    ):
+        if stream.status_code != 200:
+            return f"the long stream was refused: HTTP {stream.status_code}"
+        async for chunk in chunks:
+            received += chunk
+            if received.count(TOKEN_EVENT) >= tokens:
+                return received.count(TOKEN_EVENT)
+            if b"event: done\n" in received or b"event: error\n" in received:
+                break
+    read = received.count(TOKEN_EVENT)
+    return f"the long stream ended after {read} tokens, before the client could drop it"
+
+
+def _completion_tokens(stats: dict[str, Any]) -> int:
+    return int(_model_figures(stats).get("tokens", {}).get("completion", 0))
+
+
+async def _settled(client: httpx.AsyncClient, timeout: float, sequences: int = 0) -> dict[str, Any]:
+    """Stats once at most ``sequences`` sequences run and the completion count holds still over
+    two reads (the metrics are counted by an actor of their own, a moment after the step), or
+    the last stats read after ``timeout``."""
+    stats = await _stats(client)
+    with trio.move_on_after(timeout):
+        while True:
+            await trio.sleep(0.05)
+            again = await _stats(client)
+            still = _completion_tokens(again) == _completion_tokens(stats)
+            stats = again
+            if still and _model_figures(stats).get("active_sequences", 0) <= sequences:
+                return stats
+    return stats
 
 
 # -- PR-OBS01 --------------------------------------------------------------------------------------
