@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check app actors tests tools
 	$(BIN)/ruff format --check app actors tests tools
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

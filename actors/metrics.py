@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import trio
 
-from actors.messages import (
+from actors.metrics_events import (
     CacheLookup,
     ClientDisconnected,
     FirstToken,
@@ -257,8 +257,8 @@ def lifecycle_line(event: MetricsEvent) -> tuple[str, dict[str, Any]] | None:
 
 
 class MetricsActor:
-    def __init__(self, book: MetricsBook | None = None) -> None:
-        self.book = book or MetricsBook()
+    def __init__(self, prometheus: PrometheusSeries | None = None) -> None:
+        self.book = MetricsBook(prometheus=prometheus or PrometheusSeries())
         self._send, self._receive = trio.open_memory_channel[MetricsEvent](math.inf)
 
     def sender(self) -> trio.MemorySendChannel[MetricsEvent]:
@@ -268,9 +268,6 @@ class MetricsActor:
         """Synchronous and never waits (safe in a cancelled task's ``finally``)."""
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(event)
-
-    def close(self) -> None:
-        self._send.close()
 
     async def run(self, *, task_status: trio.TaskStatus[MetricsActor] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._receive:

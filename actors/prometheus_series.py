@@ -4,7 +4,7 @@ them; /metrics only reads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -19,16 +19,20 @@ TEARDOWN_STEP_BUCKETS = (0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class GpuMemoryCollector(Collector):
-    """torch.cuda's allocator figures, read at scrape time (nothing when not on CUDA)."""
+# (allocated, reserved) bytes of the accelerator's allocator, or None when there is none. Given by
+# the wiring (app.engine.runtime_info.gpu_memory): the actors do not import torch.
+GpuMemoryProbe = Callable[[], "tuple[int, int] | None"]
 
-    def __init__(self, labels: tuple[str, str]) -> None:
+
+class GpuMemoryCollector(Collector):
+    """The accelerator allocator's figures, read at scrape time (nothing when not on CUDA)."""
+
+    def __init__(self, labels: tuple[str, str], probe: GpuMemoryProbe) -> None:
         self._labels = labels
+        self._probe = probe
 
     def collect(self) -> Iterable[Metric]:
-        from app.runtime_info import gpu_memory
-
-        if (gpu := gpu_memory()) is None:
+        if (gpu := self._probe()) is None:
             return []
         allocated = GaugeMetricFamily(
             "gptoss_gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=list(LABELS)
@@ -42,7 +46,8 @@ class GpuMemoryCollector(Collector):
 
 
 class PrometheusSeries:
-    def __init__(self) -> None:
+    def __init__(self, gpu_memory: GpuMemoryProbe | None = None) -> None:
+        self._gpu_memory = gpu_memory
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
         r = self.registry
@@ -111,4 +116,5 @@ class PrometheusSeries:
         self.info.labels(model_id, model_size, dtype, device, profile).set(1)
         for status in ("ok", "error", "cancelled", "rejected"):
             self.requests.labels(model_id, model_size, status)  # present at 0 from the start
-        self.registry.register(GpuMemoryCollector(self.labels))
+        if self._gpu_memory is not None:
+            self.registry.register(GpuMemoryCollector(self.labels, self._gpu_memory))

@@ -25,9 +25,7 @@ import structlog
 import trio
 
 from actors.messages import (
-    CacheLookup,
     CacheStatus,
-    MetricsEvent,
     StreamDone,
     StreamError,
     StreamEvent,
@@ -36,6 +34,8 @@ from actors.messages import (
     StreamToken,
     Timings,
 )
+from actors.metrics_events import CacheLookup, MetricsEvent
+from app.batching.finish import AbortReason
 from app.cache.store import ResponseStore, StoreStats
 
 log = structlog.get_logger("prompt_cache")
@@ -56,7 +56,7 @@ class CachedResponse:
 
 # A generation for a cache miss: given the subscriber-less output channel, it starts the relay and
 # submits to the scheduler, and returns how to abort it.
-StartGeneration = Callable[[trio.MemorySendChannel[StreamEvent]], Callable[[], None]]
+StartGeneration = Callable[[trio.MemorySendChannel[StreamEvent]], Callable[[AbortReason], None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +94,7 @@ class _Flight:
     leader: str
     backlog: list[StreamEvent] = field(default_factory=list)
     subscribers: dict[int, _Subscriber] = field(default_factory=dict)
-    abort: Callable[[], None] = lambda: None
+    abort: Callable[[AbortReason], None] = lambda reason: None
     aborted: bool = False
 
 
@@ -216,7 +216,7 @@ class PromptCache:
             # Nobody is left to read it: stop the generation; it will not be stored.
             flight.aborted = True
             del self._flights[flight.key]
-            flight.abort()
+            flight.abort("client_disconnect")
 
     async def _pump(self, flight: _Flight, generation: trio.MemoryReceiveChannel[StreamEvent]) -> None:
         """Fan one generation's events out to its subscribers; store it if it completed."""
@@ -266,7 +266,7 @@ class PromptCache:
 
     def _replay(self, message: CacheOpen, cached: CachedResponse) -> None:
         subscriber = _Subscriber(message.request_id, message.channel, message.received_at, "HIT")
-        self._send(subscriber, StreamStarted(message.request_id, 0, "HIT"))
+        self._send(subscriber, StreamStarted(message.request_id, "HIT"))
         for token in cached.tokens:
             self._send(subscriber, dataclasses.replace(token, request_id=message.request_id))
             subscriber.first_token_at = subscriber.first_token_at or self._clock()

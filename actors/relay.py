@@ -3,9 +3,10 @@
 It turns token ids into text (held back while a character or a possible stop string is
 incomplete), ends the request at a stop string, adds the timings, and hands ready events to the
 response body. It runs in the pipeline's long-lived nursery, not inside the response generator,
-so a response that is torn down mid-``yield`` never leaves it half-run. When the client is gone
-(its end of the channel closed) or stops reading for ``stall_timeout`` seconds, the relay aborts
-the request and exits.
+so a response that is torn down mid-``yield`` never leaves it half-run. When its reader is gone
+(the stream handle closed its end, after it aborted the request: the one path a disconnect takes)
+the relay just exits; when its reader stops reading for ``stall_timeout`` seconds, or a stop
+string ends the text, the relay aborts the request itself.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 import structlog
 import trio
@@ -37,23 +36,10 @@ from actors.messages import (
     TokenOut,
     Usage,
 )
+from app.text.pieces import TextPiece, TokenText
 from app.text.stop_strings import StopStringMatcher
 
 log = structlog.get_logger("relay")
-
-
-@dataclass(frozen=True, slots=True)
-class TextPiece:
-    text: str
-    channel: str | None = None
-
-
-class TokenText(Protocol):
-    """Per-request token -> text conversion (plain detokenisation, or Harmony channels)."""
-
-    def push(self, token_id: int, is_stop_token: bool) -> TextPiece: ...
-
-    def flush(self) -> TextPiece: ...
 
 
 def _ms(seconds: float) -> float:
@@ -101,7 +87,7 @@ class TokenRelay:
                     if self._stopped:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._abort(self.request_id, "client_disconnect")
+                pass  # the reader is gone: its stream handle has aborted the request already
             except _Stalled:
                 log.warning("stream_stalled", request_id=self.request_id, seconds=self._stall_timeout)
                 self._abort(self.request_id, "stalled")
@@ -123,7 +109,7 @@ class TokenRelay:
     def _translate(self, event: SchedulerEvent) -> list[StreamEvent]:
         match event:
             case Queued():
-                return [StreamStarted(self.request_id, event.position)]
+                return [StreamStarted(self.request_id)]
             case Rejected():
                 return [StreamRejected(self.request_id, event.status, event.message, event.retry_after)]
             case Admitted():

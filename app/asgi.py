@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from app.config import ServerConfig, profile_with
+from app.config import DEFAULT_MODEL, ServerConfig, profile_with
 from app.logging_setup import configure_logging
 from app.server import create_server
 
@@ -36,7 +36,7 @@ def config_from_env() -> ServerConfig:
         arrival_window_ms=_int("GPTOSS_ARRIVAL_WINDOW_MS"),
     )
     return ServerConfig(
-        model=os.environ.get("GPTOSS_MODEL", "20b"),
+        model=os.environ.get("GPTOSS_MODEL", DEFAULT_MODEL),
         served_model_name=os.environ.get("GPTOSS_SERVED_MODEL_NAME") or None,
         profile=profile,
         dtype=os.environ.get("GPTOSS_DTYPE", "auto"),

@@ -14,7 +14,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from app import __version__
-from app.config import LOG_LEVELS, PROFILES, ConfigError, ServerConfig, profile_with
+from app.config import DEFAULT_MODEL, LOG_LEVELS, PROFILES, ConfigError, ServerConfig, profile_with
 from app.logging_setup import configure_logging
 from app.models.registry import ModelNotFoundError, known_names, resolve
 from app.server import Server, create_server
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        default="20b",
+        default=DEFAULT_MODEL,
         help=f"what to serve: one of {', '.join(known_names())}; a local model folder; or a "
         "Hugging Face hub id (org/name, from the local cache when offline). tiny-gpt-oss and "
         "smollm2-135m are built on this machine on first use and need no network",

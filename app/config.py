@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 LogFormat = Literal["json", "console"]
+# What ``python -m app`` and ``hypercorn ... app.asgi:app`` serve when no model is named.
+DEFAULT_MODEL = "20b"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -65,7 +67,10 @@ def profile_with(name: str, **overrides: int | None) -> Profile:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    model: str = "tiny-gpt-oss"
+    """Every setting, built once (from the command line or the environment) and passed down: the
+    scheduler reads its profile, the pipeline its timeouts and cache bounds, the routes the rest."""
+
+    model: str = DEFAULT_MODEL
     served_model_name: str | None = None
     profile: Profile = PROFILES["latency_first"]
     host: str = "127.0.0.1"

@@ -1,8 +1,11 @@
-"""The Quart (quart-trio) application: routes, error handling, and the pipeline's life.
+"""The wiring: the one module that knows every layer and connects them.
 
-The pipeline's actors start in the app's lifespan nursery (``before_serving``) and stop in
-``after_serving``; the ASGI callable that Hypercorn serves is the app wrapped in
-RequestScopeMiddleware, which ties each request's work to the request's life.
+It builds the pipeline over the engine's loader (the actors never import the engine), the Quart
+(quart-trio) application with its error handlers, and registers the routes with what they need
+(``ServerState``: the routes do not import this module). The pipeline's actors start in the app's
+lifespan nursery (``before_serving``) and stop in ``after_serving``; the ASGI callable that
+Hypercorn serves is the app wrapped in RequestScopeMiddleware, which ties each request's work to
+the request's life.
 """
 
 from __future__ import annotations
@@ -17,24 +20,18 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors.batch_policy import BatchSettings
-from actors.pipeline import Pipeline, PipelineSettings, ServedModel, TextMode
-from actors.relay import TokenText
-from actors.scheduler import StepCaller
+from actors.pipeline import Pipeline
+from actors.step_thread import StepCaller
 from app import __version__
 from app.config import ServerConfig
+from app.contract.model import ServedModel
+from app.engine.runtime_info import gpu_memory, runtime_info
+from app.http import generate_routes, openai_routes, ops_routes, playground_routes
+from app.http.context import ServerState
 from app.http.errors import ApiError, error_body, error_response
 from app.http.request_scope import RequestScopeMiddleware
 
 log = structlog.get_logger("server")
-
-
-@dataclass(slots=True)
-class ServerState:
-    """What every route needs; kept on ``app.extensions``."""
-
-    config: ServerConfig
-    pipeline: Pipeline
 
 
 def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
@@ -54,30 +51,6 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
         )
 
     return load
-
-
-def token_text_factory(model: ServedModel, mode: TextMode) -> TokenText:
-    if mode == "harmony":
-        from app.text.harmony_text import HarmonyTokenText
-
-        return HarmonyTokenText(model.decode)
-    from app.text.token_text import PlainTokenText
-
-    return PlainTokenText(model.decode)
-
-
-def pipeline_settings(config: ServerConfig) -> PipelineSettings:
-    profile = config.profile
-    batch = BatchSettings(profile.max_batch_size, profile.prefill_chunk_tokens, profile.max_consecutive_prefills)
-    return PipelineSettings(
-        batch=batch,
-        max_queue=profile.max_queue,
-        stall_timeout=config.stall_timeout,
-        cache_max_entries=config.cache_max_entries,
-        cache_max_bytes=config.cache_max_bytes,
-        profile_name=profile.name,
-        arrival_window=profile.arrival_window_ms / 1000.0,
-    )
 
 
 @dataclass(slots=True)
@@ -104,16 +77,16 @@ def create_server(
     failed load."""
     pipeline = Pipeline(
         loader or default_loader(config),
-        pipeline_settings(config),
-        text_factory=token_text_factory,
+        config,
         step_caller=step_caller,
+        gpu_memory=gpu_memory,
         on_fatal=on_fatal,
     )
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes; disconnects end them
     app.config["BODY_TIMEOUT"] = 60
-    state = ServerState(config, pipeline)
+    state = ServerState(config, pipeline, __version__, runtime_info, gpu_memory)
     app.extensions["gptoss"] = state
 
     @app.before_serving
@@ -122,7 +95,7 @@ def create_server(
 
     @app.after_serving
     async def stop_pipeline() -> None:
-        pipeline.stop()
+        await pipeline.stop()
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
@@ -149,10 +122,8 @@ def create_server(
         body = error_body(500, f"internal error: {type(error).__name__}")
         return Response(json.dumps(body), status=500, content_type="application/json")
 
-    from app.http import generate_routes, openai_routes, ops_routes, playground_routes
-
     generate_routes.register(app, state)
     openai_routes.register(app, state)
-    ops_routes.register(app, state, __version__)
+    ops_routes.register(app, state)
     playground_routes.register(app)
     return Server(app, RequestScopeMiddleware(app, stall_timeout=config.stall_timeout), state)

@@ -18,10 +18,10 @@ import pytest
 import trio
 from hypercorn.trio import serve
 
-from actors.pipeline import ServedModel
-from actors.scheduler import StepCaller
+from actors.step_thread import StepCaller
 from app.cli import hypercorn_config
 from app.config import PROFILES, ServerConfig
+from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights, load_weights, serve_weights
 from app.logging_setup import configure_logging
 from app.models.registry import resolve

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
 
-from actors.scheduler import StepCaller
-from app.engine.params import SamplingParams
-from app.engine.runner import PrefillChunk, StepResult
+from actors.step_thread import StepCaller
+from app.contract.sampling import SamplingParams
+from app.contract.step import PrefillChunk, StepResult
 
 T = TypeVar("T")
 
@@ -26,7 +26,9 @@ class FakeSequence:
 class FakeBackend:
     """Token i of a sequence is ``(prompt[0] + i) % 1000``; ``stop_after`` ends sequences with a stop token.
 
-    ``fail`` decides, for each step, whether it raises (to test fault handling).
+    ``fail`` decides, for each step, whether it raises (to test fault handling). It does not mask
+    stop tokens for ``must_continue`` (a real runner does): the scheduler's own rule is what the
+    actor tests see.
     """
 
     stop_token: int = 999_999
@@ -53,7 +55,7 @@ class FakeBackend:
             return self.stop_token
         return (seq.prompt[0] + seq.generated - 1) % 1000
 
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> StepResult:
+    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
         ids = [c.seq_id for c in chunks]
         self.log.append(("prefill", tuple(ids)))
         if (error := self.fail("prefill", ids)) is not None:
@@ -67,7 +69,7 @@ class FakeBackend:
                 tokens[chunk.seq_id] = self._next(chunk.seq_id)
         return StepResult(tokens, "prefill", len(chunks), sum(c.tokens for c in chunks), 0.001)
 
-    def decode(self, seq_ids: Iterable[str]) -> StepResult:
+    def decode(self, seq_ids: Iterable[str], must_continue: Collection[str] = ()) -> StepResult:
         ids = list(seq_ids)
         self.log.append(("decode", tuple(ids)))
         if (error := self.fail("decode", ids)) is not None:
@@ -136,14 +138,14 @@ class FaultInjectingRunner:
             self.faults += 1
             raise self._error()
 
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> StepResult:
+    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
         self._check(c.seq_id for c in chunks)
-        return self._runner.prefill(chunks)
+        return self._runner.prefill(chunks, must_continue)
 
-    def decode(self, seq_ids: Iterable[str]) -> StepResult:
+    def decode(self, seq_ids: Iterable[str], must_continue: Collection[str] = ()) -> StepResult:
         ids = list(seq_ids)
         self._check(ids)
-        return self._runner.decode(ids)
+        return self._runner.decode(ids, must_continue)
 
 
 def with_faults(marker: Sequence[int], error: Callable[[], Exception]) -> Callable[[Any], Any]:

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from tests.conftest import RunningServer
+from tools import bench_comparison as comparison
 from tools import bench_vs_transformers as bench
 from tools.chat_load import THIS_SERVER, TRANSFORMERS_SERVE, Phase, RequestResult, StreamReading, run_phase
 
@@ -83,7 +84,7 @@ async def test_load_against_the_tiny_model(tiny_server: RunningServer) -> None:
         assert result.ok, result.error
         assert (result.tokens, result.token_source) == (4, "usage")
         assert result.ttft is not None and 0 < result.ttft <= result.e2e
-    figures = bench.phase_figures(phase)
+    figures = comparison.phase_figures(phase)
     assert (figures.ok, figures.failed, figures.tokens_min, figures.tokens_max) == (5, 0, 4, 4)
     assert figures.tokens_per_s == pytest.approx(20 / phase.wall)
     served = stats["model_metrics"]["tiny-gpt-oss"]["requests"]
@@ -97,30 +98,30 @@ def synthetic(server: str, concurrency: int, ttft: float, e2e: float, wall: floa
     return Phase(server, concurrency, wall, tuple(results))
 
 
-def comparisons(ours_ttft: float, ours_wall: float, failed: int = 0) -> list[bench.Comparison]:
+def comparisons(ours_ttft: float, ours_wall: float, failed: int = 0) -> list[comparison.Comparison]:
     ours = [synthetic(THIS_SERVER.name, 8, ours_ttft, 4.0, ours_wall, failed)]
     theirs = [synthetic(TRANSFORMERS_SERVE.name, 8, 0.5, 8.0, 10.0)]
-    return bench.compare(ours, theirs)
+    return comparison.compare(ours, theirs)
 
 
 def test_table_shows_both_servers_and_the_ratios() -> None:
     rows = comparisons(ours_ttft=0.25, ours_wall=5.0)
-    table = bench.render_table(rows)
+    table = comparison.render_table(rows)
     lines = table.splitlines()
     assert len(lines) == 2 + 3
     assert lines[2].startswith("| 8 | this server | 0.350 | 0.475 | 4.000 | 4.000 | 128.0 | 10 / 0 |")
     assert lines[3].startswith("| 8 | transformers serve | 0.700 | 0.950 | 8.000 | 8.000 | 64.0 | 10 / 0 |")
     assert lines[4] == "| 8 | ours / theirs | 0.50x | 0.50x | 0.50x | 0.50x | 2.00x | |"
-    assert "64-64 tokens per reply (counted from usage)" in bench.token_notes(rows)[0]
+    assert "64-64 tokens per reply (counted from usage)" in comparison.token_notes(rows)[0]
 
 
 def test_the_bar_needs_more_throughput_a_lower_p95_ttft_and_no_failures() -> None:
-    assert bench.verdict(comparisons(ours_ttft=0.25, ours_wall=5.0), 8).passed is True
-    slower_start = bench.verdict(comparisons(ours_ttft=0.6, ours_wall=5.0), 8)
+    assert comparison.verdict(comparisons(ours_ttft=0.25, ours_wall=5.0), 8).passed is True
+    slower_start = comparison.verdict(comparisons(ours_ttft=0.6, ours_wall=5.0), 8)
     assert slower_start.passed is False and slower_start.message.endswith("FAIL")
-    assert bench.verdict(comparisons(ours_ttft=0.25, ours_wall=20.0), 8).passed is False
-    assert bench.verdict(comparisons(ours_ttft=0.25, ours_wall=5.0, failed=1), 8).passed is False
-    unmeasured = bench.verdict(comparisons(ours_ttft=0.25, ours_wall=5.0), 16)
+    assert comparison.verdict(comparisons(ours_ttft=0.25, ours_wall=20.0), 8).passed is False
+    assert comparison.verdict(comparisons(ours_ttft=0.25, ours_wall=5.0, failed=1), 8).passed is False
+    unmeasured = comparison.verdict(comparisons(ours_ttft=0.25, ours_wall=5.0), 16)
     assert unmeasured.passed is None and "not measured" in unmeasured.message
 
 
@@ -130,12 +131,12 @@ def test_json_and_plot(tmp_path: Path) -> None:
         for name in (THIS_SERVER.name, TRANSFORMERS_SERVE.name)
         for level in (1, 8)
     ]
-    rows = bench.compare(phases[:2], phases[2:])
-    record = bench.to_json({"tokens_per_request": 64}, phases, rows, bench.verdict(rows, 8))
+    rows = comparison.compare(phases[:2], phases[2:])
+    record = comparison.to_json({"tokens_per_request": 64}, phases, rows, comparison.verdict(rows, 8))
     assert [c["concurrency"] for c in json.loads(json.dumps(record))["comparisons"]] == [1, 8]
     assert len(record["requests"]) == 40 and record["verdict"]["passed"] is False
     path = tmp_path / "plots" / "latency.png"
-    bench.plot(phases, path, "synthetic")
+    comparison.plot(phases, path, "synthetic")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

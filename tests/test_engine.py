@@ -9,11 +9,12 @@ from typing import Any, cast
 import pytest
 import torch
 
+from app.contract.sampling import SamplingParams
+from app.contract.step import PrefillChunk
 from app.engine.attention_masks import decode_mask, prefill_mask
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.loader import ModelWeights
-from app.engine.params import SamplingParams
-from app.engine.runner import BaseRunner, ModelRunner, PrefillChunk
+from app.engine.runner import BaseRunner, ModelRunner
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
 
@@ -118,12 +119,13 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_weights: ModelWeights
 
 
 def test_min_tokens_masks_stop_tokens(tiny_weights: ModelWeights) -> None:
+    """The scheduler names the sequences below their min_tokens; the runner masks their stop tokens."""
     prompt = random_prompts(1, 199_000)["s0"]
     first = reference_greedy(tiny_weights, prompt, 1)[0]
     runner = ModelRunner(tiny_weights.model, max_batch_size=2, max_context=4096, stop_token_ids=[first])
     params = SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2)
     runner.add("a", prompt, params)
-    result = runner.prefill([PrefillChunk("a", len(prompt))])
+    result = runner.prefill([PrefillChunk("a", len(prompt))], must_continue={"a"})
     assert result.tokens["a"] != first
 
 

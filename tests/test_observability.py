@@ -14,8 +14,8 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.messages import RequestOutcome
 from actors.metrics import MetricsActor
+from actors.metrics_events import RequestOutcome
 from app.engine.loader import ModelWeights
 from app.logging_setup import configure_logging
 from app.prompts.harmony_encoding import harmony_encoding
@@ -199,5 +199,5 @@ async def test_an_event_the_metrics_cannot_record_is_logged_and_the_actor_goes_o
         with trio.fail_after(5):
             while actor.book.requests["ok"] != 1:
                 await trio.sleep(0.01)
-        actor.close()
+        nursery.cancel_scope.cancel()
     assert actor.book.requests["ok"] == 1

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 import trio
 
-from actors.batch_policy import BatchSettings
-from actors.messages import Finished, MetricsEvent, SchedulerEvent, Submit, TokenOut
-from actors.scheduler import GpuScheduler, SchedulerSettings
+from actors.messages import Finished, SchedulerEvent, Submit, TokenOut
+from actors.metrics_events import MetricsEvent
+from actors.scheduler import GpuScheduler
+from app.config import Profile
+from app.contract.sampling import SamplingParams
 from app.engine.loader import ModelWeights
-from app.engine.params import SamplingParams
 from app.engine.runner import ModelRunner
 from tests.fakes import inline_steps
 from tests.test_engine import random_prompts, reference_greedy
@@ -47,8 +48,8 @@ async def test_an_out_of_memory_decode_is_split_and_gives_generates_tokens(tiny_
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {rows} rows)")
 
     metrics, _ = trio.open_memory_channel[MetricsEvent](math.inf)
-    settings = SchedulerSettings(BatchSettings(4, 512, 2), max_queue=8, max_context=4096)
-    scheduler = GpuScheduler(runner, settings, metrics, step_caller=inline_steps(0.0), clock=trio.current_time)
+    profile = Profile("test", max_batch_size=4, max_queue=8, prefill_chunk_tokens=512, max_consecutive_prefills=2)
+    scheduler = GpuScheduler(runner, profile, 4096, metrics, step_caller=inline_steps(0.0), clock=trio.current_time)
     greedy = SamplingParams(max_tokens=n, temperature=0.0)
     hook = tiny_weights.model.register_forward_pre_hook(too_big, with_kwargs=True)
     out: dict[str, list[int]] = {}

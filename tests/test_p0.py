@@ -13,16 +13,16 @@ from typing import Any, TypeVar
 import trio
 from prometheus_client import Counter
 
-from actors.scheduler import StepCaller
+from actors.step_thread import StepCaller
+from app.contract.sampling import SamplingParams
 from app.engine.loader import ModelWeights
-from app.engine.params import SamplingParams
 from app.prompts.harmony_encoding import harmony_encoding
 from tests.conftest import running_server, server_config
-from tests.fakes import with_faults
+from tests.fakes import slow_steps, with_faults
 from tools.p0 import __main__ as p0_cli
-from tools.p0.checks import PlanSettings
 from tools.p0.load import LoadSettings
 from tools.p0.runner import run_plan
+from tools.p0.settings import PlanSettings
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -45,22 +45,12 @@ PERF = dataclasses.replace(
 )
 
 
-def steps_after(seconds: float) -> StepCaller:
-    """Each step waits ``seconds``, then runs in a worker thread (as the real step caller does)."""
-
-    async def call(fn: Callable[[], T]) -> T:
-        await trio.sleep(seconds)
-        return await trio.to_thread.run_sync(fn)
-
-    return call
-
-
 def paced() -> StepCaller:
     # PR-ST01 allows 2 tokens past the client's drop: the step in flight and one more. tiny-gpt-oss
     # steps in a few ms, less than the disconnect takes to travel from the socket to the
     # scheduler on a loaded 2-core CI, so unpaced a sound server could overrun the bound. At
     # >= 30 ms a step the disconnect lands within the step in flight, as it does for a real model.
-    return steps_after(0.03)
+    return slow_steps(0.03)
 
 
 async def test_all_five_pass_on_a_sound_server(tiny_weights: ModelWeights, tmp_path: Path) -> None:
@@ -190,7 +180,7 @@ async def test_slow_steps_fail_the_performance_test(tiny_weights: ModelWeights) 
     async with running_server(tiny_weights) as server:
         sound = await run_plan(server.url, only=["PR-PERF01"], plan=PERF)
     assert sound.passed, sound.results[0].message
-    async with running_server(tiny_weights, step_caller=steps_after(1.0)) as server:
+    async with running_server(tiny_weights, step_caller=slow_steps(1.0)) as server:
         run = await run_plan(server.url, only=["PR-PERF01"], plan=PERF)
     (result,) = run.results
     assert result.verdict == "FAIL" and "p95 E2E over the bound" in result.message, result.message

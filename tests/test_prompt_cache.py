@@ -8,8 +8,6 @@ import pytest
 import trio
 
 from actors.messages import (
-    CacheLookup,
-    MetricsEvent,
     StreamDone,
     StreamError,
     StreamEvent,
@@ -18,6 +16,7 @@ from actors.messages import (
     Timings,
     Usage,
 )
+from actors.metrics_events import CacheLookup, MetricsEvent
 from actors.prompt_cache import CachedResponse, PromptCache
 from app.cache.store import ResponseStore
 
@@ -56,9 +55,9 @@ class ScriptedGeneration:
     def start(self, out: trio.MemorySendChannel[StreamEvent]) -> object:
         self.starts += 1
         self.out = out
-        out.send_nowait(StreamStarted("leader", 1))
+        out.send_nowait(StreamStarted("leader"))
 
-        def abort() -> None:
+        def abort(reason: str) -> None:
             self.aborts += 1
             self.finish_now("cancelled")
 

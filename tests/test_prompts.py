@@ -20,8 +20,8 @@ from pathlib import Path
 import openai_harmony as oh
 import pytest
 
+from app.contract.sampling import SamplingParams
 from app.engine.loader import ModelWeights
-from app.engine.params import SamplingParams
 from app.prompts.builder import (
     DEFAULT_CONVERSATION_DATE,
     PROMPT_VERSION,
@@ -278,7 +278,7 @@ def test_cache_key_ignores_what_cannot_change_the_output() -> None:
 
 def test_cache_key_is_the_same_in_another_process() -> None:
     code = (
-        "from app.prompts.cache_key import cache_key; from app.engine.params import SamplingParams;"
+        "from app.prompts.cache_key import cache_key; from app.contract.sampling import SamplingParams;"
         "params = SamplingParams(max_tokens=32, temperature=0.0, stop=('a', 'b'));"
         "print(cache_key('pb-1', 'm', (1, 2, 3), params, 'plain'))"
     )

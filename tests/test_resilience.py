@@ -189,12 +189,12 @@ async def test_an_error_mid_stream_ends_with_an_error_event(tiny_weights: ModelW
         real_decode = runner.decode
         decodes: collections.Counter[str] = collections.Counter()
 
-        def decode(seq_ids: Any) -> Any:
+        def decode(seq_ids: Any, must_continue: Any = ()) -> Any:
             ids = list(seq_ids)
             decodes.update(ids)
             if any(decodes[seq_id] == 3 for seq_id in ids):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return real_decode(ids)
+            return real_decode(ids, must_continue)
 
         runner.decode = decode
         return loaded

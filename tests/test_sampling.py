@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from app.engine.params import SamplingParams
+from app.contract.sampling import SamplingParams
 from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)

@@ -7,21 +7,20 @@ import math
 import pytest
 import trio
 
-from actors.batch_policy import BatchSettings
 from actors.messages import (
     Admitted,
     Failed,
     Finished,
-    MetricsEvent,
     Queued,
     Rejected,
-    RequestFinished,
     SchedulerEvent,
     Submit,
     TokenOut,
 )
-from actors.scheduler import GpuScheduler, SchedulerSettings
-from app.engine.params import SamplingParams
+from actors.metrics_events import MetricsEvent, RequestFinished
+from actors.scheduler import GpuScheduler
+from app.config import Profile
+from app.contract.sampling import SamplingParams
 from tests.fakes import FakeBackend, inline_steps
 
 STOP = 999_999
@@ -31,8 +30,10 @@ def make_scheduler(
     backend: FakeBackend, *, max_batch: int = 4, max_queue: int = 8, chunk: int = 64, max_context: int = 4096
 ) -> tuple[GpuScheduler, trio.MemoryReceiveChannel[MetricsEvent]]:
     metrics_send, metrics_receive = trio.open_memory_channel[MetricsEvent](math.inf)
-    settings = SchedulerSettings(BatchSettings(max_batch, chunk, 2), max_queue, max_context)
-    scheduler = GpuScheduler(backend, settings, metrics_send, step_caller=inline_steps(0.01), clock=trio.current_time)
+    profile = Profile("test", max_batch, max_queue, chunk, 2, arrival_window_ms=0)
+    scheduler = GpuScheduler(
+        backend, profile, max_context, metrics_send, step_caller=inline_steps(0.01), clock=trio.current_time
+    )
     return scheduler, metrics_receive
 
 
@@ -328,7 +329,7 @@ async def test_abort_reasons_map_to_finish_reasons(reason: str, finish: str) -> 
 
 
 async def test_an_out_of_memory_step_is_retried_split_in_two() -> None:
-    from app.engine.errors import StepOutOfMemory
+    from app.contract.step import StepOutOfMemory
 
     def too_big(kind: str, ids: list[str]) -> Exception | None:
         return StepOutOfMemory("CUDA out of memory") if kind == "decode" and len(ids) > 2 else None
@@ -352,7 +353,7 @@ async def test_an_out_of_memory_step_is_retried_split_in_two() -> None:
 
 
 async def test_a_sequence_that_never_fits_fails_alone() -> None:
-    from app.engine.errors import StepOutOfMemory
+    from app.contract.step import StepOutOfMemory
 
     def huge(kind: str, ids: list[str]) -> Exception | None:
         return StepOutOfMemory("CUDA out of memory") if "huge" in ids else None
@@ -395,8 +396,10 @@ async def test_steps_that_keep_failing_mark_the_scheduler_degraded() -> None:
 async def test_an_idle_batch_waits_briefly_for_arrivals_before_its_first_prefill(autojump_clock: object) -> None:
     backend = FakeBackend()
     metrics_send, _ = trio.open_memory_channel[MetricsEvent](math.inf)
-    settings = SchedulerSettings(BatchSettings(8, 64, 2), 16, 4096, arrival_window=0.01)
-    scheduler = GpuScheduler(backend, settings, metrics_send, step_caller=inline_steps(0.05), clock=trio.current_time)
+    profile = Profile("test", 8, 16, 64, 2, arrival_window_ms=10)
+    scheduler = GpuScheduler(
+        backend, profile, 4096, metrics_send, step_caller=inline_steps(0.05), clock=trio.current_time
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
         first = submit(scheduler, "a", max_tokens=2)
@@ -407,3 +410,28 @@ async def test_an_idle_batch_waits_briefly_for_arrivals_before_its_first_prefill
         scheduler.close()
     prefills = [ids for kind, ids in backend.log if kind == "prefill"]
     assert prefills[0] == ("a", "b"), "both prompts went into the first prefill"
+
+
+async def test_the_teardown_is_measured_once_the_row_is_freed(autojump_clock: object) -> None:
+    """Breakage caught: the teardown observed when the abort is handled, before the row is freed
+    (its histogram's help says abort to row freed)."""
+    freed_at: dict[str, float] = {}
+
+    class TimedBackend(FakeBackend):
+        def release(self, seq_id: str) -> None:
+            freed_at[seq_id] = trio.current_time()
+            super().release(seq_id)
+
+    backend = TimedBackend()
+    scheduler, metrics = make_scheduler(backend)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        channel = submit(scheduler, "a", max_tokens=1000)
+        async for event in channel:
+            if isinstance(event, TokenOut) and event.index == 2:
+                aborted_at = trio.current_time()
+                scheduler.abort("a", "client_disconnect")
+        scheduler.close()
+    (finished,) = finished_metrics(metrics)
+    assert finished.teardown_seconds is not None
+    assert aborted_at + finished.teardown_seconds >= freed_at["a"] > aborted_at

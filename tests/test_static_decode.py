@@ -16,10 +16,11 @@ import pytest
 import torch
 import trio
 
+from app.contract.step import PrefillChunk
 from app.engine.cuda_graphs import StepGraphs
 from app.engine.kv_cache import Segment
 from app.engine.loader import ModelWeights, serve_weights
-from app.engine.runner import ModelRunner, PrefillChunk
+from app.engine.runner import ModelRunner
 from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_decode import batch_buckets, bucket_for, kv_buckets
 from app.engine.static_runner import StaticModelRunner

@@ -15,10 +15,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from app.contract.sampling import SamplingParams
+from app.contract.step import PrefillChunk
 from app.engine import moe_loading
 from app.engine.cuda_graphs import Capture, StepGraphs
-from app.engine.params import SamplingParams
-from app.engine.runner import BaseRunner, ModelRunner, PrefillChunk
+from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_runner import StaticModelRunner
 from app.models.registry import GPT_OSS_SIZES, ModelSource

@@ -1,8 +1,9 @@
 """Model runners: one model, one KV cache, one forward at a time. Torch only; nothing async here.
 
-The scheduler owns the policy (who joins, what each step does); the runner owns the tensors.
-Between steps sequences are added and released; a step is either a packed prefill of prompt
-chunks or one decode token for every sequence that has finished its prompt.
+The scheduler owns the policy (who joins, what each step does, when a request may end); the
+runner owns the tensors. It implements app.contract.step.StepBackend: between steps sequences are
+added and released; a step is either a packed prefill of prompt chunks or one decode token for
+every sequence that has finished its prompt.
 
 ``ModelRunner`` is the dynamic path (a row cache that grows and stays compact, any shapes);
 ``app.engine.static_runner.StaticModelRunner`` is the static path behind ``--cuda-graphs``. Both
@@ -15,49 +16,38 @@ import inspect
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
 
+from app.contract.sampling import SamplingParams
+from app.contract.step import PrefillChunk, StepOutOfMemory, StepResult
 from app.engine.attention_masks import MaskShapes
-from app.engine.errors import StepOutOfMemory
 from app.engine.kv_cache import RowKVCache, Segment
-from app.engine.params import SamplingParams
 from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillChunk:
-    seq_id: str
-    tokens: int  # how many of the sequence's pending prompt tokens to prefill now
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    tokens: dict[str, int]  # seq_id -> the token chosen this step (prefills that finished, decodes)
-    kind: str  # "prefill" | "decode" | "idle"
-    batch: int
-    new_tokens: int  # tokens that went through the model
-    seconds: float
-    failed: dict[str, str] = field(default_factory=dict)  # seq_id -> why it got no token (NaN logits...)
 
 
 @dataclass(slots=True)
 class SequenceState:
+    """What the runner keeps of a sequence: where its keys are, and what sampling needs."""
+
     seq_id: str
     row: int
     params: SamplingParams
-    suppress_until_min: tuple[int, ...]
+    stop_token_ids: tuple[int, ...]  # masked while the scheduler says the sequence must continue
     generator: torch.Generator | None
-    pending: list[int]  # prompt tokens not yet in the cache
-    length: int = 0  # tokens in the cache
+    prompt: tuple[int, ...]
+    length: int = 0  # tokens in the cache: the prompt's first ``length`` are in while prefilling
     last_token: int = -1  # the newest token, not yet in the cache
-    generated: int = 0
-    prompt_length: int = field(default=0)
     history: TokenHistory | None = None  # kept only when the request has penalties
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        """Prompt tokens not yet in the cache."""
+        return self.prompt[self.length :]
 
 
 class PrefillCache(Protocol):
@@ -151,10 +141,7 @@ class BaseRunner(ABC):
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         generator = None if params.greedy else seeded_generator(seed, self.device)
         stops = self.stop_token_ids if stop_token_ids is None else tuple(sorted(stop_token_ids))
-        # Below min_tokens the stop tokens are masked out, so the request cannot end early.
-        suppress = () if params.ignore_eos or params.min_tokens == 0 else stops
-        seq = SequenceState(seq_id, self._claim_row(), params, suppress, generator, list(prompt))
-        seq.prompt_length = len(prompt)
+        seq = SequenceState(seq_id, self._claim_row(), params, stops, generator, tuple(prompt))
         if params.penalized:
             seq.history = TokenHistory(prompt, self.vocab_size, self.device)
         self._seqs[seq_id] = seq
@@ -164,7 +151,7 @@ class BaseRunner(ABC):
 
     # -- steps -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> StepResult:
+    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
         started = time.perf_counter()
         segments: list[Segment] = []
         input_ids: list[int] = []
@@ -197,14 +184,13 @@ class BaseRunner(ABC):
         finally:
             self._cache.clear_plan()
         for chunk, seg in zip(chunks, segments, strict=True):
-            seq = self._seqs[chunk.seq_id]
-            del seq.pending[: seg.length]
-            seq.length += seg.length
-        tokens, failed = self._choose([seq for seq, _ in finishing], logits) if finishing else ({}, {})
+            self._seqs[chunk.seq_id].length += seg.length
+        finished = [seq for seq, _ in finishing]
+        tokens, failed = self._choose(finished, logits, must_continue) if finishing else ({}, {})
         return StepResult(tokens, "prefill", len(chunks), len(input_ids), time.perf_counter() - started, failed)
 
     @torch.inference_mode()
-    def decode(self, seq_ids: Iterable[str]) -> StepResult:
+    def decode(self, seq_ids: Iterable[str], must_continue: Collection[str] = ()) -> StepResult:
         """One token for each of ``seq_ids``, whose prompts are all in the cache."""
         started = time.perf_counter()
         wanted = [self._seqs[seq_id] for seq_id in seq_ids]
@@ -219,7 +205,7 @@ class BaseRunner(ABC):
             raise StepOutOfMemory(str(error)) from error
         for seq in wanted:
             seq.length += 1
-        tokens, failed = self._choose(wanted, logits)
+        tokens, failed = self._choose(wanted, logits, must_continue)
         return StepResult(tokens, "decode", len(wanted), len(wanted), time.perf_counter() - started, failed)
 
     def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -232,8 +218,11 @@ class BaseRunner(ABC):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _choose(self, seqs: Sequence[SequenceState], logits: torch.Tensor) -> tuple[dict[str, int], dict[str, str]]:
-        """The next token of each sequence; a sequence whose logits hold NaN (or +inf) fails alone."""
+    def _choose(
+        self, seqs: Sequence[SequenceState], logits: torch.Tensor, must_continue: Collection[str]
+    ) -> tuple[dict[str, int], dict[str, str]]:
+        """The next token of each sequence (those in ``must_continue`` may not pick a stop token);
+        a sequence whose logits hold NaN (or +inf) fails alone."""
         # A row's maximum is NaN if any of its logits is, and +inf if one is: one pass, not three.
         broken = (~torch.isfinite(logits.amax(dim=-1))).tolist()
         why = "the model's logits were not finite"
@@ -243,13 +232,12 @@ class BaseRunner(ABC):
             seqs, logits = [seqs[i] for i in keep], logits[keep]
         if not seqs:
             return {}, failed
-        suppress = [seq.suppress_until_min if seq.generated < seq.params.min_tokens else () for seq in seqs]
+        suppress = [seq.stop_token_ids if seq.seq_id in must_continue else () for seq in seqs]
         chosen = choose_tokens(
             logits, [s.params for s in seqs], [s.generator for s in seqs], suppress, [s.history for s in seqs]
         )
         for seq, token in zip(seqs, chosen, strict=True):
             seq.last_token = token
-            seq.generated += 1
             if seq.history is not None:
                 seq.history.add(token)
         return {seq.seq_id: token for seq, token in zip(seqs, chosen, strict=True)}, failed

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from app.engine.params import SamplingParams
+from app.contract.sampling import SamplingParams
 
 
 def seeded_generator(seed: int, device: torch.device) -> torch.Generator:

@@ -69,10 +69,6 @@ class SlotKVCache(PlannedCache):
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
 
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
     def take_slot(self) -> int:
         if not self._free:
             raise RuntimeError(f"all {self.slots} slots are in use")

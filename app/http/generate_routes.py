@@ -10,10 +10,12 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from actors.messages import StreamDone, StreamError, StreamToken
-from actors.pipeline import GenerationJob
+from actors.messages import GenerationJob, StreamDone, StreamError, StreamToken
 from app.http.body import parse_body
+from app.http.context import ServerState
 from app.http.errors import ApiError
+from app.http.jobs import build_job
+from app.http.schemas import GenerateRequest
 from app.http.sse import sse_event
 from app.http.streams import (
     created_timestamp,
@@ -23,10 +25,7 @@ from app.http.streams import (
     sse_response,
     stream_headers,
 )
-from app.jobs import build_job
 from app.prompts.builder import PROMPT_VERSION
-from app.schemas import GenerateRequest
-from app.server import ServerState
 
 
 def build_generate_job(state: ServerState, body: GenerateRequest, received_at: float) -> GenerationJob:
@@ -38,7 +37,8 @@ def build_generate_job(state: ServerState, body: GenerateRequest, received_at: f
         body.prompt_spec(body.messages, body.prompt),
         body,
         received_at=received_at,
-        headers=request.headers,
+        request_id=request.headers.get("X-Request-Id"),
+        timeout_header=request.headers.get("X-Request-Timeout"),
         use_cache=body.cache,
     )
 

@@ -10,11 +10,13 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from actors.messages import StreamDone, StreamError, StreamToken
-from actors.pipeline import GenerationJob
+from actors.messages import GenerationJob, StreamDone, StreamError, StreamToken
 from app.http.body import parse_body
+from app.http.context import ServerState
 from app.http.errors import ApiError, error_body
+from app.http.jobs import build_job
 from app.http.openai_format import ChunkWriter, Kind, ResponseMeta, full_response
+from app.http.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 from app.http.sse import sse_event
 from app.http.streams import (
     created_timestamp,
@@ -24,10 +26,7 @@ from app.http.streams import (
     sse_response,
     stream_headers,
 )
-from app.jobs import build_job
 from app.prompts.builder import PROMPT_VERSION
-from app.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
-from app.server import ServerState
 
 DONE_LINE = b"data: [DONE]\n\n"
 
@@ -109,7 +108,8 @@ def register(app: QuartTrio, state: ServerState) -> None:
             body.prompt_spec(body.messages, None),
             body.model_copy(update={"max_tokens": max_tokens}),
             received_at=received_at,
-            headers=request.headers,
+            request_id=request.headers.get("X-Request-Id"),
+            timeout_header=request.headers.get("X-Request-Timeout"),
             use_cache=body.cache,
             max_tokens_field=body.effective_max_tokens_field(),
         )
@@ -125,7 +125,8 @@ def register(app: QuartTrio, state: ServerState) -> None:
             body.prompt_spec(None, body.prompt_text()),
             body,
             received_at=received_at,
-            headers=request.headers,
+            request_id=request.headers.get("X-Request-Id"),
+            timeout_header=request.headers.get("X-Request-Timeout"),
             use_cache=body.cache,
         )
         return await _respond(state, "completion", body, job, model, "cmpl")

@@ -11,15 +11,14 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from actors.pipeline import Pipeline
-from app.runtime_info import gpu_memory, runtime_info
-from app.server import ServerState
+from app.http.context import ServerState
 
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status=status, content_type="application/json")
 
 
-def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
+def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
     pipeline = state.pipeline
     model = pipeline.model
     status = {"ready": "ok"}.get(pipeline.state, pipeline.state)
@@ -36,9 +35,9 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
         "profile": state.config.profile.name,
         "profile_settings": dataclasses.asdict(state.config.profile),
         "max_context": model.max_context if model else None,
-        "version": version,
+        "version": state.version,
         "uptime_s": round(pipeline.clock() - pipeline.started_at, 3),
-        "runtime": runtime_info(),
+        "runtime": state.runtime(),
     }
     if pipeline.failure:
         body["error"] = pipeline.failure
@@ -47,12 +46,12 @@ def health_body(state: ServerState, version: str) -> tuple[dict[str, Any], int]:
     return body, 200 if status == "ok" else 503
 
 
-def memory_body() -> dict[str, Any]:
+def memory_body(state: ServerState) -> dict[str, Any]:
     """The process's resident memory, and the GPU allocator's figures when on CUDA."""
     import psutil
 
     memory: dict[str, Any] = {"rss_bytes": psutil.Process().memory_info().rss}
-    if (gpu := gpu_memory()) is not None:
+    if (gpu := state.gpu_memory()) is not None:
         memory["gpu_allocated_bytes"], memory["gpu_reserved_bytes"] = gpu
     return memory
 
@@ -81,7 +80,7 @@ def stats_body(state: ServerState) -> dict[str, Any]:
     figures = pipeline.metrics.book.snapshot()
     figures.update(
         {
-            "memory": memory_body(),
+            "memory": memory_body(state),
             "active_sequences": scheduler.running if scheduler else 0,
             "queue_depth": scheduler.waiting if scheduler else 0,
             "active_streams": pipeline.active_streams,
@@ -99,10 +98,10 @@ def stats_body(state: ServerState) -> dict[str, Any]:
     }
 
 
-def register(app: QuartTrio, state: ServerState, version: str) -> None:
+def register(app: QuartTrio, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> Response:
-        body, status = health_body(state, version)
+        body, status = health_body(state)
         return _json(body, status)
 
     @app.get("/stats")

@@ -16,6 +16,7 @@ import trio
 from quart import Response, request
 
 from actors.messages import (
+    GenerationJob,
     StreamDone,
     StreamError,
     StreamEvent,
@@ -24,12 +25,13 @@ from actors.messages import (
     StreamToken,
     Timings,
 )
-from actors.pipeline import GenerationJob, NotReadyError, StreamHandle
+from actors.pipeline import NotReadyError
+from actors.stream_handle import StreamHandle
+from app.http.context import ServerState
 from app.http.errors import ApiError
 from app.http.request_scope import on_request_close
 from app.http.sse import SSE_HEADERS, sse_comment
 from app.prompts.builder import PROMPT_VERSION
-from app.server import ServerState
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,8 @@ async def open_stream(state: ServerState, job: GenerationJob) -> tuple[StreamHan
         raise ApiError(
             503, f"the server is not ready: {error}", code=error.state, headers={"Retry-After": "5"}
         ) from error
-    # Registered before the first await: however this request ends, its work is stopped.
+    # Registered before the first await: however this request ends, its work is stopped. This is
+    # the one path by which a client that leaves reaches the scheduler.
     on_request_close(cast(dict[str, Any], request.scope), handle.abort)
     first = await handle.next_event()
     match first:
@@ -97,26 +100,24 @@ class SseFramer(Protocol):
 
 
 async def _sse_body(handle: StreamHandle, framer: SseFramer, heartbeat: float) -> AsyncIterator[bytes]:
-    try:
-        for data in framer.opening():
-            yield data
-        async with aclosing(events_with_heartbeats(handle, heartbeat)) as events:
-            async for event in events:
-                match event:
-                    case Heartbeat():
-                        framed = [sse_comment("keep-alive")]
-                    case StreamToken():
-                        framed = framer.token(event)
-                    case StreamDone():
-                        framed = framer.done(event)
-                    case StreamError():
-                        framed = framer.error(event)
-                for data in framed:
-                    yield data
-        for data in framer.closing():
-            yield data
-    finally:
-        handle.abort()  # synchronous; a no-op once the stream has finished
+    # No abort here: however the response ends, the request's close callback (open_stream) aborts.
+    for data in framer.opening():
+        yield data
+    async with aclosing(events_with_heartbeats(handle, heartbeat)) as events:
+        async for event in events:
+            match event:
+                case Heartbeat():
+                    framed = [sse_comment("keep-alive")]
+                case StreamToken():
+                    framed = framer.token(event)
+                case StreamDone():
+                    framed = framer.done(event)
+                case StreamError():
+                    framed = framer.error(event)
+            for data in framed:
+                yield data
+    for data in framer.closing():
+        yield data
 
 
 def sse_response(handle: StreamHandle, framer: SseFramer, heartbeat: float, headers: dict[str, str]) -> Response:

@@ -7,17 +7,13 @@ Harmony special tokens come from openai-harmony itself, which knows their ids.
 from __future__ import annotations
 
 import base64
-import hashlib
-import os
 from pathlib import Path
 
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-TIKTOKEN_FILE = "o200k_base.tiktoken"
-TIKTOKEN_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
-PACKAGED_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from app.prompts.harmony_encoding import TIKTOKEN_FILE, TokenizerDataError, harmony_encoding, tiktoken_data_dir
 
 # o200k_base's pre-tokenisation pattern, as tiktoken defines it.
 O200K_PATTERN = "|".join(
@@ -33,23 +29,6 @@ O200K_PATTERN = "|".join(
 )
 
 
-class TokenizerDataError(RuntimeError):
-    """The tiktoken ranks are missing or not the file gpt-oss was trained with."""
-
-
-def tiktoken_data_dir() -> Path:
-    """The folder holding o200k_base.tiktoken, checked against its sha256."""
-    override = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-    folder = Path(override) if override else PACKAGED_DATA_DIR
-    path = folder / TIKTOKEN_FILE
-    if not path.is_file():
-        raise TokenizerDataError(f"{path} not found: the o200k_base ranks are needed offline")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != TIKTOKEN_SHA256:
-        raise TokenizerDataError(f"{path} has sha256 {digest}, expected {TIKTOKEN_SHA256}")
-    return folder
-
-
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     for line in path.read_bytes().splitlines():
@@ -61,8 +40,6 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 def harmony_special_tokens(vocab_size: int) -> list[tuple[int, str]]:
     """(id, text) of every Harmony special token that fits the model's vocabulary, by id."""
-    from app.prompts.harmony_encoding import harmony_encoding
-
     encoding = harmony_encoding()
     specials = []
     for text in encoding.special_tokens_set:

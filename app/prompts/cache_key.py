@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from app.engine.params import SamplingParams
+from app.contract.sampling import SamplingParams
 
 
 def canonical_sampling(params: SamplingParams) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 
 import openai_harmony as oh
 
-from actors.relay import TextPiece
 from app.prompts.harmony_encoding import harmony_encoding
 from app.text.detokenizer import IncrementalDetokenizer
+from app.text.pieces import TextPiece
 
 # A real header (<|start|>assistant<|channel|>commentary to=functions.x <|constrain|>json<|message|>)
 # is well under this many tokens.
@@ -31,10 +31,6 @@ class HarmonyTokenText:
         self._shown = 0  # tokens before this index were parsed as message content (already shown)
         self._plain: IncrementalDetokenizer | None = None  # set once the output is not Harmony
         self._last_was_stop = False
-
-    @property
-    def fell_back(self) -> bool:
-        return self._plain is not None
 
     def push(self, token_id: int, is_stop_token: bool) -> TextPiece:
         self._tokens.append(token_id)

@@ -1,23 +1,17 @@
-"""Per-request token -> text conversion that the relay drives (see actors.relay.TokenText)."""
+"""Which token -> text conversion a request gets: Harmony channels for gpt-oss conversations, plain
+detokenisation for everything else."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from actors.relay import TextPiece
-from app.text.detokenizer import IncrementalDetokenizer
+from app.text.harmony_text import HarmonyTokenText
+from app.text.pieces import TextMode, TokenText
+from app.text.plain_text import PlainTokenText
 
 
-class PlainTokenText:
-    """Detokenised text; end-of-sequence tokens are counted but show no text."""
-
-    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
-        self._detokenizer = IncrementalDetokenizer(decode)
-
-    def push(self, token_id: int, is_stop_token: bool) -> TextPiece:
-        if is_stop_token:
-            return TextPiece("")
-        return TextPiece(self._detokenizer.push(token_id))
-
-    def flush(self) -> TextPiece:
-        return TextPiece(self._detokenizer.flush())
+def token_text(mode: TextMode, decode: Callable[[Sequence[int]], str]) -> TokenText:
+    """A fresh converter for one request's output."""
+    if mode == "harmony":
+        return HarmonyTokenText(decode)
+    return PlainTokenText(decode)

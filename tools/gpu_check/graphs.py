@@ -19,8 +19,8 @@ PROMPT_TOKENS = 40
 
 
 def static_tokens(plan: Plan, model: Any, prompt: list[int], capture: Capture | None) -> tuple[list[int], StepGraphs]:
-    from app.engine.params import SamplingParams
-    from app.engine.runner import PrefillChunk
+    from app.contract.sampling import SamplingParams
+    from app.contract.step import PrefillChunk
     from app.engine.static_runner import StaticModelRunner
 
     graphs = StepGraphs(capture)

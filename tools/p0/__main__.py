@@ -14,10 +14,11 @@ from pathlib import Path
 
 import trio
 
-from tools.p0.checks import CHECKS, PlanSettings
+from tools.p0.checks import CHECKS
 from tools.p0.load import LoadSettings
 from tools.p0.results import table
 from tools.p0.runner import run_plan
+from tools.p0.settings import PlanSettings
 
 
 def build_parser() -> argparse.ArgumentParser:

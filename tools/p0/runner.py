@@ -10,8 +10,9 @@ from typing import Any
 
 import httpx
 
-from tools.p0.checks import CHECKS, PlanSettings
+from tools.p0.checks import CHECKS
 from tools.p0.results import CheckResult, markdown_record, write_record
+from tools.p0.settings import PlanSettings
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,17 +1,18 @@
-"""A validated request body to a GenerationJob: prompt tokens, sampling, limits. Pure."""
+"""A validated request body to a GenerationJob: prompt tokens, sampling, limits, cache key.
+
+Everything here is decided before any work starts; a value that cannot be served is an ApiError.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from werkzeug.datastructures import Headers
-
-from actors.pipeline import GenerationJob, TextMode
-from app.engine.params import SamplingParams
+from actors.messages import GenerationJob
+from app.contract.model import ServedModel
+from app.contract.sampling import SamplingParams
 from app.http.errors import ApiError
+from app.http.schemas import SamplingFields
 from app.prompts.builder import PROMPT_VERSION, PromptError, PromptSpec, build_prompt_tokens
 from app.prompts.cache_key import cache_key
-from app.schemas import SamplingFields
+from app.text.pieces import TextMode
 
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
 
@@ -84,31 +85,31 @@ def deadline(received_at: float, body_timeout: float | None, header_timeout: str
 
 
 def build_job(
-    model: Any,
+    model: ServedModel,
     spec: PromptSpec,
     fields: SamplingFields,
     *,
     received_at: float,
-    headers: Headers,
+    request_id: str | None,
+    timeout_header: str | None,
     use_cache: bool,
     max_tokens_field: str = "max_tokens",
 ) -> GenerationJob:
     """Everything an endpoint needs to start a generation: tokens, sampling, deadline, cache key.
 
-    ``model`` is the served model (its tokenizer, context, id and whether it speaks Harmony);
-    ``headers`` the request's: ``X-Request-Id`` names the request, ``X-Request-Timeout`` may set
-    its deadline.
+    ``request_id`` and ``timeout_header`` are the request's ``X-Request-Id`` and
+    ``X-Request-Timeout`` headers (the latter may set the deadline).
     """
     tokens = prompt_tokens(spec, model.tokenizer, model.harmony)
     params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field)
     text_mode: TextMode = "harmony" if model.harmony and spec.messages is not None else "plain"
     key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode)
-    job_deadline = deadline(received_at, fields.timeout, headers.get("X-Request-Timeout"))
+    job_deadline = deadline(received_at, fields.timeout, timeout_header)
     return GenerationJob(
         prompt=tokens,
         params=params,
         received_at=received_at,
-        request_id=headers.get("X-Request-Id", ""),
+        request_id=request_id or "",
         deadline=job_deadline,
         text_mode=text_mode,
         cache_key=key,

@@ -1,0 +1,143 @@
+"""Every event the metrics actor takes: frozen, sent with ``send_nowait`` (it never makes a sender
+wait). Times are ``time.monotonic()`` seconds.
+
+Two levels: what each HTTP request got (received, its outcome: from the pipeline and its stream
+handle, cache hits included), and what the model did (from the scheduler: queueing, steps, tokens,
+how long an aborted sequence held its row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from app.batching.finish import AbortReason, FinishReason
+
+RequestStatus = Literal["ok", "error", "cancelled", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoaded:
+    model_id: str
+    model_size: str
+    dtype: str
+    device: str
+    profile: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    request_id: str
+    prompt_tokens: int
+    cache_key: str
+    prompt_version: str
+    cacheable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How an HTTP request ended, as its client saw it."""
+
+    request_id: str
+    status: RequestStatus
+    finish_reason: str  # stop, length, cancelled, timeout, shutdown, client_disconnect, error, 429...
+    cached: bool  # served by the prompt cache: no generation of its own
+    completion_tokens: int
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    e2e_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestQueued:
+    request_id: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    request_id: str
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAdmitted:
+    request_id: str
+    queue_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class FirstToken:
+    request_id: str
+    ttft_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepCompleted:
+    kind: str  # "prefill" | "decode"
+    batch_size: int
+    new_tokens: int  # tokens that went through the model (prompt tokens for a prefill)
+    generated_tokens: int  # tokens chosen this step
+    seconds: float
+    inter_token_seconds: tuple[float, ...]  # one per decoded sequence: time since its last token
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    """A generation left the batch (its row is freed before the next step)."""
+
+    request_id: str
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    e2e_seconds: float
+    # For an aborted request: abort sent to row freed, in seconds and in model steps (how long,
+    # and how much work, the request cost after its client left).
+    teardown_seconds: float | None = None
+    teardown_steps: int | None = None
+    abort_reason: AbortReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    request_id: str
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    running: int
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDisconnected:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    """A cacheable request looked up the prompt cache (a request that joins a running identical
+    generation counts as a hit: it costs the GPU nothing)."""
+
+    request_id: str
+    hit: bool
+
+
+MetricsEvent = (
+    ModelLoaded
+    | RequestReceived
+    | RequestOutcome
+    | RequestQueued
+    | RequestRejected
+    | RequestAdmitted
+    | FirstToken
+    | StepCompleted
+    | RequestFinished
+    | RequestFailed
+    | QueueState
+    | ClientDisconnected
+    | CacheLookup
+)

@@ -1,0 +1,264 @@
+"""The batch: every request the scheduler holds and its progress, and the policy that moves them.
+
+One owner: only this object knows which requests wait and which run, how much of each prompt is
+prefilled, how many tokens each has, and which rows are to be freed. The scheduler actor calls it
+between steps and turns what it returns into messages; ``R`` is whatever the actor replies on (a
+channel), opaque here. No trio, no torch: the actor tests run it with a fake runner, and its own
+tests call it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from app.batching.admission import DrainRate, queue_is_full
+from app.batching.finish import ABORT_FINISH, AbortReason, FinishReason, finish_reason, must_continue
+from app.batching.plan import DecodePlan, PrefillPlan, SequenceView, StepPlan, admit_count, plan_step
+from app.config import Profile
+from app.contract.sampling import SamplingParams
+from app.contract.step import StepResult
+
+R = TypeVar("R")
+DEGRADED_AFTER_FAILED_STEPS = 3
+
+
+@dataclass(slots=True)
+class Tracked(Generic[R]):
+    """One request, from its arrival to its end."""
+
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    received_at: float
+    deadline: float | None
+    reply: R
+    prompt_remaining: int = field(init=False)  # prompt tokens not yet prefilled
+    generated: int = 0
+    last_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.prompt_remaining = len(self.prompt)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    retry_after: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Teardown:
+    """How long, and how many model steps, an aborted request held the batch after its abort."""
+
+    seconds: float
+    steps: int
+    reason: AbortReason
+
+
+@dataclass(frozen=True, slots=True)
+class Ended(Generic[R]):
+    """A request that left the batch without an error: its last event is due."""
+
+    request: Tracked[R]
+    reason: FinishReason
+    at: float
+    teardown: Teardown | None = None  # set for an aborted request, once nothing of it is left
+    row_held: bool = False  # aborted while running: its teardown comes when ``freed`` frees its row
+
+
+@dataclass(slots=True)
+class Work(Generic[R]):
+    """One trip to the worker thread: free rows first, then add the joiners, then at most one step."""
+
+    releases: list[str] = field(default_factory=list)
+    joins: list[Tracked[R]] = field(default_factory=list)
+    plan: StepPlan | None = None
+    must_continue: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.releases or self.joins or self.plan is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelivery(Generic[R]):
+    request: Tracked[R]
+    token: int
+    index: int
+    finish: FinishReason | None  # set on the request's last token
+    is_stop_token: bool
+    first: bool  # its first token: time to first token is now
+
+
+@dataclass(slots=True)
+class StepOutcome(Generic[R]):
+    deliveries: list[TokenDelivery[R]] = field(default_factory=list)
+    failed: list[tuple[Tracked[R], str]] = field(default_factory=list)  # this sequence alone failed
+    gaps: list[float] = field(default_factory=list)  # seconds since each decoded sequence's last token
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    failing_steps: int = 0  # consecutive steps that failed: the server is degraded from 3 on
+
+    @property
+    def degraded(self) -> bool:
+        return self.failing_steps >= DEGRADED_AFTER_FAILED_STEPS
+
+
+@dataclass(frozen=True, slots=True)
+class _Aborted(Generic[R]):
+    ended: Ended[R]
+    sent_at: float  # when the abort was sent (a disconnect noticed), and the steps run by then
+    steps: int
+    reason: AbortReason
+
+
+class Batch(Generic[R]):
+    def __init__(self, profile: Profile, max_context: int) -> None:
+        self.profile = profile
+        self.max_context = max_context
+        self.waiting: deque[Tracked[R]] = deque()
+        self.running: dict[str, Tracked[R]] = {}
+        self._releases: list[str] = []
+        self._aborted: dict[str, _Aborted[R]] = {}  # running requests aborted, rows not freed yet
+        self._consecutive_prefills = 0
+        self._drain = DrainRate()
+        self.steps = 0  # steps that ran (the teardown of an abort is counted in them)
+        self.failing_steps = 0
+
+    # -- arrivals and endings --------------------------------------------------------------------
+    def offer(self, request: Tracked[R]) -> int | Refused:
+        """Queue a request: its place in the queue, or Refused when the queue is full."""
+        if queue_is_full(len(self.waiting), len(self.running), self.profile):
+            return Refused(self._drain.retry_after(len(self.waiting)))
+        self.waiting.append(request)
+        return len(self.waiting)
+
+    def abort(self, request_id: str, reason: AbortReason, sent_at: float, steps: int, now: float) -> Ended[R] | None:
+        """End a request (idempotent: None when it is not here any more). A queued one holds no row;
+        a running one's row is freed on the next trip, and its teardown is measured then."""
+        finish = ABORT_FINISH[reason]
+        for waiting in self.waiting:
+            if waiting.request_id == request_id:
+                self.waiting.remove(waiting)
+                return Ended(waiting, finish, now, Teardown(max(0.0, now - sent_at), 0, reason))
+        running = self.running.pop(request_id, None)
+        if running is None:
+            return None
+        ended = Ended(running, finish, now, row_held=True)
+        self._releases.append(request_id)
+        self._aborted[request_id] = _Aborted(ended, sent_at, steps, reason)
+        return ended
+
+    def abort_every(self, reason: AbortReason, sent_at: float, steps: int, now: float) -> list[Ended[R]]:
+        ids = [r.request_id for r in self.all()]
+        return [ended for request_id in ids if (ended := self.abort(request_id, reason, sent_at, steps, now))]
+
+    def expired(self, now: float) -> list[Ended[R]]:
+        late = [r.request_id for r in self.all() if r.deadline is not None and now >= r.deadline]
+        return [ended for request_id in late if (ended := self.abort(request_id, "timeout", now, self.steps, now))]
+
+    def next_deadline(self) -> float | None:
+        deadlines = [r.deadline for r in self.all() if r.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def all(self) -> list[Tracked[R]]:
+        return [*self.waiting, *self.running.values()]
+
+    def clear(self) -> list[Tracked[R]]:
+        """Take every request out (the scheduler is stopping: each is failed)."""
+        everyone = self.all()
+        self.waiting.clear()
+        self.running.clear()
+        return everyone
+
+    @property
+    def idle(self) -> bool:
+        return not (self.running or self.waiting or self._releases)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def next_work(self) -> Work[R]:
+        work: Work[R] = Work(releases=self._releases)
+        self._releases = []
+        for _ in range(admit_count(len(self.waiting), len(self.running), self.profile)):
+            request = self.waiting.popleft()
+            self.running[request.request_id] = request
+            work.joins.append(request)
+        views = [SequenceView(r.request_id, r.prompt_remaining) for r in self.running.values()]
+        work.plan = plan_step(views, self._consecutive_prefills, self.profile)
+        if work.plan is not None:
+            held = [self.running[seq_id] for seq_id in work.plan.seq_ids]
+            work.must_continue = frozenset(r.request_id for r in held if must_continue(r.generated, r.params))
+        return work
+
+    def freed(self, released: list[str], now: float) -> list[Ended[R]]:
+        """The rows of ``released`` are free now: the aborted requests among them, each with its
+        teardown (the steps counted are those that ran since the abort, before this trip's step)."""
+        done = []
+        for seq_id in released:
+            if (aborted := self._aborted.pop(seq_id, None)) is not None:
+                steps = max(0, self.steps - aborted.steps)
+                teardown = Teardown(max(0.0, now - aborted.sent_at), steps, aborted.reason)
+                done.append(dataclasses.replace(aborted.ended, teardown=teardown, row_held=False))
+        return done
+
+    def step_done(self, plan: StepPlan, result: StepResult, now: float) -> StepOutcome[R]:
+        """Apply a step's result: prefill progress, each new token and whether it ends its request."""
+        self.steps += 1
+        self.failing_steps = 0 if result.tokens or not result.failed else self.failing_steps + 1
+        outcome: StepOutcome[R] = StepOutcome()
+        if isinstance(plan, PrefillPlan):
+            self._consecutive_prefills += 1
+            for seq_id, n in plan.chunks:
+                if (request := self.running.get(seq_id)) is not None and seq_id not in result.failed:
+                    request.prompt_remaining -= n
+        else:
+            self._consecutive_prefills = 0
+        for seq_id, why in result.failed.items():
+            if (failed := self.running.pop(seq_id, None)) is not None:
+                self._releases.append(seq_id)
+                outcome.failed.append((failed, why))
+        for seq_id, token in result.tokens.items():
+            request = self.running.get(seq_id)
+            if request is None:  # aborted while the step ran: its token is dropped
+                continue
+            first = request.last_token_at is None
+            if request.last_token_at is not None:
+                outcome.gaps.append(now - request.last_token_at)
+            request.last_token_at = now
+            request.generated += 1
+            finish, is_stop = finish_reason(
+                token,
+                request.generated,
+                request.params,
+                request.stop_token_ids,
+                len(request.prompt) + request.generated,
+                self.max_context,
+            )
+            outcome.deliveries.append(TokenDelivery(request, token, request.generated - 1, finish, is_stop, first))
+            if finish is not None:
+                del self.running[seq_id]
+                self._releases.append(seq_id)
+        if isinstance(plan, DecodePlan):
+            self._drain.observe_decode(result.seconds, result.batch, len(self.running))
+        return outcome
+
+    def step_failed(self, work: Work[R]) -> list[Tracked[R]]:
+        """The step raised: its requests (those that joined in it too) leave, the others go on."""
+        self.failing_steps += 1
+        involved = [r.request_id for r in work.joins] + list(work.plan.seq_ids if work.plan else ())
+        failed = []
+        for seq_id in dict.fromkeys(involved):
+            if (request := self.running.pop(seq_id, None)) is not None:
+                self._releases.append(seq_id)
+                failed.append(request)
+        return failed
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.steps, self.failing_steps)

@@ -1,0 +1,35 @@
+"""Out of memory in a step: run it again as two halves; a half that still does not fit fails."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from app.batching.plan import PrefillPlan, StepPlan, halves
+from app.contract.step import StepOutOfMemory, StepResult
+
+
+def retry_in_halves(
+    plan: StepPlan,
+    run: Callable[[StepPlan], StepResult],
+    split_rows: Callable[[Sequence[str]], tuple[list[str], list[str]]],
+) -> StepResult:
+    """One result for the whole plan, from its halves (``run`` is the step itself, ``split_rows``
+    the runner's split of a decode). A lone sequence that did not fit fails at once."""
+    kind = "prefill" if isinstance(plan, PrefillPlan) else "decode"
+    ids = plan.seq_ids
+    if len(ids) < 2:
+        return StepResult({}, kind, 0, 0, 0.0, dict.fromkeys(ids, "out of memory"))
+    tokens: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    seconds, new_tokens = 0.0, 0
+    for half in halves(plan, split_rows):
+        try:
+            result = run(half)
+        except StepOutOfMemory:
+            failed.update(dict.fromkeys(half.seq_ids, "out of memory, also with the batch split in two"))
+            continue
+        tokens.update(result.tokens)
+        failed.update(result.failed)
+        seconds += result.seconds
+        new_tokens += result.new_tokens
+    return StepResult(tokens, kind, len(ids) - len(failed), new_tokens, seconds, failed)

@@ -1,0 +1,77 @@
+"""What the next model step does.
+
+Each step is one of: a packed prefill of prompt chunks, or one decode token for every sequence
+whose prompt is in. New prompts go first (time to first token), but after
+``max_consecutive_prefills`` prefill steps the decoders get a step, so a stream of arrivals cannot
+starve the sequences already running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from app.config import Profile
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceView:
+    """What the plan needs to know of one running sequence."""
+
+    seq_id: str
+    prompt_remaining: int  # prompt tokens not yet prefilled
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPlan:
+    chunks: tuple[tuple[str, int], ...]  # (seq_id, tokens to prefill now), in admission order
+
+    @property
+    def seq_ids(self) -> tuple[str, ...]:
+        return tuple(seq_id for seq_id, _ in self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    seq_ids: tuple[str, ...]
+
+
+StepPlan = PrefillPlan | DecodePlan
+
+
+def admit_count(waiting: int, running: int, profile: Profile) -> int:
+    """How many waiting requests join the batch now (FIFO): as many as there are free rows."""
+    return max(0, min(waiting, profile.max_batch_size - running))
+
+
+def plan_step(running: Sequence[SequenceView], consecutive_prefills: int, profile: Profile) -> StepPlan | None:
+    prefilling = [seq for seq in running if seq.prompt_remaining > 0]
+    decoding = tuple(seq.seq_id for seq in running if seq.prompt_remaining == 0)
+    if prefilling and (not decoding or consecutive_prefills < profile.max_consecutive_prefills):
+        budget = profile.prefill_chunk_tokens
+        chunks: list[tuple[str, int]] = []
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            take = min(seq.prompt_remaining, budget)
+            chunks.append((seq.seq_id, take))
+            budget -= take
+        return PrefillPlan(tuple(chunks))
+    if decoding:
+        return DecodePlan(decoding)
+    return None
+
+
+def halves(plan: StepPlan, split_rows: Callable[[Sequence[str]], tuple[list[str], list[str]]]) -> list[StepPlan]:
+    """The two smaller steps an out-of-memory step is retried as (empty ones left out).
+
+    A prefill splits its chunks in admission order; a decode splits as the runner says, so that
+    each half really spans fewer rows of its cache.
+    """
+    if isinstance(plan, PrefillPlan):
+        middle = len(plan.chunks) // 2
+        parts: list[StepPlan] = [PrefillPlan(plan.chunks[:middle]), PrefillPlan(plan.chunks[middle:])]
+    else:
+        first, second = split_rows(plan.seq_ids)
+        parts = [DecodePlan(tuple(first)), DecodePlan(tuple(second))]
+    return [part for part in parts if part.seq_ids]

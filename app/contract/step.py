@@ -1,0 +1,61 @@
+"""The step contract: what the scheduler asks of a model runner, and what a step gives back.
+
+Torch-free on purpose: the scheduler (actors/) imports this and nothing of app.engine, which
+implements it (``ModelRunner``, ``StaticModelRunner``; a fake in the actor tests). A runner owns
+the tensors (KV cache, the last token, each request's random generator); the scheduler owns each
+request's progress and decides what every step does, so nothing is tracked on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.contract.sampling import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    seq_id: str
+    tokens: int  # how many of the sequence's pending prompt tokens to prefill now
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    tokens: dict[str, int]  # seq_id -> the token chosen this step (prefills that finished, decodes)
+    kind: str  # "prefill" | "decode" | "idle"
+    batch: int
+    new_tokens: int  # tokens that went through the model
+    seconds: float
+    failed: dict[str, str] = field(default_factory=dict)  # seq_id -> why it got no token (NaN logits...)
+
+
+class StepOutOfMemory(RuntimeError):
+    """The accelerator ran out of memory in a step: the scheduler retries it once, split in two."""
+
+
+class StepBackend(Protocol):
+    """A model runner, as the scheduler drives it: one call at a time, from one worker thread.
+
+    ``must_continue`` names the sequences that may not end this step (they are below their
+    min_tokens): the runner masks their stop tokens. Which ones, the scheduler decides.
+    """
+
+    def add(
+        self, seq_id: str, prompt: Sequence[int], params: SamplingParams, stop_token_ids: Iterable[int] | None
+    ) -> None: ...
+
+    def release(self, seq_id: str) -> None: ...
+
+    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult: ...
+
+    def decode(self, seq_ids: Sequence[str], must_continue: Collection[str] = ()) -> StepResult: ...
+
+    def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Two halves of a decode batch that each need less memory than the whole."""
+        ...
+
+    def free_cached_memory(self) -> None:
+        """Give cached accelerator memory back before a retry (after an out-of-memory step)."""
+        ...

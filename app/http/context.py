@@ -1,0 +1,20 @@
+"""What every route needs, handed in by the wiring (app/server.py) when it registers them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from actors.pipeline import Pipeline
+from actors.prometheus_series import GpuMemoryProbe
+from app.config import ServerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ServerState:
+    config: ServerConfig
+    pipeline: Pipeline
+    version: str
+    runtime: Callable[[], dict[str, Any]]  # what the serving machine runs: versions, the accelerator
+    gpu_memory: GpuMemoryProbe  # (allocated, reserved) bytes on the accelerator, or None

@@ -1,0 +1,215 @@
+"""The batch policy on its own: plain function calls, no trio, no threads, no model.
+
+Breakage each group catches: admission that ignores the free rows or the bound; an arrival window
+for a busy batch; a stop token honoured below min_tokens or under ignore_eos; a length limit off by
+one; a prefill plan over its token budget, or one that starves the decoders; an abort of a running
+request reported before its row is freed, or with the wrong step count; tokens delivered for a
+request aborted during the step; an out-of-memory split that loses or repeats a sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.batching.admission import DrainRate, arrival_wait, queue_is_full
+from app.batching.batch import Batch, Refused, Tracked
+from app.batching.finish import finish_reason, must_continue
+from app.batching.oom import retry_in_halves
+from app.batching.plan import DecodePlan, PrefillPlan, SequenceView, StepPlan, plan_step
+from app.config import Profile
+from app.contract.sampling import SamplingParams
+from app.contract.step import StepOutOfMemory, StepResult
+
+PROFILE = Profile("test", max_batch_size=2, max_queue=2, prefill_chunk_tokens=8, max_consecutive_prefills=2)
+GREEDY = SamplingParams(max_tokens=3, temperature=0.0)
+STOP = 99
+
+
+def request(name: str, prompt_length: int = 4, **params: object) -> Tracked[str]:
+    sampling = dataclasses.replace(GREEDY, **params)  # type: ignore[arg-type]
+    return Tracked(name, tuple(range(1, prompt_length + 1)), sampling, frozenset({STOP}), 0.0, None, f"reply-{name}")
+
+
+# -- admission ---------------------------------------------------------------------------------------
+def test_the_queue_bound_counts_only_requests_beyond_the_free_rows() -> None:
+    assert not queue_is_full(waiting=3, running=0, profile=PROFILE)  # 2 take rows now, 1 queues
+    assert queue_is_full(waiting=4, running=0, profile=PROFILE)
+    assert queue_is_full(waiting=2, running=2, profile=PROFILE)
+    assert not queue_is_full(waiting=1, running=2, profile=PROFILE)
+
+
+def test_retry_after_is_at_least_a_second_and_grows_with_the_queue_and_the_steps() -> None:
+    rate = DrainRate()
+    assert rate.retry_after(10) == 1.0  # nothing measured yet
+    rate.observe_decode(seconds=0.5, batch=2, running=2)
+    assert rate.retry_after(3) == pytest.approx(0.5 * 4)
+    rate.observe_decode(seconds=1.5, batch=2, running=2)
+    assert rate.per_request == pytest.approx(0.9 * 0.5 + 0.1 * 1.5), "smoothed, not the last step alone"
+    assert rate.retry_after(0) == 1.0
+
+
+def test_the_arrival_window_applies_only_to_an_idle_batch() -> None:
+    windowed = dataclasses.replace(PROFILE, arrival_window_ms=5)
+    assert arrival_wait(waiting=1, running=0, profile=windowed) == 0.005
+    assert arrival_wait(waiting=1, running=1, profile=windowed) == 0.0
+    assert arrival_wait(waiting=0, running=0, profile=windowed) == 0.0
+
+
+# -- finish reasons ------------------------------------------------------------------------------------
+def test_stop_tokens_end_a_request_unless_min_tokens_or_ignore_eos_hold_it() -> None:
+    stops = frozenset({STOP})
+    assert finish_reason(STOP, 1, GREEDY, stops, 10, 100) == ("stop", True)
+    held = dataclasses.replace(GREEDY, min_tokens=2)
+    assert finish_reason(STOP, 1, held, stops, 10, 100) == (None, False)
+    assert finish_reason(STOP, 2, held, stops, 10, 100) == ("stop", True)
+    ignoring = dataclasses.replace(GREEDY, ignore_eos=True)
+    assert finish_reason(STOP, 1, ignoring, stops, 10, 100) == (None, False)
+    assert must_continue(1, held) and not must_continue(2, held)
+    assert not must_continue(0, dataclasses.replace(held, ignore_eos=True))
+
+
+def test_length_ends_at_max_tokens_or_at_the_context() -> None:
+    stops = frozenset({STOP})
+    assert finish_reason(7, 2, GREEDY, stops, 10, 100) == (None, False)
+    assert finish_reason(7, 3, GREEDY, stops, 10, 100) == ("length", False)
+    assert finish_reason(7, 1, GREEDY, stops, 100, 100) == ("length", False)
+    assert finish_reason(7, 1, GREEDY, stops, 99, 100) == (None, False)
+
+
+# -- the step plan -------------------------------------------------------------------------------------
+def test_new_prompts_are_prefilled_first_within_the_chunk_budget() -> None:
+    views = [SequenceView("a", 5), SequenceView("b", 6), SequenceView("c", 0)]
+    plan = plan_step(views, consecutive_prefills=0, profile=PROFILE)
+    assert plan == PrefillPlan((("a", 5), ("b", 3)))  # 8 tokens in all
+
+
+def test_decoders_get_a_step_after_the_prefills_in_a_row() -> None:
+    views = [SequenceView("a", 5), SequenceView("c", 0)]
+    assert plan_step(views, consecutive_prefills=2, profile=PROFILE) == DecodePlan(("c",))
+    assert plan_step([SequenceView("a", 5)], consecutive_prefills=9, profile=PROFILE) == PrefillPlan((("a", 5),))
+    assert plan_step([], consecutive_prefills=0, profile=PROFILE) is None
+
+
+# -- the batch -----------------------------------------------------------------------------------------
+def test_requests_join_as_rows_free_and_the_queue_refuses_past_its_bound() -> None:
+    batch: Batch[str] = Batch(PROFILE, max_context=100)
+    assert [batch.offer(request(name)) for name in "abcd"] == [1, 2, 3, 4]
+    refused = batch.offer(request("e"))
+    assert isinstance(refused, Refused) and refused.retry_after >= 1
+    work = batch.next_work()
+    assert [r.request_id for r in work.joins] == ["a", "b"] and work.plan == PrefillPlan((("a", 4), ("b", 4)))
+    assert [r.request_id for r in batch.waiting] == ["c", "d"]
+
+
+def test_a_step_moves_prompts_on_and_ends_requests_by_their_tokens() -> None:
+    batch: Batch[str] = Batch(PROFILE, max_context=100)
+    batch.offer(request("a"))
+    batch.offer(request("b", max_tokens=1))
+    work = batch.next_work()
+    assert work.plan is not None
+    outcome = batch.step_done(work.plan, StepResult({"a": 7, "b": 8}, "prefill", 2, 8, 0.1), now=1.0)
+    assert [(d.request.request_id, d.token, d.index, d.finish, d.first) for d in outcome.deliveries] == [
+        ("a", 7, 0, None, True),
+        ("b", 8, 0, "length", True),
+    ]
+    assert list(batch.running) == ["a"] and batch.running["a"].prompt_remaining == 0
+    work = batch.next_work()
+    assert work.releases == ["b"] and work.plan == DecodePlan(("a",))
+    assert work.plan is not None
+    outcome = batch.step_done(work.plan, StepResult({"a": STOP}, "decode", 1, 1, 0.1), now=1.5)
+    assert [(d.finish, d.is_stop_token, d.first) for d in outcome.deliveries] == [("stop", True, False)]
+    assert outcome.gaps == [0.5] and batch.steps == 2
+
+
+def test_min_tokens_are_passed_to_the_runner_as_who_must_continue() -> None:
+    batch: Batch[str] = Batch(PROFILE, max_context=100)
+    batch.offer(request("held", min_tokens=2))
+    batch.offer(request("free"))
+    work = batch.next_work()
+    assert work.must_continue == frozenset({"held"})
+
+
+def test_an_aborted_running_request_is_reported_once_its_row_is_freed_with_the_steps_since() -> None:
+    batch: Batch[str] = Batch(PROFILE, max_context=100)
+    batch.offer(request("a", max_tokens=50))
+    work = batch.next_work()
+    assert work.plan is not None
+    batch.step_done(work.plan, StepResult({"a": 7}, "prefill", 1, 4, 0.1), now=1.0)
+    ended = batch.abort("a", "client_disconnect", sent_at=1.2, steps=batch.steps, now=1.3)
+    assert ended is not None and ended.reason == "cancelled" and ended.row_held and ended.teardown is None
+    assert batch.abort("a", "client_disconnect", 1.2, batch.steps, 1.3) is None, "idempotent"
+    work = batch.next_work()
+    assert work.releases == ["a"] and work.plan is None
+    (freed,) = batch.freed(work.releases, now=1.5)
+    assert freed.teardown is not None and not freed.row_held
+    assert (freed.teardown.steps, freed.teardown.reason) == (0, "client_disconnect")
+    assert freed.teardown.seconds == pytest.approx(0.3)
+    assert batch.freed(work.releases, now=2.0) == [], "reported once"
+
+
+def test_tokens_of_a_request_aborted_during_its_step_are_dropped_and_the_step_counted() -> None:
+    batch: Batch[str] = Batch(PROFILE, max_context=100)
+    batch.offer(request("a", max_tokens=50))
+    batch.offer(request("b", max_tokens=50))
+    work = batch.next_work()
+    assert work.plan is not None
+    steps_at_abort = batch.steps
+    batch.abort("a", "stalled", 1.0, steps_at_abort, 1.0)  # arrived while the step ran
+    outcome = batch.step_done(work.plan, StepResult({"a": 5, "b": 6}, "prefill", 2, 8, 0.1), now=1.1)
+    assert [d.request.request_id for d in outcome.deliveries] == ["b"]
+    (freed,) = batch.freed(batch.next_work().releases, now=1.2)
+    assert freed.teardown is not None and freed.teardown.steps == 1, "the step in flight ran"
+
+
+def test_an_aborted_queued_request_holds_no_row_and_is_done_at_once() -> None:
+    batch: Batch[str] = Batch(PROFILE, max_context=100)
+    batch.offer(request("queued"))
+    ended = batch.abort("queued", "timeout", sent_at=1.0, steps=0, now=1.0)
+    assert ended is not None and ended.reason == "timeout" and not ended.row_held
+    assert ended.teardown is not None and ended.teardown.steps == 0
+    assert batch.idle
+
+
+def test_deadlines_expire_queued_and_running_requests() -> None:
+    batch: Batch[str] = Batch(PROFILE, max_context=100)
+    batch.offer(dataclasses.replace(request("soon"), deadline=2.0))
+    batch.offer(dataclasses.replace(request("later"), deadline=5.0))
+    assert batch.next_deadline() == 2.0
+    assert [e.request.request_id for e in batch.expired(now=3.0)] == ["soon"]
+    assert batch.next_deadline() == 5.0
+
+
+def test_a_failed_step_ends_its_requests_once_and_frees_their_rows() -> None:
+    batch: Batch[str] = Batch(PROFILE, max_context=100)
+    batch.offer(request("a"))
+    batch.offer(request("b"))
+    work = batch.next_work()  # both join, and both are in the plan
+    failed = batch.step_failed(work)
+    assert [r.request_id for r in failed] == ["a", "b"], "each once"
+    assert batch.next_work().releases == ["a", "b"] and batch.failing_steps == 1
+    assert batch.stats().degraded is False
+
+
+# -- out of memory -------------------------------------------------------------------------------------
+def test_an_out_of_memory_step_runs_again_as_halves() -> None:
+    ran: list[StepPlan] = []
+
+    def run(plan: StepPlan) -> StepResult:
+        ran.append(plan)
+        if len(plan.seq_ids) > 2:
+            raise StepOutOfMemory("too big")
+        return StepResult({s: 1 for s in plan.seq_ids}, "decode", len(plan.seq_ids), len(plan.seq_ids), 0.1)
+
+    def by_halves(ids: object) -> tuple[list[str], list[str]]:
+        names = list(ids)  # type: ignore[call-overload]
+        return names[:2], names[2:]
+
+    result = retry_in_halves(DecodePlan(("a", "b", "c", "d")), run, by_halves)
+    assert ran == [DecodePlan(("a", "b")), DecodePlan(("c", "d"))]
+    assert result.tokens == dict.fromkeys("abcd", 1) and result.failed == {} and result.batch == 4
+    lone = retry_in_halves(DecodePlan(("a",)), run, by_halves)
+    assert lone.failed == {"a": "out of memory"} and lone.tokens == {}
+    six = retry_in_halves(PrefillPlan(tuple((s, 4) for s in "abcdef")), run, by_halves)
+    assert set(six.failed) == set("abcdef"), "halves of three still do not fit: they fail, nothing is lost"
