@@ -263,6 +263,7 @@ def test_cache_key_changes_with_everything_that_changes_the_output() -> None:
         key(dataclasses.replace(BASE, presence_penalty=0.5)),
         key(dataclasses.replace(BASE, frequency_penalty=0.5)),
         key(dataclasses.replace(BASE, repetition_penalty=1.2)),
+        key(dataclasses.replace(BASE, temperature=0.7, seed=1, min_p=0.1)),
     ]
     assert len({base, *variants}) == len(variants) + 1
     assert all(len(k) == 64 and int(k, 16) >= 0 for k in variants)
@@ -271,7 +272,7 @@ def test_cache_key_changes_with_everything_that_changes_the_output() -> None:
 def test_cache_key_ignores_what_cannot_change_the_output() -> None:
     assert key(dataclasses.replace(BASE, stop=("b", "a"))) == key()
     # Greedy decoding ignores the sampling knobs.
-    assert key(dataclasses.replace(BASE, top_p=0.5, top_k=3, seed=9)) == key()
+    assert key(dataclasses.replace(BASE, top_p=0.5, top_k=3, seed=9, min_p=0.2)) == key()
     sampled = dataclasses.replace(BASE, temperature=0.8, seed=5)
     assert key(sampled) != key(dataclasses.replace(sampled, seed=6))
 
