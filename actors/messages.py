@@ -13,6 +13,7 @@ from typing import Literal
 import trio
 
 from app.batching.finish import AbortReason, FinishReason
+from app.contract.failures import FAILURE_MESSAGES, FailureCode
 from app.contract.sampling import SamplingParams
 from app.text.pieces import TextMode
 
@@ -25,7 +26,9 @@ class GenerationJob:
     prompt: tuple[int, ...]
     params: SamplingParams
     received_at: float
-    request_id: str = ""
+    # The client's X-Request-Id, echoed to it and written in the logs; never a key of ours (the
+    # pipeline names every request itself, so two clients with one id cannot touch each other).
+    client_request_id: str | None = None
     deadline: float | None = None
     text_mode: TextMode = "plain"  # harmony: the prompt is a Harmony conversation, parse channels
     cache_key: str = ""  # reported to the client whether or not the cache is used
@@ -116,8 +119,7 @@ class Finished:
 @dataclass(frozen=True, slots=True)
 class Failed:
     request_id: str
-    message: str
-    error_type: str
+    code: FailureCode  # what its client is told (app.contract.failures); the exception is logged
     at: float
 
 
@@ -181,9 +183,14 @@ class StreamDone:
 
 @dataclass(frozen=True, slots=True)
 class StreamError:
+    """The stream failed after it started: a sentence in our words and a stable code."""
+
     request_id: str
-    message: str
-    error_type: str
+    code: FailureCode
+
+    @property
+    def message(self) -> str:
+        return FAILURE_MESSAGES[self.code]
 
 
 StreamEvent = StreamStarted | StreamRejected | StreamToken | StreamDone | StreamError

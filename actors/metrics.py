@@ -110,7 +110,8 @@ class MetricsBook:
             self.windows[name] = RollingWindow(self.window_seconds, self.clock)
 
     def context(self, request_id: str) -> dict[str, Any]:
-        """What log lines of this request carry besides their own fields."""
+        """What log lines of this request carry besides their own fields: ``request_id`` is the id
+        its client knows (its X-Request-Id, or ours), ``internal_id`` ours when they differ."""
         model = {"model": self.model.model_id} if self.model else {}
         return {"request_id": request_id, **model, **self.contexts.get(request_id, {})}
 
@@ -123,7 +124,10 @@ class MetricsBook:
                 p.bind(event.model_id, event.model_size, event.dtype, event.device, event.profile)
             case RequestReceived():
                 self.requests["total"] += 1
-                self.contexts[event.request_id] = {"cache_key": event.cache_key, "prompt_version": event.prompt_version}
+                context = {"cache_key": event.cache_key, "prompt_version": event.prompt_version}
+                if event.client_request_id is not None:
+                    context.update(request_id=event.client_request_id, internal_id=event.request_id)
+                self.contexts[event.request_id] = context
                 while len(self.contexts) > MAX_CONTEXTS:
                     self.contexts.popitem(last=False)
             case RequestOutcome():

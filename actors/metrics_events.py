@@ -32,6 +32,7 @@ class RequestReceived:
     cache_key: str
     prompt_version: str
     cacheable: bool
+    client_request_id: str | None = None  # the client's X-Request-Id: its log lines carry it
 
 
 @dataclass(frozen=True, slots=True)

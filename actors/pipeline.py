@@ -190,7 +190,8 @@ class Pipeline:
         to the scheduler. Synchronous: nothing here can block."""
         if self.state != "ready" or self.model is None or self.scheduler is None or self._nursery is None:
             raise NotReadyError(self.state, self.failure or "")
-        request_id = job.request_id or f"req-{uuid.uuid4().hex}"
+        request_id = f"req-{uuid.uuid4().hex}"  # ours, always unique: the key every actor uses
+        shown_id = job.client_request_id or request_id
         abort: Callable[[AbortReason], None]
         if job.cacheable and self.cache is not None:
             cache, key = self.cache, job.cache_key
@@ -203,10 +204,12 @@ class Pipeline:
             send, receive = trio.open_memory_channel[StreamEvent](RELAY_BUFFER_EVENTS)
             abort = self._start_generation(job, request_id, send)
         self.metrics.report(
-            RequestReceived(request_id, len(job.prompt), job.cache_key, job.prompt_version, job.cacheable)
+            RequestReceived(
+                request_id, len(job.prompt), job.cache_key, job.prompt_version, job.cacheable, job.client_request_id
+            )
         )
         self._streams += 1
-        return StreamHandle(request_id, receive, abort, self.metrics.report, self._stream_closed)
+        return StreamHandle(request_id, receive, abort, self.metrics.report, self._stream_closed, shown_id=shown_id)
 
     def _stream_closed(self) -> None:
         self._streams -= 1

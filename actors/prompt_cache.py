@@ -37,6 +37,7 @@ from actors.messages import (
 from actors.metrics_events import CacheLookup, MetricsEvent
 from app.batching.finish import AbortReason
 from app.cache.store import ResponseStore, StoreStats
+from app.contract.failures import FAILURE_MESSAGES
 
 log = structlog.get_logger("prompt_cache")
 STORED_REASONS = ("stop", "length")
@@ -187,9 +188,10 @@ class PromptCache:
         generation_send, generation_receive = trio.open_memory_channel[StreamEvent](message.event_capacity)
         try:
             flight.abort = message.start(generation_send)
-        except Exception as error:  # e.g. the scheduler is gone: tell the client, keep serving
+        except Exception:  # e.g. the scheduler is gone: tell the client, keep serving
             del self._flights[message.key]
-            rejected = StreamRejected(message.request_id, 503, f"cannot start the generation: {error}", None)
+            log.exception("generation_start_failed", request_id=message.request_id)
+            rejected = StreamRejected(message.request_id, 503, FAILURE_MESSAGES["start_failed"], None)
             self._send(subscriber, rejected)
             subscriber.channel.close()
             return
@@ -199,7 +201,7 @@ class PromptCache:
 
     def _fail_open(self, message: CacheOpen, error: Exception) -> None:
         """Give the client of a request the cache could not handle an error instead of silence."""
-        failure = StreamError(message.request_id, f"the prompt cache failed: {error!r}", type(error).__name__)
+        failure = StreamError(message.request_id, "cache_failed")
         with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             message.channel.send_nowait(failure)
         message.channel.close()
@@ -236,7 +238,7 @@ class PromptCache:
             if self._flights.get(flight.key) is flight:
                 del self._flights[flight.key]
             if terminal is None:
-                lost = StreamError(flight.leader, "the generation ended without a result", "stream_lost")
+                lost = StreamError(flight.leader, "stream_lost")
                 for subscriber in flight.subscribers.values():
                     self._send(subscriber, dataclasses.replace(lost, request_id=subscriber.request_id))
             for subscriber in flight.subscribers.values():

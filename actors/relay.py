@@ -91,12 +91,12 @@ class TokenRelay:
             except _Stalled:
                 log.warning("stream_stalled", request_id=self.request_id, seconds=self._stall_timeout)
                 self._abort(self.request_id, "stalled")
-            except Exception as error:
+            except Exception:
                 # A fault in turning tokens into text (a tokenizer bug, a token it cannot decode)
                 # ends this request with an error; raised, it would stop every actor in the pipeline.
                 log.exception("relay_failed", request_id=self.request_id)
                 self._abort(self.request_id, "relay_error")
-                failure = StreamError(self.request_id, f"the token stream failed: {error!r}", type(error).__name__)
+                failure = StreamError(self.request_id, "text_failed")
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                     self._out.send_nowait(failure)  # else its reader sees the stream end: also an error
 
@@ -120,7 +120,7 @@ class TokenRelay:
             case Finished():
                 return [self._done(event.reason, event.completion_tokens, event.at)]
             case Failed():
-                return [StreamError(self.request_id, event.message, event.error_type)]
+                return [StreamError(self.request_id, event.code)]
         return []
 
     def _on_token(self, event: TokenOut) -> list[StreamEvent]:

@@ -49,14 +49,11 @@ from app.batching.finish import AbortReason
 from app.batching.oom import retry_in_halves
 from app.batching.plan import PrefillPlan, StepPlan
 from app.config import Profile
+from app.contract.failures import FAILURE_MESSAGES, FailureCode
 from app.contract.step import PrefillChunk, StepBackend, StepOutOfMemory, StepResult
 
 log = structlog.get_logger("scheduler")
 Events = trio.MemorySendChannel[SchedulerEvent]
-
-
-class StepFailure(RuntimeError):
-    """A sequence the step could not serve (its logits were not finite, it did not fit in memory)."""
 
 
 class GpuScheduler:
@@ -118,7 +115,7 @@ class GpuScheduler:
                 if work:
                     await self._execute(work)
                 self._publish_stats()
-            self._fail_everything("the scheduler stopped")
+            self._fail_everything()
 
     async def _wait_for_work(self) -> None:
         """Nothing to do: sleep until a message or the nearest deadline; then, for an idle batch,
@@ -213,7 +210,7 @@ class GpuScheduler:
             failed = self._batch.step_failed(work)
             log.error("step_failed", error=repr(error), requests=[r.request_id for r in failed])
             for request in failed:
-                self._fail(request, error)
+                self._fail(request, "step_failed", error)
             return
         self._report_freed(work.releases)
         if result is None or plan is None:
@@ -230,8 +227,8 @@ class GpuScheduler:
     def _deliver(self, plan: StepPlan, result: StepResult) -> None:
         now = self._clock()
         outcome = self._batch.step_done(plan, result, now)
-        for request, why in outcome.failed:
-            self._fail(request, StepFailure(why))
+        for request, code in outcome.failed:
+            self._fail(request, code)
         for d in outcome.deliveries:
             request = d.request
             if d.first:
@@ -284,15 +281,16 @@ class GpuScheduler:
             )
         )
 
-    def _fail(self, request: Tracked[Events], error: BaseException) -> None:
-        error_type = type(error).__name__
-        self._emit(request.reply, Failed(request.request_id, str(error) or error_type, error_type, self._clock()))
+    def _fail(self, request: Tracked[Events], code: FailureCode, error: BaseException | None = None) -> None:
+        """Its client hears the code (our words); the metrics and the log get the exception too."""
+        self._emit(request.reply, Failed(request.request_id, code, self._clock()))
         request.reply.close()
-        self._metric(RequestFailed(request.request_id, error_type, str(error)))
+        detail = FAILURE_MESSAGES[code] if error is None else repr(error)
+        self._metric(RequestFailed(request.request_id, code if error is None else type(error).__name__, detail))
 
-    def _fail_everything(self, message: str) -> None:
+    def _fail_everything(self) -> None:
         for request in self._batch.clear():
-            self._fail(request, RuntimeError(message))
+            self._fail(request, "scheduler_stopped")
 
     def _publish_stats(self) -> None:
         stats = self._batch.stats()

@@ -36,8 +36,11 @@ class StreamHandle:
         abort: Callable[[AbortReason], None],
         report: Callable[[MetricsEvent], None],
         on_close: Callable[[], None] = lambda: None,
+        *,
+        shown_id: str | None = None,
     ) -> None:
-        self.request_id = request_id
+        self.request_id = request_id  # ours: the key every actor knows the request by
+        self.shown_id = shown_id or request_id  # what its client is told (its X-Request-Id if it sent one)
         self._events = events
         self._abort = abort
         self._report = report
@@ -63,7 +66,7 @@ class StreamHandle:
                 status = FINISH_STATUS.get(event.finish_reason, "error")
                 self._end(status, event.finish_reason, event.usage.completion_tokens, t.queue_ms, t.ttft_ms, t.e2e_ms)
             case StreamError():
-                self._end("error", event.error_type)
+                self._end("error", event.code)
             case StreamRejected():
                 self._end("rejected", str(event.status))
         return event

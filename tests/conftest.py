@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import subprocess
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +103,36 @@ async def running_server(
         finally:
             shutdown.set()
             nursery.cancel_scope.deadline = trio.current_time() + 10
+
+
+@contextlib.contextmanager
+def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = None) -> Iterator[str]:
+    """A real server on its own trio loop in a thread, for synchronous tests (hypothesis, or
+    one server shared by a module's tests: pytest-trio fixtures are function-scoped)."""
+    config = config or server_config()
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        loaded = serve_weights(model_weights, max_batch_size=config.profile.max_batch_size)
+        server = create_server(config, loader=lambda: loaded)
+        shutdown = trio.Event()
+        state["stop"] = shutdown.set
+        state["token"] = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            serving = functools.partial(serve, server.asgi, hypercorn_config(config), shutdown_trigger=shutdown.wait)
+            binds = await nursery.start(serving)
+            state["url"] = binds[0]
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    assert ready.wait(120), "the server did not start"
+    try:
+        yield state["url"]
+    finally:
+        trio.from_thread.run_sync(state["stop"], trio_token=state["token"])
+        thread.join(30)
 
 
 async def stream_then_drop(client: httpx.AsyncClient, body: dict[str, object], tokens: int) -> int:

@@ -210,6 +210,6 @@ def test_an_out_of_memory_step_runs_again_as_halves() -> None:
     assert ran == [DecodePlan(("a", "b")), DecodePlan(("c", "d"))]
     assert result.tokens == dict.fromkeys("abcd", 1) and result.failed == {} and result.batch == 4
     lone = retry_in_halves(DecodePlan(("a",)), run, by_halves)
-    assert lone.failed == {"a": "out of memory"} and lone.tokens == {}
+    assert lone.failed == {"a": "out_of_memory"} and lone.tokens == {}
     six = retry_in_halves(PrefillPlan(tuple((s, 4) for s in "abcdef")), run, by_halves)
     assert set(six.failed) == set("abcdef"), "halves of three still do not fit: they fail, nothing is lost"

@@ -226,4 +226,13 @@ def test_a_sequence_with_non_finite_logits_fails_alone(tiny_weights: ModelWeight
     finally:
         hook.remove()
     assert set(result.tokens) == {"good"}
-    assert result.failed == {"bad": "the model's logits were not finite"}
+    assert result.failed == {"bad": "non_finite_logits"}
+
+
+def test_a_sequence_whose_sampling_fails_fails_alone(tiny_weights: ModelWeights) -> None:
+    """The runner reports it as sampling_failed; its neighbours get their tokens."""
+    runner = ModelRunner(tiny_weights.model, max_batch_size=4, max_context=4096, stop_token_ids=[])
+    runner.add("good", [1000, 2000], GREEDY)
+    runner.add("bad", [3000, 4000], SamplingParams(max_tokens=4, temperature=1e-40, seed=1))
+    result = runner.prefill([PrefillChunk("good", 2), PrefillChunk("bad", 2)])
+    assert set(result.tokens) == {"good"} and result.failed == {"bad": "sampling_failed"}

@@ -91,14 +91,14 @@ async def test_bad_input_gets_clear_errors(tiny_server: RunningServer) -> None:
     async with tiny_server.client() as client:
         cases = [
             (await client.post("/generate", content=b"{not json"), 400, None),
-            (await client.post("/generate", json=[1, 2]), 422, "body"),
-            (await client.post("/generate", json={"prompt": "x", "max_tokens": "many"}), 422, "max_tokens"),
-            (await client.post("/generate", json={"prompt": "x", "max_tokens": 0}), 422, "max_tokens"),
-            (await client.post("/generate", json={"prompt": "x", "temperature": 3}), 422, "temperature"),
-            (await client.post("/generate", json={"max_tokens": 3}), 422, "messages"),
+            (await client.post("/generate", json=[1, 2]), 400, "body"),
+            (await client.post("/generate", json={"prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
+            (await client.post("/generate", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens"),
+            (await client.post("/generate", json={"prompt": "x", "temperature": 3}), 400, "temperature"),
+            (await client.post("/generate", json={"max_tokens": 3}), 400, "messages"),
             (
                 await client.post("/generate", json={"messages": [{"role": "robot", "content": "x"}]}),
-                422,
+                400,
                 "messages.0.role",
             ),
             (await client.post("/generate", json={"prompt": "x", "model": "gpt-9"}), 404, "model"),
@@ -106,8 +106,8 @@ async def test_bad_input_gets_clear_errors(tiny_server: RunningServer) -> None:
             (await client.post("/generate", json={"prompt": "x", "max_tokens": 8192}), 400, "max_tokens"),
             (await client.post("/generate", content=b"{" + b" " * (5 * 1024 * 1024) + b"}"), 413, None),
             (await client.get("/no/such/thing"), 404, None),
-            (await client.post("/generate", json={"prompt": "x", "presence_penalty": 2.5}), 422, "presence_penalty"),
-            (await client.post("/generate", json={"prompt": "x", "repetition_penalty": 0}), 422, "repetition_penalty"),
+            (await client.post("/generate", json={"prompt": "x", "presence_penalty": 2.5}), 400, "presence_penalty"),
+            (await client.post("/generate", json={"prompt": "x", "repetition_penalty": 0}), 400, "repetition_penalty"),
         ]
     for response, status, param in cases:
         assert response.status_code == status, (response.status_code, response.text)
@@ -115,8 +115,12 @@ async def test_bad_input_gets_clear_errors(tiny_server: RunningServer) -> None:
         assert error["message"] and error["type"]
         if param is not None:
             assert error["param"] == param, error
-    too_long = cases[9][0].json()["error"]["message"]
-    assert "8192" in too_long and "max_tokens" in too_long
+    too_long = cases[9][0].json()["error"]
+    assert too_long["code"] == "context_length_exceeded" and too_long["message"].startswith(
+        "This model's maximum context length is 8192 tokens. However, you requested"
+    )
+    assert "8192 in the completion" in too_long["message"]
+    assert all(isinstance(r.json()["error"]["code"], str | None) for r, _, _ in cases), "a string or null"
 
 
 async def test_health_answers_while_a_step_is_running(tiny_weights: ModelWeights) -> None:

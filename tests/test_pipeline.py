@@ -29,6 +29,7 @@ class FakeModel:
     stop_token_ids: frozenset[int] = frozenset({999_999})
     tokenizer: Any = None
     decode_path: str = "dynamic"
+    max_token_bytes: int = 16
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(ord("a") + token % 26) for token in token_ids)
@@ -62,5 +63,5 @@ async def test_stop_fails_the_running_streams_before_it_cancels_anything() -> No
                 events.append(event)
             await stopping.wait()
     last = events[-1]
-    assert isinstance(last, StreamError) and last.message == "the scheduler stopped", last
+    assert isinstance(last, StreamError) and last.code == "scheduler_stopped", last
     assert pipeline.active_relays == 0

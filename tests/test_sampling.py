@@ -25,7 +25,9 @@ CPU = torch.device("cpu")
 DRAWS = 400
 
 
-def draws(logits: list[float], params: SamplingParams, seed: int = 0, history: TokenHistory | None = None) -> list[int]:
+def draws(
+    logits: list[float], params: SamplingParams, seed: int = 0, history: TokenHistory | None = None
+) -> list[int | None]:
     """DRAWS tokens from one row's logits, drawn one step at a time from one request's generator."""
     row = torch.tensor([logits])
     generator = seeded_generator(seed, CPU)
@@ -131,7 +133,9 @@ def test_frequency_and_presence_penalties_follow_the_output_counts() -> None:
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
         )
-        return choose_tokens(logits, [params], [None], [()], [history])[0]
+        (token,) = choose_tokens(logits, [params], [None], [()], [history])
+        assert token is not None
+        return token
 
     assert pick() == 1
     assert pick(frequency_penalty=0.3) == 2  # 3.0 - 2 x 0.3 = 2.4 < 2.5
@@ -145,3 +149,20 @@ def test_frequency_and_presence_penalties_follow_the_output_counts() -> None:
     assert torch.equal(logits, before), "the model's logits are never edited in place"
     # Without a history (a request without penalties) nothing changes.
     assert choose_tokens(logits, [dataclasses.replace(GREEDY, frequency_penalty=2.0)], [None], [()], [None]) == [1]
+
+
+def test_a_row_whose_choice_fails_fails_alone_on_every_sampling_path() -> None:
+    """Breakage caught: one row's sampling error raised out of choose_tokens and failed the whole
+    step (every request in the batch); checked for a sampled row, a penalised greedy row and a
+    penalised sampled row, beside healthy greedy and sampled rows."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 16) * 5
+    overflowing = dataclasses.replace(SAMPLED, temperature=1e-40)  # inf / nan probabilities: multinomial raises
+    broken = TokenHistory([], vocab_size=3, device=CPU)  # the wrong width: its penalty raises
+    penalised = dataclasses.replace(GREEDY, presence_penalty=1.0)
+    params = [SAMPLED, overflowing, penalised, dataclasses.replace(SAMPLED, frequency_penalty=0.5), GREEDY]
+    histories: list[TokenHistory | None] = [None, None, broken, broken, None]
+    generators = [seeded_generator(i, CPU) for i in range(5)]
+    chosen = choose_tokens(logits, params, generators, [()] * 5, histories)
+    assert chosen[1] is None and chosen[2] is None and chosen[3] is None, chosen
+    assert chosen[0] is not None and chosen[4] == int(torch.argmax(logits[4]))

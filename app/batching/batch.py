@@ -18,6 +18,7 @@ from app.batching.admission import DrainRate, queue_is_full
 from app.batching.finish import ABORT_FINISH, AbortReason, FinishReason, finish_reason, must_continue
 from app.batching.plan import DecodePlan, PrefillPlan, SequenceView, StepPlan, admit_count, plan_step
 from app.config import Profile
+from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
 from app.contract.step import StepResult
 
@@ -95,7 +96,7 @@ class TokenDelivery(Generic[R]):
 @dataclass(slots=True)
 class StepOutcome(Generic[R]):
     deliveries: list[TokenDelivery[R]] = field(default_factory=list)
-    failed: list[tuple[Tracked[R], str]] = field(default_factory=list)  # this sequence alone failed
+    failed: list[tuple[Tracked[R], FailureCode]] = field(default_factory=list)  # these sequences alone
     gaps: list[float] = field(default_factory=list)  # seconds since each decoded sequence's last token
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from app.batching.plan import PrefillPlan, StepPlan, halves
+from app.contract.failures import FailureCode
 from app.contract.step import StepOutOfMemory, StepResult
 
 
@@ -18,15 +19,15 @@ def retry_in_halves(
     kind = "prefill" if isinstance(plan, PrefillPlan) else "decode"
     ids = plan.seq_ids
     if len(ids) < 2:
-        return StepResult({}, kind, 0, 0, 0.0, dict.fromkeys(ids, "out of memory"))
+        return StepResult({}, kind, 0, 0, 0.0, dict.fromkeys(ids, "out_of_memory"))
     tokens: dict[str, int] = {}
-    failed: dict[str, str] = {}
+    failed: dict[str, FailureCode] = {}
     seconds, new_tokens = 0.0, 0
     for half in halves(plan, split_rows):
         try:
             result = run(half)
         except StepOutOfMemory:
-            failed.update(dict.fromkeys(half.seq_ids, "out of memory, also with the batch split in two"))
+            failed.update(dict.fromkeys(half.seq_ids, "out_of_memory"))
             continue
         tokens.update(result.tokens)
         failed.update(result.failed)

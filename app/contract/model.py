@@ -46,4 +46,9 @@ class ServedModel(Protocol):
     @property
     def decode_path(self) -> str: ...
 
+    @property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for: a prompt's size bounds its token count."""
+        ...
+
     def decode(self, token_ids: Sequence[int]) -> str: ...

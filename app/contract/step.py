@@ -12,6 +12,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
 
 
@@ -28,7 +29,7 @@ class StepResult:
     batch: int
     new_tokens: int  # tokens that went through the model
     seconds: float
-    failed: dict[str, str] = field(default_factory=dict)  # seq_id -> why it got no token (NaN logits...)
+    failed: dict[str, FailureCode] = field(default_factory=dict)  # seq_id -> why it alone got no token
 
 
 class StepOutOfMemory(RuntimeError):

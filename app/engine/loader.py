@@ -52,6 +52,7 @@ class LoadedModel:
     stop_token_ids: frozenset[int]
     parameters: int
     decode_path: str = "dynamic"  # "dynamic", "static" (eager) or "static+cuda_graphs"
+    max_token_bytes: int = 4096  # no token is longer: a prompt's size bounds its length in tokens
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=False))
@@ -81,6 +82,15 @@ def size_label(model_id: str, parameters: int) -> str:
     if parameters >= 1_000_000_000:
         return f"{parameters / 1e9:.3g}b".replace(".0b", "b")
     return f"{round(parameters / 1e6)}m"
+
+
+def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most bytes one token stands for. In a byte-level vocabulary (GPT-2's, o200k's) each
+    character of a token is one byte; otherwise a character may be up to four."""
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+    return longest if byte_level else 4 * longest
 
 
 def _stop_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, harmony: bool) -> frozenset[int]:
@@ -213,6 +223,7 @@ def serve_weights(
         stop_token_ids=weights.stop_token_ids,
         parameters=weights.parameters,
         decode_path=decode_path,
+        max_token_bytes=longest_token_bytes(weights.tokenizer),
     )
 
 

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
+from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk, StepOutOfMemory, StepResult
 from app.engine.attention_masks import MaskShapes
@@ -139,7 +140,8 @@ class BaseRunner(ABC):
         if not prompt:
             raise ValueError("empty prompt")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        generator = None if params.greedy else seeded_generator(seed, self.device)
+        # Any int64 seed (a negative one too) is a generator state: torch takes it modulo 2**64.
+        generator = None if params.greedy else seeded_generator(seed % 2**64, self.device)
         stops = self.stop_token_ids if stop_token_ids is None else tuple(sorted(stop_token_ids))
         seq = SequenceState(seq_id, self._claim_row(), params, stops, generator, tuple(prompt))
         if params.penalized:
@@ -220,13 +222,14 @@ class BaseRunner(ABC):
 
     def _choose(
         self, seqs: Sequence[SequenceState], logits: torch.Tensor, must_continue: Collection[str]
-    ) -> tuple[dict[str, int], dict[str, str]]:
+    ) -> tuple[dict[str, int], dict[str, FailureCode]]:
         """The next token of each sequence (those in ``must_continue`` may not pick a stop token);
-        a sequence whose logits hold NaN (or +inf) fails alone."""
+        a sequence whose logits hold NaN (or +inf), or whose sampling fails, fails alone."""
         # A row's maximum is NaN if any of its logits is, and +inf if one is: one pass, not three.
         broken = (~torch.isfinite(logits.amax(dim=-1))).tolist()
-        why = "the model's logits were not finite"
-        failed = {seq.seq_id: why for seq, bad in zip(seqs, broken, strict=True) if bad}
+        failed: dict[str, FailureCode] = {
+            seq.seq_id: "non_finite_logits" for seq, bad in zip(seqs, broken, strict=True) if bad
+        }
         if failed:
             keep = [i for i, bad in enumerate(broken) if not bad]
             seqs, logits = [seqs[i] for i in keep], logits[keep]
@@ -236,11 +239,16 @@ class BaseRunner(ABC):
         chosen = choose_tokens(
             logits, [s.params for s in seqs], [s.generator for s in seqs], suppress, [s.history for s in seqs]
         )
+        tokens = {}
         for seq, token in zip(seqs, chosen, strict=True):
+            if token is None:
+                failed[seq.seq_id] = "sampling_failed"
+                continue
             seq.last_token = token
             if seq.history is not None:
                 seq.history.add(token)
-        return {seq.seq_id: token for seq, token in zip(seqs, chosen, strict=True)}, failed
+            tokens[seq.seq_id] = token
+        return tokens, failed
 
 
 class ModelRunner(BaseRunner):

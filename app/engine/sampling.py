@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import structlog
 import torch
 
 from app.contract.sampling import SamplingParams
+
+log = structlog.get_logger("engine.sampling")
 
 
 def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -70,29 +73,38 @@ def choose_tokens(
     generators: Sequence[torch.Generator | None],
     suppress: Sequence[Sequence[int]],
     histories: Sequence[TokenHistory | None] | None = None,
-) -> list[int]:
+) -> list[int | None]:
     """One token id per row of ``logits`` [rows, vocab]; ``suppress[i]`` are ids row i may not pick,
-    ``histories[i]`` what row i's penalties look at (None: the row has none)."""
+    ``histories[i]`` what row i's penalties look at (None: the row has none). A row whose choice
+    fails (its penalties or its sampling raise) gets None, and is logged: the other rows go on."""
     logits = logits.float()
     penalized = (
         [] if histories is None else [(i, h) for i, h in enumerate(histories) if h is not None and params[i].penalized]
     )
+    failed: set[int] = set()
     if any(suppress) or penalized:
         logits = logits.clone()  # .float() of a float tensor is the tensor itself: never edit the model's
         for i, ids in enumerate(suppress):
             if ids:
                 logits[i, list(ids)] = float("-inf")
         for i, history in penalized:
-            apply_penalties(logits[i], params[i], history)
-    chosen = [0] * len(params)
-    greedy = [i for i, p in enumerate(params) if p.greedy]
+            try:
+                apply_penalties(logits[i], params[i], history)
+            except Exception:
+                log.exception("sampling_failed", row=i, stage="penalties")
+                failed.add(i)
+    chosen: list[int | None] = [None] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy and i not in failed]
     if greedy:
         # One argmax for all greedy rows: a row's result does not depend on the others.
         rows = logits if len(greedy) == len(params) else logits[greedy]
         for i, token in zip(greedy, torch.argmax(rows, dim=-1).tolist(), strict=True):
             chosen[i] = int(token)
     for i, p in enumerate(params):
-        if not p.greedy:
-            probs = torch.softmax(_filtered_logits(logits[i], p), dim=-1)
-            chosen[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+        if not p.greedy and i not in failed:
+            try:
+                probs = torch.softmax(_filtered_logits(logits[i], p), dim=-1)
+                chosen[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+            except Exception:
+                log.exception("sampling_failed", row=i, stage="sampling")
     return chosen

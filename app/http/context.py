@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 from actors.pipeline import Pipeline
 from actors.prometheus_series import GpuMemoryProbe
@@ -18,3 +20,5 @@ class ServerState:
     version: str
     runtime: Callable[[], dict[str, Any]]  # what the serving machine runs: versions, the accelerator
     gpu_memory: GpuMemoryProbe  # (allocated, reserved) bytes on the accelerator, or None
+    # Prompt work (tokenizing a request, its cache key) runs in a worker thread, one at a time.
+    prompt_work: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))

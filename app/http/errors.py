@@ -44,12 +44,13 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: ``code`` is a string or null, never a number (clients match on it)."""
     return {
         "error": {
             "message": message,
             "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
             "param": param,
-            "code": code if code is not None else status,
+            "code": code,
         }
     }
 
@@ -62,11 +63,14 @@ def error_response(error: ApiError) -> Response:
 
 
 def from_validation_error(error: ValidationError) -> ApiError:
-    """422 naming the first failing field and its rule (all of them are listed in the message)."""
+    """400 naming the first failing field and its rule (all of them are listed in the message).
+
+    OpenAI, vLLM and the clients built for them expect 400 for a value they refuse (the openai
+    client raises BadRequestError), never FastAPI's 422."""
     problems = []
     first_param: str | None = None
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "body"
         first_param = first_param or location
         problems.append(f"{location}: {item['msg']}")
-    return ApiError(422, "; ".join(problems), param=first_param, code="validation_error")
+    return ApiError(400, "; ".join(problems), param=first_param, code="invalid_value")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from app.http.schemas import GenerateRequest
 from app.http.sse import sse_event
 from app.http.streams import (
     created_timestamp,
+    off_loop,
     open_stream,
     served_model,
     server_timing,
@@ -28,11 +30,12 @@ from app.http.streams import (
 from app.prompts.builder import PROMPT_VERSION
 
 
-def build_generate_job(state: ServerState, body: GenerateRequest, received_at: float) -> GenerationJob:
+async def build_generate_job(state: ServerState, body: GenerateRequest, received_at: float) -> GenerationJob:
     model = served_model(state, body.model)
     if (body.messages is None) == (body.prompt is None):
-        raise ApiError(422, "give exactly one of messages or prompt", param="messages")
-    return build_job(
+        raise ApiError(400, "give exactly one of messages or prompt", param="messages", code="invalid_value")
+    build = functools.partial(
+        build_job,
         model,
         body.prompt_spec(body.messages, body.prompt),
         body,
@@ -41,6 +44,7 @@ def build_generate_job(state: ServerState, body: GenerateRequest, received_at: f
         timeout_header=request.headers.get("X-Request-Timeout"),
         use_cache=body.cache,
     )
+    return await off_loop(state, build)
 
 
 def _token_data(event: StreamToken) -> dict[str, Any]:
@@ -50,11 +54,11 @@ def _token_data(event: StreamToken) -> dict[str, Any]:
     return data
 
 
-def _done_data(event: StreamDone) -> dict[str, Any]:
+def _done_data(event: StreamDone, shown_id: str) -> dict[str, Any]:
     usage = dataclasses.asdict(event.usage)
     usage["total_tokens"] = event.usage.total_tokens
     return {
-        "request_id": event.request_id,
+        "request_id": shown_id,
         "finish_reason": event.finish_reason,
         "usage": usage,
         "timings": dataclasses.asdict(event.timings),
@@ -74,10 +78,10 @@ class NativeFramer:
         return [sse_event("token", _token_data(event))]
 
     def done(self, event: StreamDone) -> list[bytes]:
-        return [sse_event("done", _done_data(event))]
+        return [sse_event("done", _done_data(event, self._start["request_id"]))]
 
     def error(self, event: StreamError) -> list[bytes]:
-        return [sse_event("error", {"message": event.message, "type": event.error_type})]
+        return [sse_event("error", {"message": event.message, "type": "server_error", "code": event.code})]
 
     def closing(self) -> list[bytes]:
         return []
@@ -88,11 +92,11 @@ def register(app: QuartTrio, state: ServerState) -> None:
     async def generate() -> Response:
         received_at = time.monotonic()
         body = await parse_body(GenerateRequest)
-        job = build_generate_job(state, body, received_at)
+        job = await build_generate_job(state, body, received_at)
         handle, started = await open_stream(state, job)
         model = served_model(state, None)
         start = {
-            "request_id": handle.request_id,
+            "request_id": handle.shown_id,
             "model": model.model_id,
             "created": created_timestamp(),
             "prompt_tokens": len(job.prompt),
@@ -110,9 +114,9 @@ def register(app: QuartTrio, state: ServerState) -> None:
                 case StreamToken():
                     (reasoning if event.channel == "analysis" else text).append(event.text)
                 case StreamError():
-                    raise ApiError(500, f"generation failed: {event.message}", code=event.error_type)
+                    raise ApiError(500, event.message, code=event.code)
                 case StreamDone():
-                    result = {**start, "text": "".join(text), **_done_data(event)}
+                    result = {**start, "text": "".join(text), **_done_data(event, handle.shown_id)}
                     if model.harmony:
                         result["reasoning"] = "".join(reasoning)
                     headers["Server-Timing"] = server_timing(event.timings)

@@ -5,23 +5,62 @@ Everything here is decided before any work starts; a value that cannot be served
 
 from __future__ import annotations
 
+import math
+import re
+
 from actors.messages import GenerationJob
 from app.contract.model import ServedModel
 from app.contract.sampling import SamplingParams
 from app.http.errors import ApiError
 from app.http.schemas import SamplingFields
-from app.prompts.builder import PROMPT_VERSION, PromptError, PromptSpec, build_prompt_tokens
+from app.prompts.builder import PROMPT_VERSION, PromptError, PromptSpec, build_prompt_tokens, fewest_tokens
 from app.prompts.cache_key import cache_key
 from app.text.pieces import TextMode
 
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding
+OVER = "context_length_exceeded"
+# What an X-Request-Id may be: the ids proxies and clients make (UUIDs, base64, "req-42", ...).
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
-def prompt_tokens(spec: PromptSpec, tokenizer: object, harmony: bool) -> tuple[int, ...]:
+def client_request_id(header: str | None) -> str | None:
+    """The client's X-Request-Id, checked: it is echoed in headers, events and logs only."""
+    if header is None:
+        return None
+    if not CLIENT_REQUEST_ID.fullmatch(header):
+        raise ApiError(
+            400,
+            "X-Request-Id must be 1 to 128 characters of letters, digits and . _ : / + = @ -",
+            param="X-Request-Id",
+            code="invalid_request_id",
+        )
+    return header
+
+
+def prompt_tokens(spec: PromptSpec, model: ServedModel) -> tuple[int, ...]:
+    at_least = fewest_tokens(spec, model.max_token_bytes)
+    if at_least >= model.max_context:
+        raise ApiError(400, _too_long(model.max_context, at_least, None, at_least=True), param="messages", code=OVER)
     try:
-        return build_prompt_tokens(spec, tokenizer, harmony)  # type: ignore[arg-type]
+        return build_prompt_tokens(spec, model.tokenizer, model.harmony)
     except PromptError as error:
         raise ApiError(400, str(error), param="messages" if spec.messages else "prompt") from error
+
+
+def _too_long(context: int, prompt: int, completion: int | None, *, at_least: bool = False) -> str:
+    """OpenAI's wording, which LiteLLM and LangChain match to tell a context overflow apart."""
+    head = f"This model's maximum context length is {context} tokens. However, "
+    if completion is None:
+        return (
+            head
+            + f"your messages resulted in {'at least ' if at_least else ''}{prompt} tokens. "
+            + ("Please reduce the length of the messages.")
+        )
+    return head + (
+        f"you requested {prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). "
+        "Please reduce the length of the messages or completion."
+    )
 
 
 def sampling_params(
@@ -30,30 +69,24 @@ def sampling_params(
     """Check the prompt and max_tokens against the context; fill in the defaults."""
     room = max_context - prompt_length
     if room < 1:
-        raise ApiError(
-            400,
-            f"the prompt is {prompt_length} tokens, but the model's context is {max_context} tokens "
-            "and at least one must be left to generate",
-            param="messages",
-            code="context_length_exceeded",
-        )
+        raise ApiError(400, _too_long(max_context, prompt_length, None), param="messages", code=OVER)
     if fields.max_tokens is not None and fields.max_tokens > room:
-        raise ApiError(
-            400,
-            f"the prompt ({prompt_length} tokens) plus {max_tokens_field} ({fields.max_tokens}) is "
-            f"{prompt_length + fields.max_tokens} tokens, over the model's context of {max_context} tokens",
-            param=max_tokens_field,
-            code="context_length_exceeded",
-        )
+        message = _too_long(max_context, prompt_length, fields.max_tokens)
+        raise ApiError(400, message, param=max_tokens_field, code=OVER)
     max_tokens = fields.max_tokens if fields.max_tokens is not None else room
     if fields.min_tokens > max_tokens:
         raise ApiError(
-            422, f"min_tokens ({fields.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens"
+            400,
+            f"min_tokens ({fields.min_tokens}) is more than max_tokens ({max_tokens})",
+            param="min_tokens",
+            code="invalid_value",
         )
     top_k = fields.top_k if fields.top_k is not None and fields.top_k > 0 else 0
+    temperature = 1.0 if fields.temperature is None else fields.temperature
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if fields.temperature is None else fields.temperature,
+        # Below this a softmax overflows to inf/nan; vLLM reads it as greedy too.
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=1.0 if fields.top_p is None else fields.top_p,
         top_k=top_k,
         min_p=fields.min_p or 0.0,
@@ -75,10 +108,15 @@ def deadline(received_at: float, body_timeout: float | None, header_timeout: str
             seconds = float(header_timeout)
         except ValueError:
             raise ApiError(
-                422, f"X-Request-Timeout must be a number of seconds, got {header_timeout!r}", param="X-Request-Timeout"
+                400,
+                "X-Request-Timeout must be a number of seconds",
+                param="X-Request-Timeout",
+                code="invalid_value",
             ) from None
-        if not seconds > 0:
-            raise ApiError(422, "X-Request-Timeout must be positive", param="X-Request-Timeout")
+        if not 0 < seconds < math.inf:
+            raise ApiError(
+                400, "X-Request-Timeout must be a positive number", param="X-Request-Timeout", code="invalid_value"
+            )
     if seconds is None:
         return None
     return received_at + min(seconds, MAX_TIMEOUT_SECONDS)
@@ -98,18 +136,20 @@ def build_job(
     """Everything an endpoint needs to start a generation: tokens, sampling, deadline, cache key.
 
     ``request_id`` and ``timeout_header`` are the request's ``X-Request-Id`` and
-    ``X-Request-Timeout`` headers (the latter may set the deadline).
+    ``X-Request-Timeout`` headers (the latter may set the deadline). The cheap checks come first;
+    tokenizing and the cache key run in a worker thread (see app.http.streams.off_loop).
     """
-    tokens = prompt_tokens(spec, model.tokenizer, model.harmony)
+    shown_id = client_request_id(request_id)
+    job_deadline = deadline(received_at, fields.timeout, timeout_header)
+    tokens = prompt_tokens(spec, model)
     params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field)
     text_mode: TextMode = "harmony" if model.harmony and spec.messages is not None else "plain"
     key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode)
-    job_deadline = deadline(received_at, fields.timeout, timeout_header)
     return GenerationJob(
         prompt=tokens,
         params=params,
         received_at=received_at,
-        request_id=request_id or "",
+        client_request_id=shown_id,
         deadline=job_deadline,
         text_mode=text_mode,
         cache_key=key,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -20,6 +21,7 @@ from app.http.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFie
 from app.http.sse import sse_event
 from app.http.streams import (
     created_timestamp,
+    off_loop,
     open_stream,
     served_model,
     server_timing,
@@ -53,7 +55,7 @@ class OpenAIFramer:
         return [sse_event(None, chunk) for chunk in self._writer.closing(event)]
 
     def error(self, event: StreamError) -> list[bytes]:
-        return [sse_event(None, error_body(500, f"generation failed: {event.message}", code=event.error_type))]
+        return [sse_event(None, error_body(500, event.message, code=event.code))]
 
     def closing(self) -> list[bytes]:
         return [DONE_LINE]
@@ -89,7 +91,7 @@ async def _respond(
             case StreamToken():
                 tokens.append(event)
             case StreamError():
-                raise ApiError(500, f"generation failed: {event.message}", code=event.error_type)
+                raise ApiError(500, event.message, code=event.code)
             case StreamDone():
                 headers["Server-Timing"] = server_timing(event.timings)
                 return _json(full_response(kind, meta, tokens, event), headers=headers)
@@ -103,7 +105,8 @@ def register(app: QuartTrio, state: ServerState) -> None:
         body = await parse_body(ChatCompletionRequest)
         model = served_model(state, body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job = build_job(
+        build = functools.partial(
+            build_job,
             model,
             body.prompt_spec(body.messages, None),
             body.model_copy(update={"max_tokens": max_tokens}),
@@ -113,6 +116,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             use_cache=body.cache,
             max_tokens_field=body.effective_max_tokens_field(),
         )
+        job = await off_loop(state, build)
         return await _respond(state, "chat", body, job, model, "chatcmpl")
 
     @app.post("/v1/completions")
@@ -120,7 +124,8 @@ def register(app: QuartTrio, state: ServerState) -> None:
         received_at = time.monotonic()
         body = await parse_body(CompletionRequest)
         model = served_model(state, body.model)
-        job = build_job(
+        build = functools.partial(
+            build_job,
             model,
             body.prompt_spec(None, body.prompt_text()),
             body,
@@ -129,6 +134,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             timeout_header=request.headers.get("X-Request-Timeout"),
             use_cache=body.cache,
         )
+        job = await off_loop(state, build)
         return await _respond(state, "completion", body, job, model, "cmpl")
 
     def _model_card(model: Any) -> dict[str, Any]:

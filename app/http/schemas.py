@@ -1,4 +1,4 @@
-"""Request bodies, validated by pydantic: wrong types and out-of-range values become 422s that name
+"""Request bodies, validated by pydantic: wrong types and out-of-range values become 400s that name
 the field. Unknown fields are tolerated (clients send many), as OpenAI-compatible servers do."""
 
 from __future__ import annotations
@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, PromptSpec
 
 MAX_STOP_STRINGS = 8
+# A stop string is held back from the client until it cannot be a stop string's start: a long one
+# would hold back the whole answer.
+MAX_STOP_LENGTH = 256
+# OpenAI takes any int64 seed; a per-request generator takes it modulo 2**64.
+INT64 = 2**63
 
 
 class TextPart(BaseModel):
@@ -39,27 +44,30 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # 0 or -1: off
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # vLLM's extension; 0: off
-    seed: int | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None  # 0 or -1: off
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None  # vLLM's; 0: off
+    seed: Annotated[int, Field(ge=-INT64, lt=INT64)] | None = None
     stop: str | list[str] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
-    timeout: Annotated[float, Field(gt=0)] | None = None  # seconds; past it the request ends
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None  # vLLM's extension
+    timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # seconds; past it the request ends
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
+    # vLLM's extension; below 0.01 the penalised logits overflow to infinity.
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0, allow_inf_nan=False)] | None = None
 
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list):
-            if len(value) > MAX_STOP_STRINGS:
-                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-            if any(not s for s in value):
-                raise ValueError("stop strings must not be empty")
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in stops) and isinstance(value, list):
+            raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_LENGTH} characters")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:

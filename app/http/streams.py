@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import trio
 from quart import Response, request
@@ -32,6 +32,14 @@ from app.http.errors import ApiError
 from app.http.request_scope import on_request_close
 from app.http.sse import SSE_HEADERS, sse_comment
 from app.prompts.builder import PROMPT_VERSION
+
+T = TypeVar("T")
+
+
+async def off_loop(state: ServerState, work: Callable[[], T]) -> T:
+    """Prompt work (tokenizing, the cache key) in a worker thread, one request at a time: a 4 MiB
+    prompt must not hold the event loop, and with it every other stream and /health."""
+    return await trio.to_thread.run_sync(work, limiter=state.prompt_work)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +70,7 @@ async def open_stream(state: ServerState, job: GenerationJob) -> tuple[StreamHan
                 first.status, first.message, code="queue_full" if first.status == 429 else None, headers=headers
             )
         case StreamError():
-            raise ApiError(500, first.message, code=first.error_type)
+            raise ApiError(500, first.message, code=first.code)
     raise ApiError(500, f"unexpected first event {type(first).__name__}")
 
 
@@ -75,7 +83,7 @@ async def events_with_heartbeats(
             try:
                 event: StreamEvent = await handle.next_event()
             except trio.EndOfChannel:
-                event = StreamError(handle.request_id, "the generation stream ended without a result", "stream_lost")
+                event = StreamError(handle.request_id, "stream_lost")
         if quiet.cancelled_caught:
             yield Heartbeat()
             continue
@@ -162,7 +170,7 @@ def served_model(state: ServerState, requested: str | None) -> Any:
 def stream_headers(handle: StreamHandle, job: GenerationJob, started: StreamStarted) -> dict[str, str]:
     """Where the response came from, on every generation response."""
     return {
-        "X-Request-Id": handle.request_id,
+        "X-Request-Id": handle.shown_id,
         "X-Prompt-Version": PROMPT_VERSION,
         "X-Cache-Key": job.cache_key,
         "X-Cache": started.cache,

@@ -8,13 +8,18 @@ field with a fixed default, so the same request gives the same tokens on every d
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal
 
 PROMPT_VERSION = "pb-1"
 DEFAULT_CONVERSATION_DATE = "2025-06-28"
 ReasoningEffort = Literal["low", "medium", "high"]
 Role = Literal["system", "developer", "user", "assistant"]
+# Text at least this long is tokenized by the model's fast tokenizer instead of by openai-harmony:
+# harmony holds the GIL for all of it (over a second for 4 MiB: every stream and /health stop
+# meanwhile), the fast tokenizer lets go while it works and gives the same ids (tests/test_prompts.py).
+LARGE_TEXT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,21 +39,26 @@ class PromptSpec:
     instructions: str | None = None  # extra developer instructions (OpenAI "instructions")
 
 
-class ChatTokenizer(Protocol):
-    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: object) -> object: ...
-
-    def encode(self, text: str, **kwargs: object) -> list[int]: ...
+# The model's transformers tokenizer: ``apply_chat_template``, ``encode`` and calling it are used.
+Tokenizer = Any
 
 
 class PromptError(ValueError):
     """The request cannot be rendered as a prompt for this model."""
 
 
-def build_prompt_tokens(spec: PromptSpec, tokenizer: ChatTokenizer, harmony: bool) -> tuple[int, ...]:
+def build_prompt_tokens(spec: PromptSpec, tokenizer: Tokenizer | None, harmony: bool) -> tuple[int, ...]:
+    """The prompt's token ids. ``tokenizer`` is the model's (for gpt-oss only needed for large
+    texts, see LARGE_TEXT)."""
     if spec.prompt is not None:
         tokens = _encode_raw(spec.prompt, tokenizer, harmony)
     elif spec.messages:
-        tokens = _render_harmony(spec) if harmony else _render_template(spec, tokenizer)
+        if harmony:
+            tokens = _render_harmony(spec, tokenizer)
+        elif tokenizer is None:
+            raise PromptError("this model has no tokenizer")
+        else:
+            tokens = _render_template(spec, tokenizer)
     else:
         raise PromptError("give either messages or prompt")
     if not tokens:
@@ -56,16 +66,39 @@ def build_prompt_tokens(spec: PromptSpec, tokenizer: ChatTokenizer, harmony: boo
     return tuple(tokens)
 
 
-def _encode_raw(text: str, tokenizer: ChatTokenizer, harmony: bool) -> list[int]:
+def fewest_tokens(spec: PromptSpec, max_token_bytes: int) -> int:
+    """A lower bound on the prompt's length in tokens, from its size alone: no token holds more
+    than ``max_token_bytes`` bytes. Cheap, so a prompt over the context is refused untokenized."""
+    texts = [spec.prompt or "", spec.instructions or "", *(m.content for m in spec.messages or ())]
+    size = sum(len(text.encode("utf-8", errors="replace")) for text in texts)
+    return -(-size // max(1, max_token_bytes))
+
+
+def _encode_raw(text: str, tokenizer: Tokenizer | None, harmony: bool) -> list[int]:
     if harmony:
+        # A raw completion prompt may spell Harmony's special tokens on purpose.
+        if tokenizer is not None and len(text) >= LARGE_TEXT:
+            return list(tokenizer.encode(text, add_special_tokens=False))
         from app.prompts.harmony_encoding import harmony_encoding
 
-        # A raw completion prompt may spell Harmony's special tokens on purpose.
         return list(harmony_encoding().encode(text, allowed_special="all"))
+    if tokenizer is None:
+        raise PromptError("this model has no tokenizer")
     return list(tokenizer.encode(text))
 
 
-def _render_template(spec: PromptSpec, tokenizer: ChatTokenizer) -> list[int]:
+def _as_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Text that may spell special tokens (``<|im_start|>``), tokenized as the text it is."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def _marker(nonce: str, index: int) -> str:
+    # A stand-in for a message's content while the template is rendered; the nonce is new on every
+    # call, so no client text can spell it.
+    return f"\u27e6{nonce}:{index}\u27e7"
+
+
+def _render_template(spec: PromptSpec, tokenizer: Tokenizer) -> list[int]:
     messages = [
         {"role": m.role if m.role != "developer" else "system", "content": m.content} for m in spec.messages or ()
     ]
@@ -73,16 +106,52 @@ def _render_template(spec: PromptSpec, tokenizer: ChatTokenizer) -> list[int]:
         messages.insert(0, {"role": "system", "content": spec.instructions})
     if getattr(tokenizer, "chat_template", None) is None:
         raise PromptError("this model has no chat template: send a raw prompt instead of messages")
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    if isinstance(rendered, dict):  # some tokenizers return a BatchEncoding whatever is asked
-        rendered = rendered["input_ids"]
-    return list(rendered)  # type: ignore[call-overload]
+    specials = _special_texts(tokenizer)
+    spelled = [i for i, m in enumerate(messages) if any(s in m["content"] for s in specials)]
+    if not spelled:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(rendered, dict):  # some tokenizers return a BatchEncoding whatever is asked
+            rendered = rendered["input_ids"]
+        return list(rendered)
+    # A message spells a special token: render the template around markers, then tokenize the
+    # template's own text as usual and each such message's content as plain text, so that a user
+    # cannot open a turn of their own (the fast path above is kept for every other prompt).
+    nonce = uuid.uuid4().hex
+    contents = {i: messages[i]["content"] for i in spelled}
+    for i in spelled:
+        messages[i] = {**messages[i], "content": _marker(nonce, i)}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not isinstance(text, str):
+        raise PromptError("the chat template did not render to text")
+    tokens: list[int] = []
+    for i in spelled:
+        before, marker, text = text.partition(_marker(nonce, i))
+        if not marker:
+            raise PromptError("the chat template dropped a message's content")
+        tokens += tokenizer.encode(before, add_special_tokens=False) if before else []
+        tokens += _as_text(tokenizer, contents[i])
+    return tokens + (tokenizer.encode(text, add_special_tokens=False) if text else [])
 
 
-def _render_harmony(spec: PromptSpec) -> list[int]:
+def _special_texts(tokenizer: Tokenizer) -> list[str]:
+    added = getattr(tokenizer, "get_added_vocab", None)
+    names = set(added()) if callable(added) else set()
+    return sorted(names | set(getattr(tokenizer, "all_special_tokens", ()) or ()))
+
+
+def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
     import openai_harmony as oh
 
     from app.prompts.harmony_encoding import harmony_encoding
+
+    # Large user and assistant contents are rendered as markers, then spliced in as the fast
+    # tokenizer's tokens (the same ids: a message's content is encoded on its own, as plain text).
+    nonce = uuid.uuid4().hex
+    large = {
+        i: m.content
+        for i, m in enumerate(spec.messages or ())
+        if tokenizer is not None and m.role in ("user", "assistant") and len(m.content) >= LARGE_TEXT
+    }
 
     effort = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
     system = (
@@ -99,13 +168,27 @@ def _render_harmony(spec: PromptSpec) -> list[int]:
     if instructions:
         developer = oh.DeveloperContent.new().with_instructions("\n\n".join(instructions))
         conversation.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
-    for message in spec.messages or ():
+    for i, message in enumerate(spec.messages or ()):
+        content = _marker(nonce, i) if i in large else message.content
         if message.role == "user":
-            conversation.append(oh.Message.from_role_and_content(oh.Role.USER, message.content))
+            conversation.append(oh.Message.from_role_and_content(oh.Role.USER, content))
         elif message.role == "assistant":
-            reply = oh.Message.from_role_and_content(oh.Role.ASSISTANT, message.content).with_channel("final")
+            reply = oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("final")
             conversation.append(reply)
-    rendered = harmony_encoding().render_conversation_for_completion(
-        oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT
+    encoding = harmony_encoding()
+    tokens = list(
+        encoding.render_conversation_for_completion(oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT)
     )
-    return list(rendered)
+    if tokenizer is not None:
+        for i, content in large.items():
+            marker = list(encoding.encode(_marker(nonce, i), allowed_special=set()))
+            at = _find(tokens, marker)
+            tokens[at : at + len(marker)] = _as_text(tokenizer, content)
+    return tokens
+
+
+def _find(tokens: list[int], part: list[int]) -> int:
+    for at in range(len(tokens) - len(part) + 1):
+        if tokens[at : at + len(part)] == part:
+            return at
+    raise PromptError("a message's content was lost in rendering")
