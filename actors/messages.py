@@ -166,7 +166,9 @@ class StreamRejected:
 
 @dataclass(frozen=True, slots=True)
 class StreamToken:
-    request_id: str
+    """One generated token. It names no request, so that the prompt cache can hand the same
+    stored objects to every client it replays them to (the stream they travel on says whose)."""
+
     text: str  # may be "" while a character or a possible stop string is held back
     token_id: int
     index: int

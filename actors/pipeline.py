@@ -51,6 +51,10 @@ def _stop_applies_to(text_mode: TextMode) -> Callable[[str | None], bool]:
     return lambda channel: True
 
 
+class TooManyStreams(RuntimeError):
+    """--max-streams streams are open: the request is refused (429) before any work starts."""
+
+
 class NotReadyError(RuntimeError):
     def __init__(self, state: State, detail: str = "") -> None:
         super().__init__(detail or f"the server is {state}")
@@ -190,6 +194,8 @@ class Pipeline:
         to the scheduler. Synchronous: nothing here can block."""
         if self.state != "ready" or self.model is None or self.scheduler is None or self._nursery is None:
             raise NotReadyError(self.state, self.failure or "")
+        if self._streams >= self.config.max_streams:
+            raise TooManyStreams(f"{self._streams} streams are open, the most this server keeps (--max-streams)")
         request_id = f"req-{uuid.uuid4().hex}"  # ours, always unique: the key every actor uses
         shown_id = job.client_request_id or request_id
         abort: Callable[[AbortReason], None]

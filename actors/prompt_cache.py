@@ -17,8 +17,9 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -41,8 +42,6 @@ from app.contract.failures import FAILURE_MESSAGES
 
 log = structlog.get_logger("prompt_cache")
 STORED_REASONS = ("stop", "length")
-# Bytes charged per stored token event besides its text: ids, index, object overhead.
-EVENT_OVERHEAD_BYTES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +50,19 @@ class CachedResponse:
     done: StreamDone
 
     def size(self) -> int:
-        text = sum(len(t.text.encode()) for t in self.tokens)
-        return text + EVENT_OVERHEAD_BYTES * (len(self.tokens) + 1)
+        """The bytes it holds in memory (its objects and their strings, each counted once),
+        which the store's --cache-max-mb bounds."""
+        return held_bytes((self, self.tokens, *self.tokens, *(t.text for t in self.tokens), self.done))
+
+
+def held_bytes(objects: Iterable[object]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for item in objects:
+        if id(item) not in seen:
+            seen.add(id(item))
+            total += sys.getsizeof(item)
+    return total
 
 
 # A generation for a cache miss: given the subscriber-less output channel, it starts the relay and
@@ -257,7 +267,6 @@ class PromptCache:
             case StreamToken():
                 if subscriber.first_token_at is None:
                     subscriber.first_token_at = self._clock()
-                event = dataclasses.replace(event, request_id=subscriber.request_id)
             case StreamDone():
                 event = self._done_for(subscriber, event)
             case StreamError() | StreamRejected():
@@ -269,8 +278,8 @@ class PromptCache:
     def _replay(self, message: CacheOpen, cached: CachedResponse) -> None:
         subscriber = _Subscriber(message.request_id, message.channel, message.received_at, "HIT")
         self._send(subscriber, StreamStarted(message.request_id, "HIT"))
-        for token in cached.tokens:
-            self._send(subscriber, dataclasses.replace(token, request_id=message.request_id))
+        for token in cached.tokens:  # the stored objects themselves: a replay copies nothing
+            self._send(subscriber, token)
             subscriber.first_token_at = subscriber.first_token_at or self._clock()
         done = self._done_for(subscriber, cached.done)
         self._send(subscriber, done)

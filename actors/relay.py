@@ -139,11 +139,11 @@ class TokenRelay:
                 # The scheduler may still be running this sequence: stop it, finish here.
                 self._abort(self.request_id, "stop_string")
                 self._stopped = True
-                token = StreamToken(self.request_id, text, event.token_id, event.index, piece.channel)
+                token = StreamToken(text, event.token_id, event.index, piece.channel)
                 return [token, self._done("stop", self._completion_tokens, event.at)]
             if event.finish_reason is not None:
                 text += self._stops.flush()
-        return [StreamToken(self.request_id, text, event.token_id, event.index, piece.channel)]
+        return [StreamToken(text, event.token_id, event.index, piece.channel)]
 
     def _done(self, reason: str, completion_tokens: int, at: float) -> StreamDone:
         admitted = self._admitted_at if self._admitted_at is not None else at

@@ -7,7 +7,7 @@ variables (the CLI has no flags of ours):
     GPTOSS_DEVICE (auto), GPTOSS_MAX_BATCH_SIZE, GPTOSS_MAX_QUEUE, GPTOSS_PREFILL_CHUNK,
     GPTOSS_ARRIVAL_WINDOW_MS,
     GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json),
-    GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN
+    GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN, GPTOSS_MAX_STREAMS
 
 The model loads during start-up: Hypercorn accepts connections once it is ready, and a model that
 cannot load fails start-up.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from app.config import DEFAULT_MODEL, ServerConfig, profile_with
+from app.config import DEFAULT_MAX_STREAMS, DEFAULT_MODEL, ServerConfig, profile_with
 from app.logging_setup import configure_logging
 from app.server import create_server
 
@@ -45,6 +45,7 @@ def config_from_env() -> ServerConfig:
         log_format=os.environ.get("GPTOSS_LOG_FORMAT", "json"),  # type: ignore[arg-type]
         cuda_graphs=os.environ.get("GPTOSS_CUDA_GRAPHS", "0").lower() in ("1", "true", "yes", "on"),
         max_seq_len=_int("GPTOSS_MAX_SEQ_LEN"),
+        max_streams=_int("GPTOSS_MAX_STREAMS") or DEFAULT_MAX_STREAMS,
     )
 
 

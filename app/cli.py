@@ -14,7 +14,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from app import __version__
-from app.config import DEFAULT_MODEL, LOG_LEVELS, PROFILES, ConfigError, ServerConfig, profile_with
+from app.config import DEFAULT_MAX_STREAMS, DEFAULT_MODEL, LOG_LEVELS, PROFILES, ConfigError, ServerConfig, profile_with
 from app.logging_setup import configure_logging
 from app.models.registry import ModelNotFoundError, known_names, resolve
 from app.server import Server, create_server
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-max-mb", type=float, default=64.0, help="megabytes the prompt cache may hold (least recently used out)"
     )
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        default=DEFAULT_MAX_STREAMS,
+        help="open generation streams at once, cache replays included; more get 429",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -130,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout=args.drain_timeout,
         cache_max_entries=args.cache_max_entries,
         cache_max_bytes=int(args.cache_max_mb * 1024 * 1024),
+        max_streams=args.max_streams,
         cuda_graphs=args.cuda_graphs,
         max_seq_len=args.max_seq_len,
     )

@@ -9,6 +9,7 @@ from typing import Any, Literal
 LogFormat = Literal["json", "console"]
 # What ``python -m app`` and ``hypercorn ... app.asgi:app`` serve when no model is named.
 DEFAULT_MODEL = "20b"
+DEFAULT_MAX_STREAMS = 256
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -85,6 +86,9 @@ class ServerConfig:
     heartbeat_seconds: float = 15.0  # SSE comment lines while a stream waits (proxies drop idle ones)
     cache_max_entries: int = 1024  # finished deterministic responses kept; 0 turns the cache off
     cache_max_bytes: int = 64 * 1024 * 1024
+    # Open generation streams (cache replays included) at once; past it a request gets 429. The
+    # queue bounds only what waits for the GPU: a cache hit never queues.
+    max_streams: int = DEFAULT_MAX_STREAMS
     # The static decode path: a slot cache allocated at start-up and decode steps captured as CUDA
     # graphs (eager without CUDA). Off by default until it has been measured on a GPU.
     cuda_graphs: bool = False
@@ -102,6 +106,8 @@ class ServerConfig:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0:
             raise ConfigError("cache bounds must not be negative")
+        if self.max_streams < 1:
+            raise ConfigError(f"max_streams must be at least 1, got {self.max_streams}")
         if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or self.max_seq_len < 2):
             raise ConfigError(f"max_seq_len must be at least 2 tokens, got {self.max_seq_len!r}")
         if self.max_body_bytes < 1024:

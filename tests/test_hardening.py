@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from app.engine.loader import ModelWeights
-from tests.conftest import running_server, server_in_thread
+from tests.conftest import running_server, server_config, server_in_thread
+from tests.fakes import slow_steps
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,25 @@ async def test_health_answers_within_a_second_while_a_4_mib_prompt_is_tokenized(
     assert "at least" not in outcome["error"]["message"], "it was tokenized, not refused by its size"
     assert len(probes) >= 3, "the probes ran while the prompt was being tokenized"
     assert max(probes) < 1.0, probes
+
+
+async def test_open_streams_are_bounded_cache_replays_included(tiny_weights: ModelWeights) -> None:
+    """--max-streams 2: a third request gets 429 with Retry-After, also one the prompt cache would
+    serve (a cache hit never queues, so --max-queue could not bound it).
+
+    Breakage caught: no bound on open streams (replays bypassed every limit)."""
+    config = server_config(max_streams=2)
+    async with (
+        running_server(tiny_weights, config, step_caller=slow_steps(0.05)) as running,
+        running.client() as client,
+    ):
+        repeat = {"prompt": "popular", "max_tokens": 3, "temperature": 0, "stream": False}
+        assert (await client.post("/generate", json=repeat)).status_code == 200  # now stored
+        long = {"prompt": "long one", "max_tokens": 200, "stream": True, "cache": False}
+        async with client.stream("POST", "/generate", json=long), client.stream("POST", "/generate", json=long):
+            refused = [await client.post("/generate", json=repeat), await client.post("/generate", json=long)]
+        after = await client.post("/generate", json=repeat)
+    for response in refused:
+        assert response.status_code == 429 and response.json()["error"]["code"] == "too_many_streams", response.text
+        assert int(response.headers["Retry-After"]) >= 1
+    assert after.status_code == 200 and after.headers["X-Cache"] == "HIT"

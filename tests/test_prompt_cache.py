@@ -66,7 +66,7 @@ class ScriptedGeneration:
     def emit_tokens(self, count: int | None = None) -> None:
         assert self.out is not None
         for index, text in enumerate(self.texts[:count]):
-            self.out.send_nowait(StreamToken("leader", text, 100 + index, index))
+            self.out.send_nowait(StreamToken(text, 100 + index, index))
 
     def finish_now(self, reason: str | None = None) -> None:
         assert self.out is not None
@@ -117,7 +117,11 @@ async def test_a_repeat_is_replayed_without_a_generation() -> None:
     assert isinstance(second_events[0], StreamStarted) and second_events[0].cache == "HIT"
     texts = [[e.text for e in events if isinstance(e, StreamToken)] for events in (first_events, second_events)]
     assert texts[0] == texts[1] == ["Hel", "lo"]
-    assert all(e.request_id == "r2" for e in second_events)
+    assert all(e.request_id == "r2" for e in second_events if not isinstance(e, StreamToken))
+    replayed = [e for e in second_events if isinstance(e, StreamToken)]
+    assert all(
+        a is b for a, b in zip(replayed, [e for e in first_events if isinstance(e, StreamToken)], strict=True)
+    ), "a replay hands out the stored token objects: it copies nothing"
     done = second_events[-1]
     assert isinstance(done, StreamDone) and done.usage.completion_tokens == 2 and done.timings.queue_ms == 0.0
     assert cache.stats.hits == 1 and cache.stats.misses == 1 and cache.stats.entries == 1
@@ -144,8 +148,8 @@ async def test_identical_requests_in_flight_share_one_generation() -> None:
         follower, _ = await open_and_read(cache, generation, "r2")  # joins after two tokens
         await trio.sleep(0.01)
         assert generation.out is not None
-        generation.out.send_nowait(StreamToken("leader", "c", 102, 2))
-        generation.out.send_nowait(StreamToken("leader", "d", 103, 3))
+        generation.out.send_nowait(StreamToken("c", 102, 2))
+        generation.out.send_nowait(StreamToken("d", 103, 3))
         generation.finish_now()
         leader_events, follower_events = await drain(leader), await drain(follower)
         cache.close()

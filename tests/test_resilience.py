@@ -184,11 +184,20 @@ async def test_an_error_mid_stream_ends_with_an_error_event(tiny_weights: ModelW
 
 
 # -- slow clients ------------------------------------------------------------------------------------
-async def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(autojump_clock: object) -> None:
+@pytest.mark.parametrize("shielded", [False, True], ids=["cancellable send (HTTP/2)", "shielded send (HTTP/1.1)"])
+async def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(
+    autojump_clock: object, shielded: bool
+) -> None:
+    """Hypercorn waits on HTTP/2's flow-control window (a cancel reaches it) but shields its
+    HTTP/1.1 socket write (a cancel waits for the write, which for a client that never reads is
+    never): both must end the request's work within the stall timeout.
+
+    Breakage caught: the guard that only cancels the send (it never fired on HTTP/1.1)."""
     closed: list[str] = []
+    client_reads = trio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        on_request_close(scope, lambda: closed.append("aborted"))
+        on_request_close(scope, closed.append)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         while True:
             await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
@@ -196,17 +205,29 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(au
     sent: list[Any] = []
 
     async def stuck_client_send(message: Any) -> None:
-        if len(sent) >= 3:
-            await trio.sleep_forever()  # the socket's buffers are full: the client stopped reading
+        if len(sent) >= 3:  # the socket's buffers are full: the client stopped reading
+            if shielded:
+                await trio.lowlevel.checkpoint()  # Hypercorn takes its send lock first
+                with trio.CancelScope(shield=True):
+                    await client_reads.wait()
+            else:
+                await trio.sleep_forever()
         sent.append(message)
 
     middleware = RequestScopeMiddleware(app, stall_timeout=5.0)
     start = trio.current_time()
     with trio.fail_after(60):
-        scope: Any = {"type": "http", "path": "/generate"}
-        await middleware(scope, trio.sleep_forever, stuck_client_send)
-    assert closed == ["aborted"]
-    assert 5.0 <= trio.current_time() - start < 6.0
+        async with trio.open_nursery() as nursery:
+            scope: Any = {"type": "http", "path": "/generate"}
+            nursery.start_soon(middleware, scope, trio.sleep_forever, stuck_client_send)
+            with trio.move_on_after(30):
+                while not closed:
+                    await trio.sleep(0.1)
+            stopped_after = trio.current_time() - start
+            client_reads.set()  # the shielded write completes: the cancelled request then ends
+            nursery.cancel_scope.cancel()
+    assert closed == ["stalled"]
+    assert 5.0 <= stopped_after < 6.5
 
 
 # -- shutdown ----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from actors.messages import (
     StreamToken,
     Timings,
 )
-from actors.pipeline import NotReadyError
+from actors.pipeline import NotReadyError, TooManyStreams
 from actors.stream_handle import StreamHandle
 from app.http.context import ServerState
 from app.http.errors import ApiError
@@ -55,6 +55,8 @@ async def open_stream(state: ServerState, job: GenerationJob) -> tuple[StreamHan
         raise ApiError(
             503, f"the server is not ready: {error}", code=error.state, headers={"Retry-After": "5"}
         ) from error
+    except TooManyStreams as error:
+        raise ApiError(429, str(error), code="too_many_streams", headers={"Retry-After": "1"}) from error
     # Registered before the first await: however this request ends, its work is stopped. This is
     # the one path by which a client that leaves reaches the scheduler.
     on_request_close(cast(dict[str, Any], request.scope), handle.abort)
