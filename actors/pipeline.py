@@ -107,6 +107,29 @@ class Pipeline:
     async def run(
         self, *, wait_for_model: bool = False, task_status: trio.TaskStatus[Pipeline] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Run the actors until stopped. An actor that dies takes the pipeline down: every open
+        stream ends with an error event (its relay is cancelled, so its handle sees the stream
+        end), /health says ``failed``, and ``on_fatal`` hears it, so that the process can exit
+        non-zero and be restarted rather than answer 500s while looking healthy."""
+        started = False
+
+        def signal_started(pipeline: Pipeline) -> None:
+            nonlocal started
+            started = True
+            task_status.started(pipeline)
+
+        try:
+            await self._run(wait_for_model, signal_started)
+        except Exception as error:
+            if not started:
+                raise  # start-up fails with it
+            self.state = "failed"
+            self.failure = "an actor of the pipeline failed: this server cannot serve any more"
+            log.error("pipeline_failed", error=repr(error), exc_info=error)
+            if self._on_fatal is not None:
+                self._on_fatal(self.failure)
+
+    async def _run(self, wait_for_model: bool, started: Callable[[Pipeline], None]) -> None:
         config = self.config
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -116,7 +139,7 @@ class Pipeline:
                 cache = PromptCache(store, self.metrics.sender(), clock=self.clock)
                 self.cache = await nursery.start(self._run_until_done, cache.run, self._cache_done)
             if not wait_for_model:
-                task_status.started(self)
+                started(self)
             try:
                 model = await trio.to_thread.run_sync(self._load)
             except Exception as error:  # any load failure: say why, in one line
@@ -138,12 +161,13 @@ class Pipeline:
                 clock=self.clock,
             )
             self.scheduler = await nursery.start(self._run_until_done, scheduler.run, self._scheduler_done)
+            nursery.start_soon(self._watch_steps, scheduler)
             loaded = ModelLoaded(model.model_id, model.model_size, model.dtype, model.device, config.profile.name)
             self.metrics.report(loaded)
             self.state = "ready"
             log.info("model_ready", model=model.model_id, device=model.device, dtype=model.dtype)
             if wait_for_model:
-                task_status.started(self)
+                started(self)
 
     @staticmethod
     async def _run_until_done(
@@ -153,6 +177,17 @@ class Pipeline:
             await run(task_status=task_status)
         finally:
             done.set()
+
+    async def _watch_steps(self, scheduler: GpuScheduler) -> None:
+        """Log a step that runs past --step-timeout, once per step (/health reads the same clock)."""
+        bound = self.config.step_timeout
+        reported: float | None = None
+        while True:
+            await trio.sleep(min(1.0, bound / 4))
+            since = scheduler.busy_since
+            if since is not None and since != reported and self.clock() - since > bound:
+                reported = since
+                log.error("step_stalled", seconds=round(self.clock() - since, 1), bound_s=bound)
 
     def begin_drain(self) -> None:
         if self.state == "ready":

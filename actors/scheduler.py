@@ -76,6 +76,10 @@ class GpuScheduler:
         self._batch: Batch[Events] = Batch(profile, max_context)
         self._closed = False
         self.stats = SchedulerStats()
+        # For the watchdog and /health: since when the worker thread has been on this trip (None
+        # between trips), and when the last step finished.
+        self.busy_since: float | None = None
+        self.last_step_at: float | None = None
 
     # -- the handle other tasks use ------------------------------------------------------------
     def submit(self, message: Submit) -> None:
@@ -203,6 +207,7 @@ class GpuScheduler:
                 self._backend.free_cached_memory()
                 return retry_in_halves(plan, run, self._backend.split)
 
+        self.busy_since = self._clock()
         try:
             result = await self._call(in_thread)
         except Exception as error:  # one bad step must not take the server down
@@ -212,6 +217,10 @@ class GpuScheduler:
             for request in failed:
                 self._fail(request, "step_failed", error)
             return
+        finally:
+            self.busy_since = None
+            if plan is not None:
+                self.last_step_at = self._clock()
         self._report_freed(work.releases)
         if result is None or plan is None:
             return

@@ -7,17 +7,30 @@ variables (the CLI has no flags of ours):
     GPTOSS_DEVICE (auto), GPTOSS_MAX_BATCH_SIZE, GPTOSS_MAX_QUEUE, GPTOSS_PREFILL_CHUNK,
     GPTOSS_ARRIVAL_WINDOW_MS,
     GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json),
-    GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN, GPTOSS_MAX_STREAMS
+    GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN, GPTOSS_MAX_STREAMS, GPTOSS_STEP_TIMEOUT,
+    GPTOSS_MAX_CONNECTIONS, GPTOSS_API_KEY (comma-separated keys), GPTOSS_ALLOWED_ORIGINS
 
 The model loads during start-up: Hypercorn accepts connections once it is ready, and a model that
-cannot load fails start-up.
+cannot load fails start-up. If the pipeline dies later (an actor's fault), the process exits with
+status 1 a moment after the open streams got their error event, for the supervisor to restart it
+(Hypercorn's CLI gives the app no way to stop it with a status of its own).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
-from app.config import DEFAULT_MAX_STREAMS, DEFAULT_MODEL, ServerConfig, profile_with
+from app.config import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MODEL,
+    ServerConfig,
+    keys_from_env,
+    profile_with,
+    split_list,
+)
 from app.logging_setup import configure_logging
 from app.server import create_server
 
@@ -46,9 +59,22 @@ def config_from_env() -> ServerConfig:
         cuda_graphs=os.environ.get("GPTOSS_CUDA_GRAPHS", "0").lower() in ("1", "true", "yes", "on"),
         max_seq_len=_int("GPTOSS_MAX_SEQ_LEN"),
         max_streams=_int("GPTOSS_MAX_STREAMS") or DEFAULT_MAX_STREAMS,
+        step_timeout=float(os.environ.get("GPTOSS_STEP_TIMEOUT", "300")),
+        max_connections=_int("GPTOSS_MAX_CONNECTIONS") or DEFAULT_MAX_CONNECTIONS,
+        api_keys=keys_from_env(),
+        allowed_origins=split_list(os.environ.get("GPTOSS_ALLOWED_ORIGINS")),
     )
+
+
+# Seconds between a fatal pipeline failure and the exit: the open streams' error events go out.
+EXIT_GRACE_SECONDS = 2.0
+
+
+def exit_soon(message: str) -> None:
+    print(f"error: {message}; exiting in {EXIT_GRACE_SECONDS:.0f} s", file=sys.stderr, flush=True)
+    threading.Timer(EXIT_GRACE_SECONDS, os._exit, args=(1,)).start()
 
 
 _config = config_from_env()
 configure_logging(_config.log_level, _config.log_format)
-app = create_server(_config, wait_for_model=True).asgi
+app = create_server(_config, wait_for_model=True, on_fatal=exit_soon).asgi

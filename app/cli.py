@@ -14,12 +14,24 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from app import __version__
-from app.config import DEFAULT_MAX_STREAMS, DEFAULT_MODEL, LOG_LEVELS, PROFILES, ConfigError, ServerConfig, profile_with
+from app.config import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MODEL,
+    LOG_LEVELS,
+    PROFILES,
+    ConfigError,
+    ServerConfig,
+    keys_from_env,
+    profile_with,
+    split_list,
+)
 from app.logging_setup import configure_logging
 from app.models.registry import ModelNotFoundError, known_names, resolve
 from app.server import Server, create_server
 
 log = structlog.get_logger("cli")
+KEEP_ALIVE_SECONDS = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-max-mb", type=float, default=64.0, help="megabytes the prompt cache may hold (least recently used out)"
     )
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="connections with a request in progress; more get 503 (/health and /metrics excepted)",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require Authorization: Bearer KEY on /v1/* and /generate (repeat for several keys, each "
+        "a tenant of the prompt cache); also GPTOSS_API_KEY, comma-separated",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        default=None,
+        help="comma-separated web origins that get CORS headers ('*' for any); default: none",
+    )
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a model step may run before /health says stalled (503) and it is logged",
+    )
+    parser.add_argument(
         "--max-streams",
         type=int,
         default=DEFAULT_MAX_STREAMS,
@@ -137,6 +173,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cache_max_entries=args.cache_max_entries,
         cache_max_bytes=int(args.cache_max_mb * 1024 * 1024),
         max_streams=args.max_streams,
+        step_timeout=args.step_timeout,
+        max_connections=args.max_connections,
+        api_keys=tuple(args.api_key) if args.api_key else keys_from_env(),
+        allowed_origins=split_list(args.allowed_origins),
         cuda_graphs=args.cuda_graphs,
         max_seq_len=args.max_seq_len,
     )
@@ -150,6 +190,9 @@ def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hyper.accesslog = logging.getLogger("hypercorn.access")
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.graceful_timeout = 5.0
+    # An idle connection, or one that has not sent a whole request head (slow-loris), is closed
+    # after this long; the same as hypercorn.toml says for the plain Hypercorn CLI.
+    hyper.keep_alive_timeout = KEEP_ALIVE_SECONDS
     return hyper
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -10,6 +11,7 @@ LogFormat = Literal["json", "console"]
 # What ``python -m app`` and ``hypercorn ... app.asgi:app`` serve when no model is named.
 DEFAULT_MODEL = "20b"
 DEFAULT_MAX_STREAMS = 256
+DEFAULT_MAX_CONNECTIONS = 512
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -89,6 +91,17 @@ class ServerConfig:
     # Open generation streams (cache replays included) at once; past it a request gets 429. The
     # queue bounds only what waits for the GPU: a cache hit never queues.
     max_streams: int = DEFAULT_MAX_STREAMS
+    # A trip to the worker thread that runs longer than this (a stuck kernel, a deadlock) turns
+    # /health into 503 "stalled" and is logged; generous, as a long prefill on a CPU takes seconds.
+    step_timeout: float = 300.0
+    # Connections with a request in progress; past it 503 (/health and /metrics still answer).
+    # Hypercorn closes an idle connection after 5 s (keep_alive_timeout), so those are bounded
+    # in time rather than in number.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Bearer keys /v1/* and /generate require (none: open); each key is a tenant of the cache.
+    api_keys: tuple[str, ...] = ()
+    # Web origins that get CORS headers ("*" for any); none: no CORS headers at all.
+    allowed_origins: tuple[str, ...] = ()
     # The static decode path: a slot cache allocated at start-up and decode steps captured as CUDA
     # graphs (eager without CUDA). Off by default until it has been measured on a GPU.
     cuda_graphs: bool = False
@@ -101,14 +114,26 @@ class ServerConfig:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.log_format not in ("json", "console"):
             raise ConfigError(f"log format must be json or console, got {self.log_format!r}")
-        for field in ("stall_timeout", "drain_timeout", "heartbeat_seconds"):
+        for field in ("stall_timeout", "drain_timeout", "heartbeat_seconds", "step_timeout"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0:
             raise ConfigError("cache bounds must not be negative")
-        if self.max_streams < 1:
-            raise ConfigError(f"max_streams must be at least 1, got {self.max_streams}")
+        if self.max_streams < 1 or self.max_connections < 1:
+            raise ConfigError("max_streams and max_connections must be at least 1")
+        if any(len(key) < 8 or any(c.isspace() for c in key) for key in self.api_keys):
+            raise ConfigError("an API key must be at least 8 characters, without spaces")
         if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or self.max_seq_len < 2):
             raise ConfigError(f"max_seq_len must be at least 2 tokens, got {self.max_seq_len!r}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+
+
+def split_list(value: str | None) -> tuple[str, ...]:
+    """A comma-separated list (a flag's or an environment variable's)."""
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def keys_from_env() -> tuple[str, ...]:
+    # A key given in the environment stays out of `ps` and the shell's history.
+    return split_list(os.environ.get("GPTOSS_API_KEY"))

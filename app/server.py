@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from quart import Response
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -27,11 +27,13 @@ from app.config import ServerConfig
 from app.contract.model import ServedModel
 from app.engine.runtime_info import gpu_memory, runtime_info
 from app.http import generate_routes, openai_routes, ops_routes, playground_routes
+from app.http.access import ApiKeys, cors_headers
 from app.http.context import ServerState
 from app.http.errors import ApiError, error_body, error_response
 from app.http.request_scope import RequestScopeMiddleware
 
 log = structlog.get_logger("server")
+BODY_TIMEOUT_SECONDS = 30
 
 
 def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
@@ -85,7 +87,9 @@ def create_server(
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes; disconnects end them
-    app.config["BODY_TIMEOUT"] = 60
+    # A request body (4 MiB at most) that takes longer than this to arrive is refused: a client
+    # that trickles one cannot hold a request open for minutes.
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_SECONDS
     state = ServerState(config, pipeline, __version__, runtime_info, gpu_memory)
     app.extensions["gptoss"] = state
 
@@ -96,6 +100,20 @@ def create_server(
     @app.after_serving
     async def stop_pipeline() -> None:
         await pipeline.stop()
+
+    keys = ApiKeys(config.api_keys)
+
+    @app.before_request
+    async def authorize() -> None:
+        # A CORS preflight carries no credentials by design; it reaches no endpoint's work.
+        if request.method != "OPTIONS":
+            g.tenant = keys.tenant(request.path, request.headers.get("Authorization"))
+
+    @app.after_request
+    async def cross_origin(response: Response) -> Response:
+        preflight = request.method == "OPTIONS"
+        response.headers.update(cors_headers(request.headers.get("Origin"), config.allowed_origins, preflight))
+        return response
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
@@ -126,4 +144,5 @@ def create_server(
     openai_routes.register(app, state)
     ops_routes.register(app, state)
     playground_routes.register(app)
-    return Server(app, RequestScopeMiddleware(app, stall_timeout=config.stall_timeout), state)
+    asgi = RequestScopeMiddleware(app, stall_timeout=config.stall_timeout, max_open=config.max_connections)
+    return Server(app, asgi, state)

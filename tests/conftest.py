@@ -74,6 +74,7 @@ async def running_server(
     step_caller: StepCaller | None = None,
     runner_hook: Callable[[ServedModel], ServedModel] | None = None,
     wait_for_model: bool = True,
+    on_fatal: Callable[[str], None] | None = None,
     before_load: Callable[[], object] | None = None,
     wrap_asgi: Callable[[Any], Any] | None = None,
 ) -> AsyncIterator[RunningServer]:
@@ -91,7 +92,9 @@ async def running_server(
         )
         return runner_hook(loaded) if runner_hook else loaded
 
-    server = create_server(config, loader=load, step_caller=step_caller, wait_for_model=wait_for_model)
+    server = create_server(
+        config, loader=load, step_caller=step_caller, wait_for_model=wait_for_model, on_fatal=on_fatal
+    )
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         app = wrap_asgi(server.asgi) if wrap_asgi is not None else server.asgi

@@ -328,11 +328,35 @@ def test_a_refused_request_is_shown_in_words(open_tab: OpenTab, tiny_app: Served
     playground.ask("hello", max_tokens=10**8)
     playground.page.wait_for_selector(".turn:last-of-type[data-status=error]")
     notice = playground.last_turn(".notice")
-    assert notice.startswith("The server refused the request (HTTP 400): the prompt (")
-    assert "over the model's context of" in notice
+    assert notice.startswith("The server refused the request (HTTP 400): This model's maximum context length is")
+    assert "in the completion" in notice
     assert playground.page.is_visible(".turn:last-of-type .notice")
     assert playground.page.is_enabled("#send")
     playground.only_this_server(tiny_app.url)
+
+
+def test_with_an_api_key_the_page_asks_for_it_once_and_keeps_it_for_the_tab(open_tab: OpenTab) -> None:
+    """The server refuses /generate without its key (401); the page asks once, keeps the key for
+    the tab (sessionStorage, not localStorage), and every later request carries it."""
+    key = "tab-only-key-123"
+    with app_on_port_zero("--model", "tiny-gpt-oss", "--api-key", key) as app:
+        assert httpx.post(f"{app.url}/generate", json={"prompt": "x", "max_tokens": 1}).status_code == 401
+        playground = open_tab(app.url)  # /health is open: the page loads and shows the model
+        asked: list[str] = []
+
+        def answer(dialog: Any) -> None:
+            asked.append(dialog.message)
+            dialog.accept(key)
+
+        playground.page.on("dialog", answer)
+        playground.ask("hello", max_tokens=3)
+        playground.page.wait_for_selector(".turn:last-of-type[data-status=done]")
+        playground.ask("again", max_tokens=3)
+        playground.page.wait_for_selector(".turn:nth-of-type(2)[data-status=done]")
+        stored = playground.value("[sessionStorage.getItem('gptoss-api-key'), localStorage.length]")
+    assert len(asked) == 1 and "API key" in asked[0], asked
+    assert stored == [key, 0]
+    playground.only_this_server(app.url)
 
 
 def test_reasoning_is_shown_apart_and_stream_errors_in_words(open_tab: OpenTab, tiny_app: ServedApp) -> None:

@@ -208,3 +208,117 @@ async def test_open_streams_are_bounded_cache_replays_included(tiny_weights: Mod
         assert response.status_code == 429 and response.json()["error"]["code"] == "too_many_streams", response.text
         assert int(response.headers["Retry-After"]) >= 1
     assert after.status_code == 200 and after.headers["X-Cache"] == "HIT"
+
+
+async def test_connections_with_a_request_open_are_bounded_but_probes_answer(tiny_weights: ModelWeights) -> None:
+    """--max-connections 2: a third request gets 503 while two streams are open; /health and
+    /metrics still answer (an orchestrator must not restart a busy server)."""
+    config = server_config(max_connections=2)
+    async with (
+        running_server(tiny_weights, config, step_caller=slow_steps(0.05)) as running,
+        running.client() as client,
+    ):
+        long = {"prompt": "hold the line", "max_tokens": 200, "cache": False}
+        async with client.stream("POST", "/generate", json=long), client.stream("POST", "/generate", json=long):
+            refused = await client.post("/generate", json={"prompt": "x", "max_tokens": 1})
+            health, metrics = await client.get("/health"), await client.get("/metrics")
+        after = await client.post("/generate", json={"prompt": "x", "max_tokens": 1, "stream": False})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_connections"
+    assert refused.headers["Retry-After"] == "1"
+    assert health.status_code == 200 and metrics.status_code == 200
+    assert after.status_code == 200
+
+
+async def test_a_connection_that_never_finishes_its_request_head_is_closed(tiny_weights: ModelWeights) -> None:
+    """Slow-loris: a request head sent a byte at a time, never finished, holds a connection for
+    the keep-alive timeout (5 s) at most, not for minutes (hypercorn.toml said 75 s)."""
+    async with running_server(tiny_weights) as running:
+        host, port = running.url.removeprefix("http://").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        started = time.perf_counter()
+        closed_after = None
+        with trio.move_on_after(20):
+            for byte in b"POST /generate HTTP/1.1\r\nHost: test\r\nX-Slow: ":
+                await stream.send_all(bytes([byte]))
+                await trio.sleep(0.1)
+            while True:
+                try:
+                    await stream.send_all(b"a")
+                    if await _closed(stream):
+                        break
+                except trio.BrokenResourceError:
+                    break
+            closed_after = time.perf_counter() - started
+        await stream.aclose()
+    assert closed_after is not None and closed_after < 8, closed_after
+
+
+async def _closed(stream: trio.SocketStream) -> bool:
+    with trio.move_on_after(0.5):
+        return await stream.receive_some(1024) == b""
+    return False
+
+
+KEYS = ("key-aaaa-1111", "key-bbbb-2222")
+
+
+async def test_an_api_key_guards_generation_and_keeps_tenants_apart(tiny_weights: ModelWeights) -> None:
+    """Breakage caught: no key check at all; a key check that left /v1/models open or shut
+    /health; one tenant's cached answer served (and its prompt revealed by X-Cache) to another."""
+    async with running_server(tiny_weights, server_config(api_keys=KEYS)) as running, running.client() as client:
+
+        def auth(key: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {key}"}
+
+        greedy = {"prompt": "a secret question", "max_tokens": 3, "temperature": 0, "stream": False}
+        missing = await client.post("/generate", json=greedy)
+        wrong = await client.post("/generate", json=greedy, headers=auth("key-aaaa-1112"))
+        models = await client.get("/v1/models")
+        first = await client.post("/generate", json=greedy, headers=auth(KEYS[0]))
+        again = await client.post("/generate", json=greedy, headers=auth(KEYS[0]))
+        other = await client.post("/generate", json=greedy, headers=auth(KEYS[1]))
+        open_paths = [await client.get(path) for path in ("/health", "/metrics", "/stats", "/")]
+    for refused in (missing, wrong, models):
+        assert refused.status_code == 401, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert KEYS[0] not in refused.text and KEYS[1] not in refused.text
+    assert [r.headers["X-Cache"] for r in (first, again, other)] == ["MISS", "HIT", "MISS"]
+    assert first.headers["X-Cache-Key"] == again.headers["X-Cache-Key"] != other.headers["X-Cache-Key"]
+    assert all(r.status_code == 200 for r in open_paths), [r.status_code for r in open_paths]
+
+
+async def test_the_openai_client_sends_its_key(tiny_weights: ModelWeights) -> None:
+    import openai
+
+    async with running_server(tiny_weights, server_config(api_keys=KEYS)) as running:
+        good = openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key=KEYS[1], max_retries=0)
+        bad = openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key="not-the-key", max_retries=0)
+        async with good, bad:
+            completion = await good.completions.create(model="tiny-gpt-oss", prompt="Hi", max_tokens=2)
+            with pytest.raises(openai.AuthenticationError):
+                await bad.completions.create(model="tiny-gpt-oss", prompt="Hi", max_tokens=2)
+    assert completion.usage is not None and completion.usage.completion_tokens == 2
+
+
+async def test_cors_headers_only_for_the_origins_named(tiny_weights: ModelWeights) -> None:
+    """Breakage caught: CORS headers for any origin (a page anywhere could call the server with a
+    user's browser), or none for an allowed one (its preflight fails)."""
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    async with running_server(tiny_weights) as plain, plain.client() as client:
+        closed = await client.options("/v1/chat/completions", headers=preflight)
+    config = server_config(allowed_origins=("https://app.example",), api_keys=KEYS)
+    async with running_server(tiny_weights, config) as running, running.client() as client:
+        allowed = await client.options("/v1/chat/completions", headers=preflight)
+        stranger = await client.options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+        body = {"prompt": "x", "max_tokens": 1, "stream": False}
+        actual = await client.post(
+            "/generate", json=body, headers={"Origin": "https://app.example", "Authorization": f"Bearer {KEYS[0]}"}
+        )
+    assert not any(h.lower().startswith("access-control") for h in closed.headers)
+    assert allowed.status_code == 200 and allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Authorization" in allowed.headers["Access-Control-Allow-Headers"]
+    assert not any(h.lower().startswith("access-control") for h in stranger.headers)
+    assert actual.status_code == 200 and actual.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "X-Cache" in actual.headers["Access-Control-Expose-Headers"]

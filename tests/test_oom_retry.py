@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import trio
 
-from actors.messages import Finished, SchedulerEvent, Submit, TokenOut
+from actors.messages import Failed, Finished, SchedulerEvent, Submit, TokenOut
 from actors.metrics_events import MetricsEvent
 from actors.scheduler import GpuScheduler
 from app.config import Profile
@@ -76,4 +76,45 @@ async def test_an_out_of_memory_decode_is_split_and_gives_generates_tokens(tiny_
     assert rows_seen.count(2) == 2 * len(refused), "each refused step ran again as two halves of two rows"
     assert {name: event.reason for name, event in finished.items()} == dict.fromkeys(prompts, "length")
     assert out == expected, "the split halves give generate()'s tokens: the failed forward left nothing behind"
+    assert runner.sequence_ids() == [] and runner.kv_cache_bytes == 0
+
+
+async def test_running_out_of_memory_while_the_cache_grows_is_split_and_retried_too(tiny_weights: ModelWeights) -> None:
+    """The cache grows (reserve) before a prefill's forward; an OOM there went around the split
+    and failed every request in the step. Now it is a StepOutOfMemory like the forward's: the
+    halves are tried, and only the sequence that cannot fit fails.
+
+    Breakage caught: the reserve outside the runner's out-of-memory mapping (both requests failed
+    with step_failed)."""
+    n = 6
+    prompts = {"long": random_prompts(4, 199_000, seed=9)["s3"][:60], "short": [1000, 2000, 3000, 4000, 5000]}
+    expected_short = reference_greedy(tiny_weights, prompts["short"], n)
+    runner = ModelRunner(tiny_weights.model, max_batch_size=4, max_context=4096, stop_token_ids=[])
+    real_reserve = runner._rows.reserve
+
+    def reserve(rows: int, positions: int) -> None:
+        if positions > 40:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {positions} positions)")
+        real_reserve(rows, positions)
+
+    runner._rows.reserve = reserve  # type: ignore[method-assign]
+    metrics, _ = trio.open_memory_channel[MetricsEvent](math.inf)
+    profile = Profile("test", max_batch_size=4, max_queue=8, prefill_chunk_tokens=512, max_consecutive_prefills=2)
+    scheduler = GpuScheduler(runner, profile, 4096, metrics, step_caller=inline_steps(0.0), clock=trio.current_time)
+    greedy = SamplingParams(max_tokens=n, temperature=0.0)
+    events: dict[str, list[SchedulerEvent]] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(scheduler.run)
+            channels = {}
+            for name, prompt in prompts.items():
+                send, receive = trio.open_memory_channel[SchedulerEvent](n + 8)
+                scheduler.submit(Submit(name, tuple(prompt), greedy, frozenset(), trio.current_time(), send))
+                channels[name] = receive
+            for name, receive in channels.items():
+                events[name] = [event async for event in receive]
+            scheduler.close()
+    failed = events["long"][-1]
+    assert isinstance(failed, Failed) and failed.code == "out_of_memory", events["long"][-1]
+    assert [e.token_id for e in events["short"] if isinstance(e, TokenOut)] == expected_short
     assert runner.sequence_ids() == [] and runner.kv_cache_bytes == 0

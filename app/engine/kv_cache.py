@@ -108,7 +108,12 @@ class RowKVCache(PlannedCache):
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
 
     def reserve(self, rows: int, positions: int) -> None:
-        """Make room for ``rows`` rows of ``positions`` positions; existing contents are kept."""
+        """Make room for ``rows`` rows of ``positions`` positions; existing contents are kept.
+
+        Layer by layer, so growing never needs twice the memory at once. If the accelerator runs
+        out of memory half-way (the runner retries the step split in two), the layers already
+        grown stay grown and the rest as they were: every layer still holds its rows, and the next
+        reserve grows only the ones that are short."""
         if rows > self.max_rows or positions > self.max_positions:
             raise ValueError(f"cache holds at most {self.max_rows} rows x {self.max_positions} positions")
         new_rows = min(_grown(self._rows, rows, self.MIN_ROWS), self.max_rows)
@@ -117,9 +122,10 @@ class RowKVCache(PlannedCache):
             return
         for store in (self._keys, self._values):
             for layer, old in enumerate(store):
-                if old is None:
+                if old is None or (old.shape[0] >= new_rows and old.shape[2] >= new_positions):
                     continue
-                bigger = old.new_zeros((new_rows, old.shape[1], new_positions, old.shape[3]))
+                shape = (max(new_rows, old.shape[0]), old.shape[1], max(new_positions, old.shape[2]), old.shape[3])
+                bigger = old.new_zeros(shape)
                 bigger[: old.shape[0], :, : old.shape[2]] = old
                 store[layer] = bigger
         self._rows, self._positions = new_rows, new_positions

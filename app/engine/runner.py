@@ -169,10 +169,11 @@ class BaseRunner(ABC):
             positions.extend(range(seq.length, seq.length + len(take)))
             if len(take) == len(seq.pending):
                 finishing.append((seq, len(input_ids) - 1))
-        self._cache.reserve(len(self._seqs), max(s.start + s.length for s in segments) + 1)
-        self._cache.plan_prefill(tuple(segments))
         keep = torch.tensor([index for _, index in finishing] or [len(input_ids) - 1], device=self.device)
         try:
+            # Growing the cache for this step can run out of memory too: the same split-and-retry.
+            self._cache.reserve(len(self._seqs), max(s.start + s.length for s in segments) + 1)
+            self._cache.plan_prefill(tuple(segments))
             logits = self.model(
                 input_ids=torch.tensor([input_ids], device=self.device),
                 position_ids=torch.tensor([positions], device=self.device),

@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from actors.messages import GenerationJob, StreamDone, StreamError, StreamToken
@@ -43,6 +43,7 @@ async def build_generate_job(state: ServerState, body: GenerateRequest, received
         request_id=request.headers.get("X-Request-Id"),
         timeout_header=request.headers.get("X-Request-Timeout"),
         use_cache=body.cache,
+        tenant=g.get("tenant"),
     )
     return await off_loop(state, build)
 

@@ -132,6 +132,7 @@ def build_job(
     timeout_header: str | None,
     use_cache: bool,
     max_tokens_field: str = "max_tokens",
+    tenant: str | None = None,
 ) -> GenerationJob:
     """Everything an endpoint needs to start a generation: tokens, sampling, deadline, cache key.
 
@@ -144,7 +145,7 @@ def build_job(
     tokens = prompt_tokens(spec, model)
     params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field)
     text_mode: TextMode = "harmony" if model.harmony and spec.messages is not None else "plain"
-    key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode)
+    key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode, tenant)
     return GenerationJob(
         prompt=tokens,
         params=params,

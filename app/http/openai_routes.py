@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from actors.messages import GenerationJob, StreamDone, StreamError, StreamToken
@@ -114,6 +114,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             request_id=request.headers.get("X-Request-Id"),
             timeout_header=request.headers.get("X-Request-Timeout"),
             use_cache=body.cache,
+            tenant=g.get("tenant"),
             max_tokens_field=body.effective_max_tokens_field(),
         )
         job = await off_loop(state, build)
@@ -133,6 +134,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             request_id=request.headers.get("X-Request-Id"),
             timeout_header=request.headers.get("X-Request-Timeout"),
             use_cache=body.cache,
+            tenant=g.get("tenant"),
         )
         job = await off_loop(state, build)
         return await _respond(state, "completion", body, job, model, "cmpl")

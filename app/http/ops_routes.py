@@ -23,7 +23,11 @@ def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
     model = pipeline.model
     status = {"ready": "ok"}.get(pipeline.state, pipeline.state)
     scheduler = pipeline.scheduler
-    if status == "ok" and scheduler is not None and scheduler.stats.degraded:
+    now = pipeline.clock()
+    step_running = None if scheduler is None or scheduler.busy_since is None else now - scheduler.busy_since
+    if status == "ok" and step_running is not None and step_running > state.config.step_timeout:
+        status = "stalled"  # the step thread is stuck (a kernel, a deadlock): nothing moves
+    elif status == "ok" and scheduler is not None and scheduler.stats.degraded:
         status = "degraded"  # steps keep failing: route traffic elsewhere until one succeeds
     body: dict[str, Any] = {
         "status": status,
@@ -43,6 +47,10 @@ def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
         body["error"] = pipeline.failure
     if scheduler is not None and scheduler.stats.failing_steps:
         body["failing_steps"] = scheduler.stats.failing_steps
+    if scheduler is not None:
+        last = scheduler.last_step_at
+        body["last_step_age_s"] = None if last is None else round(now - last, 3)
+        body["step_running_s"] = None if step_running is None else round(step_running, 3)
     return body, 200 if status == "ok" else 503
 
 

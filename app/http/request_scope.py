@@ -16,15 +16,17 @@ it meanwhile: each request sends on its own.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from app.batching.finish import AbortReason
+from app.http.errors import error_body
 
 SCOPE_KEY = "gptoss.on_close"
 log = structlog.get_logger("http")
@@ -48,15 +50,31 @@ class _RequestLife:
                 log.exception("request_close_callback_failed")
 
 
+# Probes and scrapes answer whatever the load: an orchestrator must not restart a busy server.
+UNCAPPED_PATHS = frozenset({"/health", "/metrics"})
+
+
 class RequestScopeMiddleware:
-    def __init__(self, app: Any, stall_timeout: float = math.inf) -> None:
+    def __init__(self, app: Any, stall_timeout: float = math.inf, max_open: int | None = None) -> None:
         self.app = app
         self.stall_timeout = stall_timeout
+        self.max_open = max_open
+        self.open = 0  # HTTP requests in progress (connections that hold one)
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.max_open is not None and self.open >= self.max_open and scope["path"] not in UNCAPPED_PATHS:
+            await _refuse(send, self.max_open)
+            return
+        self.open += 1
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            self.open -= 1
+
+    async def _serve(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         life = _RequestLife(scope["path"])
         request_scope_dict: dict[str, Any] = {**scope, SCOPE_KEY: life}
         with trio.CancelScope() as request_scope:
@@ -84,6 +102,7 @@ class RequestScopeMiddleware:
                     try:
                         await self.app(request_scope_dict, receive, send_or_give_up)
                     finally:
+                        life.close("client_disconnect")  # at once: the watcher's exit would wait a turn
                         watchers.cancel_scope.cancel()
             finally:
                 life.close("client_disconnect")
@@ -97,6 +116,15 @@ class RequestScopeMiddleware:
             if started is not None and trio.current_time() - started >= self.stall_timeout:
                 give_up()
                 return
+
+
+async def _refuse(send: ASGISendCallable, limit: int) -> None:
+    body = json.dumps(
+        error_body(503, f"the server has {limit} connections with a request open", code="too_many_connections")
+    )
+    headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
 
 
 def on_request_close(scope: dict[str, Any], callback: CloseCallback) -> None:

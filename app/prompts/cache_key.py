@@ -40,14 +40,23 @@ def canonical_sampling(params: SamplingParams) -> dict[str, Any]:
 
 
 def cache_key(
-    prompt_version: str, model_id: str, prompt_tokens: Sequence[int], params: SamplingParams, text_mode: str
+    prompt_version: str,
+    model_id: str,
+    prompt_tokens: Sequence[int],
+    params: SamplingParams,
+    text_mode: str,
+    tenant: str | None = None,
 ) -> str:
-    document = {
+    """``tenant`` (the caller's API key, by name) keeps one tenant's cached answers from another;
+    without API keys there is one tenant and the key is as it always was."""
+    document: dict[str, Any] = {
         "prompt_version": prompt_version,
         "model": model_id,
         "prompt_tokens": list(prompt_tokens),
         "sampling": canonical_sampling(params),
         "text_mode": text_mode,
     }
+    if tenant is not None:
+        document["tenant"] = tenant
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()

@@ -161,6 +161,35 @@ function requestBody(messages) {
   return body;
 }
 
+// With --api-key the server answers 401 without one: ask for it once, keep it for this tab only
+// (sessionStorage: gone when the tab closes, never sent to another origin).
+const KEY_ITEM = "gptoss-api-key";
+
+function authorization() {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function postGenerate(body, signal) {
+  const send = () =>
+    fetch("generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authorization() },
+      body,
+      signal,
+      cache: "no-store",
+    });
+  let response = await send();
+  if (response.status === 401) {
+    const key = window.prompt("This server needs an API key (kept for this tab only):");
+    if (key && key.trim()) {
+      sessionStorage.setItem(KEY_ITEM, key.trim());
+      response = await send();
+    }
+  }
+  return response;
+}
+
 async function ask(question) {
   const turn = addTurn(question);
   const messages = [...history, { role: "user", content: question }];
@@ -173,13 +202,7 @@ async function ask(question) {
   let done = null;
   let cached = false;
   try {
-    const response = await fetch("generate", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify(requestBody(messages)),
-      signal: controller.signal,
-      cache: "no-store",
-    });
+    const response = await postGenerate(JSON.stringify(requestBody(messages)), controller.signal);
     if (!response.ok) throw new ShownError(await refusal(response));
     for await (const event of sseEvents(response.body)) {
       if (event.name === "start") {
