@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -109,12 +110,16 @@ def slow_steps(seconds: float) -> StepCaller:
 
 class FaultInjectingRunner:
     """Wraps a real runner; a step that involves a sequence whose prompt contains ``marker`` raises
-    ``error`` (e.g. a RuntimeError standing for a CUDA fault) instead of running."""
+    ``error`` (e.g. a RuntimeError standing for a CUDA fault) instead of running, or, with
+    ``hang_seconds``, hangs that long (a stuck kernel) and then runs."""
 
-    def __init__(self, runner: Any, marker: Sequence[int], error: Callable[[], Exception]) -> None:
+    def __init__(
+        self, runner: Any, marker: Sequence[int], error: Callable[[], Exception], hang_seconds: float = 0.0
+    ) -> None:
         self._runner = runner
         self._marker = list(marker)
         self._error = error
+        self._hang = hang_seconds
         self._faulty: set[str] = set()
         self.faults = 0
 
@@ -134,9 +139,14 @@ class FaultInjectingRunner:
         self._runner.release(seq_id)
 
     def _check(self, seq_ids: Iterable[str]) -> None:
-        if self._faulty.intersection(seq_ids):
-            self.faults += 1
+        marked = self._faulty.intersection(seq_ids)
+        if not marked:
+            return
+        self.faults += 1
+        if not self._hang:
             raise self._error()
+        self._faulty -= marked  # each marked sequence hangs its first step only
+        time.sleep(self._hang)
 
     def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
         self._check(c.seq_id for c in chunks)
@@ -148,11 +158,13 @@ class FaultInjectingRunner:
         return self._runner.decode(ids, must_continue)
 
 
-def with_faults(marker: Sequence[int], error: Callable[[], Exception]) -> Callable[[Any], Any]:
-    """A ``runner_hook`` for tests.conftest.running_server that injects step faults."""
+def with_faults(
+    marker: Sequence[int], error: Callable[[], Exception] = RuntimeError, hang_seconds: float = 0.0
+) -> Callable[[Any], Any]:
+    """A ``runner_hook`` for tests.conftest.running_server that injects step faults (or hangs)."""
     import dataclasses
 
     def hook(loaded: Any) -> Any:
-        return dataclasses.replace(loaded, runner=FaultInjectingRunner(loaded.runner, marker, error))
+        return dataclasses.replace(loaded, runner=FaultInjectingRunner(loaded.runner, marker, error, hang_seconds))
 
     return hook

@@ -1,6 +1,8 @@
-"""Chaos: hundreds of requests, a third cancelled at random points, some malformed, some over the
-queue bound, some hitting an injected step fault. Afterwards every request had exactly one ending,
-nothing is left running, the cache holds only complete outputs, and memory is back near the start."""
+"""Chaos: hundreds of requests, a third cancelled at random points, some malformed or out of range,
+a 4 MiB prompt, some over the queue bound, some sharing one X-Request-Id, some hitting an injected
+step fault, one hanging its step past --step-timeout. Afterwards every request had exactly one
+ending, nothing is left running, the cache holds only complete outputs, memory did not grow over
+the second half, and /health said "stalled" while a step hung."""
 
 from __future__ import annotations
 
@@ -46,8 +48,30 @@ def sse_endings(text: str) -> list[str]:
     return [b.split("\n", 1)[0][7:] for b in blocks if b.startswith(("event: done", "event: error"))]
 
 
-# Per hundred requests: a third are cancelled by their client at a random point.
-MIX = {"stream": 16, "json": 12, "cancel_stream": 20, "cancel_json": 14, "malformed": 8, "fault": 6, "repeat": 24}
+# Per hundred requests: a third are cancelled by their client at a random point; some share one
+# X-Request-Id, some carry a value out of range, one is a 4 MiB prompt, one hangs its step.
+MIX = {
+    "stream": 13,
+    "json": 10,
+    "cancel_stream": 19,
+    "cancel_json": 14,
+    "malformed": 8,
+    "fault": 6,
+    "repeat": 18,
+    "dup_id": 6,
+    "bad_value": 4,
+    "huge": 1,
+    "hang": 1,
+}
+OUT_OF_RANGE: list[dict[str, Any]] = [
+    {"seed": 2**64},
+    {"top_p": 0},
+    {"repetition_penalty": 1e-9},
+    {"stop": ["x" * 300]},
+    {"min_p": 2},
+]
+HUGE_PROMPT = "hello world " * (4 * 1024 * 1024 // 12 - 10)
+HANG_SECONDS = 1.5  # a step that hangs this long, past the server's --step-timeout of 1 s
 
 
 async def one_request(client: httpx.AsyncClient, rng: random.Random, index: int, kind: str) -> str:
@@ -59,11 +83,19 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, index: int,
         response = await client.post("/generate", content=rng.choice(MALFORMED))
         assert 400 <= response.status_code < 500, response.text
         return "invalid"
+    if kind in ("bad_value", "huge"):
+        wrong = rng.choice(OUT_OF_RANGE) if kind == "bad_value" else {"prompt": HUGE_PROMPT}
+        response = await client.post("/generate", json={**body, **wrong})
+        assert response.status_code == 400, response.text[:300]
+        return "invalid"
+    headers = {"X-Request-Id": "chaos-dup"} if kind == "dup_id" else {}
     if kind == "fault":
         body["prompt"] = "FAILNOW"
+    if kind == "hang":
+        body["prompt"] = "HANGNOW"
     if kind == "repeat":
         body = {"prompt": f"popular {rng.randint(0, 4)}", "max_tokens": 12, "temperature": 0}
-    if kind in ("json", "fault", "repeat") or kind == "cancel_json":
+    if kind in ("json", "fault", "repeat", "hang") or kind == "cancel_json":
         body["stream"] = False
         if kind == "cancel_json":
             with trio.move_on_after(rng.uniform(0.0, 0.3)):
@@ -74,10 +106,11 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, index: int,
     # Streams, read to the end or dropped after a few tokens.
     drop_after = rng.randint(0, 4) if kind == "cancel_stream" else None
     text = ""
-    async with client.stream("POST", "/generate", json=body) as response:
+    async with client.stream("POST", "/generate", json=body, headers=headers) as response:
         if response.status_code != 200:
             await response.aread()
             return _json_ending(response)
+        assert response.headers["X-Request-Id"] == headers.get("X-Request-Id", response.headers["X-Request-Id"])
         async for chunk in response.aiter_text():
             text += chunk
             if drop_after is not None and text.count("event: token\n") > drop_after and not sse_endings(text):
@@ -114,9 +147,18 @@ def nothing_in_flight(stats: dict[str, Any]) -> bool:
 
 async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights) -> None:
     profile = dataclasses.replace(PROFILES["latency_first"], max_batch_size=8, max_queue=16)
-    marker = harmony_encoding().encode("FAILNOW", allowed_special="all")
-    hook = with_faults(marker, lambda: RuntimeError("injected step fault"))
-    async with running_server(tiny_weights, server_config(profile=profile), runner_hook=hook) as server:
+    encoding = harmony_encoding()
+    faults = with_faults(encoding.encode("FAILNOW", allowed_special="all"), lambda: RuntimeError("injected step fault"))
+    hangs = with_faults(encoding.encode("HANGNOW", allowed_special="all"), hang_seconds=HANG_SECONDS)
+    config = server_config(profile=profile, step_timeout=1.0)
+    health_seen: set[str] = set()
+
+    async def watch_health(client: httpx.AsyncClient) -> None:
+        while True:
+            health_seen.add((await client.get("/health")).json()["status"])
+            await trio.sleep(0.2)
+
+    async with running_server(tiny_weights, config, runner_hook=lambda loaded: hangs(faults(loaded))) as server:
         pipeline = server.server.pipeline
         limits = httpx.Limits(max_connections=CONCURRENCY + 8)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
@@ -140,13 +182,16 @@ async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights)
             # interpreter's caches); the second, the same mix again, must not grow memory.
             rss: list[int] = []
             with trio.fail_after(600):
-                for first, last in ((0, REQUESTS // 2), (REQUESTS // 2, REQUESTS)):
-                    async with trio.open_nursery() as nursery:
-                        for index in range(first, last):
-                            nursery.start_soon(run, index)
-                    # The server's side of the last cancellations.
-                    await wait_for_stats(client, nothing_in_flight, timeout=600, server=server)
-                    rss.append(live_rss())
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(watch_health, client)
+                    for first, last in ((0, REQUESTS // 2), (REQUESTS // 2, REQUESTS)):
+                        async with trio.open_nursery() as nursery:
+                            for index in range(first, last):
+                                nursery.start_soon(run, index)
+                        # The server's side of the last cancellations.
+                        await wait_for_stats(client, nothing_in_flight, timeout=600, server=server)
+                        rss.append(live_rss())
+                    watching.cancel_scope.cancel()
             await trio.sleep(0.2)
             stats = (await client.get("/stats")).json()["model_metrics"]["tiny-gpt-oss"]
             tasks_after, relays_after = pipeline.task_count, pipeline.active_relays
@@ -189,3 +234,5 @@ async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights)
         assert entry is not None and entry.done.finish_reason in STORED_REASONS
         assert len(entry.tokens) == entry.done.usage.completion_tokens
     assert rss[1] - rss[0] < LEAK_BOUND_MIB * 2**20, "the second half, the same mix again, did not grow memory"
+    # The hung steps were visible on /health while they hung (and it said ok the rest of the time).
+    assert "stalled" in health_seen and "ok" in health_seen, health_seen
