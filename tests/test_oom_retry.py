@@ -32,6 +32,31 @@ from tests.test_engine import random_prompts, reference_greedy
 MAX_ROWS_THAT_FIT = 2
 
 
+async def scheduled(runner: ModelRunner, prompts: dict[str, list[int]], n: int) -> dict[str, list[SchedulerEvent]]:
+    """Each prompt's events, greedy, n tokens, through a real scheduler over ``runner``."""
+    metrics, _ = trio.open_memory_channel[MetricsEvent](math.inf)
+    profile = Profile("test", max_batch_size=4, max_queue=8, prefill_chunk_tokens=512, max_consecutive_prefills=2)
+    scheduler = GpuScheduler(runner, profile, 4096, metrics, step_caller=inline_steps(0.0), clock=trio.current_time)
+    greedy = SamplingParams(max_tokens=n, temperature=0.0)
+    events: dict[str, list[SchedulerEvent]] = {}
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(scheduler.run)
+            channels = {}
+            for name, prompt in prompts.items():
+                send, receive = trio.open_memory_channel[SchedulerEvent](n + 8)
+                scheduler.submit(Submit(name, tuple(prompt), greedy, frozenset(), trio.current_time(), send))
+                channels[name] = receive
+            for name, receive in channels.items():
+                events[name] = [event async for event in receive]
+            scheduler.close()
+    return events
+
+
+def tokens(events: list[SchedulerEvent]) -> list[int]:
+    return [event.token_id for event in events if isinstance(event, TokenOut)]
+
+
 async def test_an_out_of_memory_decode_is_split_and_gives_generates_tokens(tiny_weights: ModelWeights) -> None:
     n = 10
     prompts = random_prompts(4, 199_000, seed=5)
@@ -47,34 +72,16 @@ async def test_an_out_of_memory_decode_is_split_and_gives_generates_tokens(tiny_
             refused.append(rows)
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {rows} rows)")
 
-    metrics, _ = trio.open_memory_channel[MetricsEvent](math.inf)
-    profile = Profile("test", max_batch_size=4, max_queue=8, prefill_chunk_tokens=512, max_consecutive_prefills=2)
-    scheduler = GpuScheduler(runner, profile, 4096, metrics, step_caller=inline_steps(0.0), clock=trio.current_time)
-    greedy = SamplingParams(max_tokens=n, temperature=0.0)
     hook = tiny_weights.model.register_forward_pre_hook(too_big, with_kwargs=True)
-    out: dict[str, list[int]] = {}
-    finished: dict[str, Finished] = {}
     try:
-        with trio.fail_after(120):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(scheduler.run)
-                channels = {}
-                for name, prompt in prompts.items():
-                    send, receive = trio.open_memory_channel[SchedulerEvent](n + 8)
-                    scheduler.submit(Submit(name, tuple(prompt), greedy, frozenset(), trio.current_time(), send))
-                    channels[name] = receive
-                for name, receive in channels.items():
-                    async for event in receive:
-                        if isinstance(event, TokenOut):
-                            out.setdefault(name, []).append(event.token_id)
-                        elif isinstance(event, Finished):
-                            finished[name] = event
-                scheduler.close()
+        events = await scheduled(runner, prompts, n)
     finally:
         hook.remove()
+    out = {name: tokens(got) for name, got in events.items()}
+    finished = {name: got[-1] for name, got in events.items()}
     assert refused, "a decode step of more than two rows was attempted and refused"
     assert rows_seen.count(2) == 2 * len(refused), "each refused step ran again as two halves of two rows"
-    assert {name: event.reason for name, event in finished.items()} == dict.fromkeys(prompts, "length")
+    assert all(isinstance(event, Finished) and event.reason == "length" for event in finished.values()), finished
     assert out == expected, "the split halves give generate()'s tokens: the failed forward left nothing behind"
     assert runner.sequence_ids() == [] and runner.kv_cache_bytes == 0
 
@@ -98,23 +105,8 @@ async def test_running_out_of_memory_while_the_cache_grows_is_split_and_retried_
         real_reserve(rows, positions)
 
     runner._rows.reserve = reserve  # type: ignore[method-assign]
-    metrics, _ = trio.open_memory_channel[MetricsEvent](math.inf)
-    profile = Profile("test", max_batch_size=4, max_queue=8, prefill_chunk_tokens=512, max_consecutive_prefills=2)
-    scheduler = GpuScheduler(runner, profile, 4096, metrics, step_caller=inline_steps(0.0), clock=trio.current_time)
-    greedy = SamplingParams(max_tokens=n, temperature=0.0)
-    events: dict[str, list[SchedulerEvent]] = {}
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(scheduler.run)
-            channels = {}
-            for name, prompt in prompts.items():
-                send, receive = trio.open_memory_channel[SchedulerEvent](n + 8)
-                scheduler.submit(Submit(name, tuple(prompt), greedy, frozenset(), trio.current_time(), send))
-                channels[name] = receive
-            for name, receive in channels.items():
-                events[name] = [event async for event in receive]
-            scheduler.close()
+    events = await scheduled(runner, prompts, n)
     failed = events["long"][-1]
     assert isinstance(failed, Failed) and failed.code == "out_of_memory", events["long"][-1]
-    assert [e.token_id for e in events["short"] if isinstance(e, TokenOut)] == expected_short
+    assert tokens(events["short"]) == expected_short
     assert runner.sequence_ids() == [] and runner.kv_cache_bytes == 0
