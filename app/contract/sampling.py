@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.contract.grammar import GrammarSpec
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -23,6 +25,11 @@ class SamplingParams:
     # vLLM's and transformers' extension, over the prompt and the output: a seen token's logit is
     # divided by it when positive and multiplied by it when negative. 1.0 leaves logits alone.
     repetition_penalty: float = 1.0
+    # OpenAI's logit_bias: (token id, bias added to its logit), sorted by id; ids are in the vocabulary.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: no logprobs; k (0..20): each token's logprob and its k likeliest alternatives.
+    logprobs: int | None = None
+    grammar: GrammarSpec | None = None  # constrained decoding (structured outputs)
 
     @property
     def greedy(self) -> bool:

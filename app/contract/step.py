@@ -23,6 +23,15 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A chosen token's log-probability and the likeliest alternatives, from the model's raw
+    logits (before temperature, penalties, logit_bias and any grammar, as vLLM's default)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
+
+
+@dataclass(frozen=True, slots=True)
 class StepResult:
     tokens: dict[str, int]  # seq_id -> the token chosen this step (prefills that finished, decodes)
     kind: str  # "prefill" | "decode" | "idle"
@@ -30,6 +39,7 @@ class StepResult:
     new_tokens: int  # tokens that went through the model
     seconds: float
     failed: dict[str, FailureCode] = field(default_factory=dict)  # seq_id -> why it alone got no token
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # for the sequences that asked
 
 
 class StepOutOfMemory(RuntimeError):

@@ -30,6 +30,14 @@ def canonical_sampling(params: SamplingParams) -> dict[str, Any]:
             "frequency": params.frequency_penalty,
             "repetition": params.repetition_penalty,
         }
+    # Each only when set, so that the keys of requests without them stay as they were.
+    if params.logit_bias:
+        sampling["logit_bias"] = [[token, bias] for token, bias in params.logit_bias]
+    if params.logprobs is not None:  # the answer carries them: a replay must too
+        sampling["logprobs"] = params.logprobs
+    if params.grammar is not None:
+        grammar = params.grammar
+        sampling["grammar"] = {"kind": grammar.kind, "source": grammar.source, "final": grammar.final_channel_only}
     return {
         **sampling,
         "max_tokens": params.max_tokens,
