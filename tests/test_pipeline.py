@@ -29,6 +29,8 @@ class FakeModel:
     stop_token_ids: frozenset[int] = frozenset({999_999})
     tokenizer: Any = None
     decode_path: str = "dynamic"
+    grammars: None = None
+    vocab_size: int = 1_000_000
     max_token_bytes: int = 16
 
     def decode(self, token_ids: Sequence[int]) -> str:

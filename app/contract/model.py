@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from app.contract.grammar import GrammarService
 from app.contract.step import StepBackend
 
 
@@ -28,6 +29,11 @@ class ServedModel(Protocol):
     def max_context(self) -> int: ...
 
     @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits: every token id is below it."""
+        ...
+
+    @property
     def harmony(self) -> bool:
         """gpt-oss: prompts are Harmony conversations and the output has channels."""
         ...
@@ -42,6 +48,11 @@ class ServedModel(Protocol):
 
     @property
     def runner(self) -> StepBackend: ...
+
+    @property
+    def grammars(self) -> GrammarService | None:
+        """Compiles response formats for this model's tokenizer (None: structured outputs off)."""
+        ...
 
     @property
     def decode_path(self) -> str: ...

@@ -19,6 +19,7 @@ from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine import moe_loading
 from app.engine.cuda_graphs import Capture, StepGraphs
+from app.engine.grammar import GrammarCompiler, HarmonyMarkers
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_runner import StaticModelRunner
@@ -51,6 +52,8 @@ class LoadedModel:
     runner: BaseRunner
     stop_token_ids: frozenset[int]
     parameters: int
+    vocab_size: int = 0  # the logits' width
+    grammars: GrammarCompiler | None = None  # structured outputs (xgrammar), over this tokenizer
     decode_path: str = "dynamic"  # "dynamic", "static" (eager) or "static+cuda_graphs"
     max_token_bytes: int = 4096  # no token is longer: a prompt's size bounds its length in tokens
 
@@ -203,6 +206,7 @@ def serve_weights(
         runner = ModelRunner(
             weights.model, max_batch_size=max_batch_size, max_context=max_context, stop_token_ids=weights.stop_token_ids
         )
+    runner.grammars = grammar_compiler(weights, runner.vocab_size)
     _warm_up(runner, weights.tokenizer)
     decode_path = "dynamic"
     if isinstance(runner, StaticModelRunner):
@@ -222,9 +226,25 @@ def serve_weights(
         runner=runner,
         stop_token_ids=weights.stop_token_ids,
         parameters=weights.parameters,
+        grammars=runner.grammars,
+        vocab_size=runner.vocab_size,
         decode_path=decode_path,
         max_token_bytes=longest_token_bytes(weights.tokenizer),
     )
+
+
+def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
+    """The grammar engine over the model's tokenizer; its vocabulary is read on first use."""
+    markers = None
+    if weights.harmony:
+        from app.prompts.harmony_encoding import harmony_encoding
+
+        encoding = harmony_encoding()
+        (channel,) = encoding.encode("<|channel|>", allowed_special="all")
+        (message,) = encoding.encode("<|message|>", allowed_special="all")
+        (end,) = encoding.encode("<|return|>", allowed_special="all")
+        markers = HarmonyMarkers(channel, message, tuple(encoding.encode("final")), end)
+    return GrammarCompiler(weights.tokenizer, vocab_size, weights.stop_token_ids, markers)
 
 
 def _static_runner(

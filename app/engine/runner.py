@@ -16,10 +16,11 @@ import inspect
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
 import torch
 from transformers import PreTrainedModel
 
@@ -27,8 +28,11 @@ from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk, StepOutOfMemory, StepResult
 from app.engine.attention_masks import MaskShapes
+from app.engine.grammar import GrammarCompiler, GrammarMasks, SequenceGrammar
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
+
+log = structlog.get_logger("engine.runner")
 
 
 @dataclass(slots=True)
@@ -44,6 +48,7 @@ class SequenceState:
     length: int = 0  # tokens in the cache: the prompt's first ``length`` are in while prefilling
     last_token: int = -1  # the newest token, not yet in the cache
     history: TokenHistory | None = None  # kept only when the request has penalties
+    grammar: SequenceGrammar | None = None  # its matcher, when the request constrains its output
 
     @property
     def pending(self) -> tuple[int, ...]:
@@ -89,6 +94,7 @@ class BaseRunner(ABC):
         max_batch_size: int,
         max_context: int,
         stop_token_ids: Iterable[int],
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -101,6 +107,8 @@ class BaseRunner(ABC):
         self._cache = cache
         self._cache_arg = cache_argument(model)
         self._seqs: dict[str, SequenceState] = {}
+        self.grammars = grammars
+        self._grammar_masks: GrammarMasks | None = None
 
     # -- membership ----------------------------------------------------------------------------
     @property
@@ -146,6 +154,10 @@ class BaseRunner(ABC):
         seq = SequenceState(seq_id, self._claim_row(), params, stops, generator, tuple(prompt))
         if params.penalized:
             seq.history = TokenHistory(prompt, self.vocab_size, self.device)
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("this runner has no grammar engine")
+            seq.grammar = self.grammars.matcher(params.grammar)
         self._seqs[seq_id] = seq
 
     def pending_prompt(self, seq_id: str) -> int:
@@ -236,20 +248,51 @@ class BaseRunner(ABC):
             seqs, logits = [seqs[i] for i in keep], logits[keep]
         if not seqs:
             return {}, failed
-        suppress = [seq.stop_token_ids if seq.seq_id in must_continue else () for seq in seqs]
+        # A constrained Harmony answer may not end before its final channel has opened.
+        suppress = [
+            seq.stop_token_ids if seq.seq_id in must_continue or (seq.grammar and not seq.grammar.active) else ()
+            for seq in seqs
+        ]
+        grammars = [seq.grammar for seq in seqs]
         chosen = choose_tokens(
-            logits, [s.params for s in seqs], [s.generator for s in seqs], suppress, [s.history for s in seqs]
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            suppress,
+            [s.history for s in seqs],
+            constrain=self._constrainer(grammars),
         )
         tokens = {}
         for seq, token in zip(seqs, chosen, strict=True):
             if token is None:
                 failed[seq.seq_id] = "sampling_failed"
                 continue
+            if seq.grammar is not None and not self._advance_grammar(seq, token):
+                failed[seq.seq_id] = "grammar_failed"
+                continue
             seq.last_token = token
             if seq.history is not None:
                 seq.history.add(token)
             tokens[seq.seq_id] = token
         return tokens, failed
+
+    def _constrainer(self, grammars: Sequence[SequenceGrammar | None]) -> Callable[[torch.Tensor], None] | None:
+        """What masks this step's constrained rows (None when no row is constrained now)."""
+        if not any(g is not None and g.constrains for g in grammars):
+            return None
+        if self._grammar_masks is None:
+            self._grammar_masks = GrammarMasks(self.max_batch_size, self.vocab_size, self.device)
+        masks = self._grammar_masks
+        return lambda logits: masks.apply(logits, grammars)
+
+    def _advance_grammar(self, seq: SequenceState, token: int) -> bool:
+        """The grammar follows the chosen token; a fault in it fails this sequence alone."""
+        assert seq.grammar is not None
+        try:
+            return seq.grammar.accept(token)
+        except Exception:
+            log.exception("grammar_failed", request_id=seq.seq_id)
+            return False
 
 
 class ModelRunner(BaseRunner):
@@ -262,11 +305,17 @@ class ModelRunner(BaseRunner):
         max_batch_size: int,
         max_context: int,
         stop_token_ids: Iterable[int],
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         layers = model.config.get_text_config().num_hidden_layers
         self._rows = RowKVCache(layers, max_batch_size, max_context)
         super().__init__(
-            model, self._rows, max_batch_size=max_batch_size, max_context=max_context, stop_token_ids=stop_token_ids
+            model,
+            self._rows,
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+            stop_token_ids=stop_token_ids,
+            grammars=grammars,
         )
 
     def _in_row_order(self) -> list[SequenceState]:

@@ -6,7 +6,7 @@ seeded request samples the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 import torch
@@ -73,17 +73,25 @@ def choose_tokens(
     generators: Sequence[torch.Generator | None],
     suppress: Sequence[Sequence[int]],
     histories: Sequence[TokenHistory | None] | None = None,
+    constrain: Callable[[torch.Tensor], None] | None = None,
 ) -> list[int | None]:
     """One token id per row of ``logits`` [rows, vocab]; ``suppress[i]`` are ids row i may not pick,
-    ``histories[i]`` what row i's penalties look at (None: the row has none). A row whose choice
-    fails (its penalties or its sampling raise) gets None, and is logged: the other rows go on."""
+    ``histories[i]`` what row i's penalties look at (None: the row has none), ``constrain`` masks
+    the grammar-constrained rows in place (last, after logit_bias and penalties). A row whose
+    choice fails (its penalties or its sampling raise) gets None, and is logged: the others go on."""
     logits = logits.float()
     penalized = (
         [] if histories is None else [(i, h) for i, h in enumerate(histories) if h is not None and params[i].penalized]
     )
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
     failed: set[int] = set()
-    if any(suppress) or penalized:
+    if any(suppress) or penalized or biased or constrain is not None:
         logits = logits.clone()  # .float() of a float tensor is the tensor itself: never edit the model's
+        for i in biased:
+            bias = params[i].logit_bias
+            biased_ids = [token for token, _ in bias]
+            values = torch.tensor([value for _, value in bias], dtype=logits.dtype, device=logits.device)
+            logits[i, biased_ids] += values
         for i, ids in enumerate(suppress):
             if ids:
                 logits[i, list(ids)] = float("-inf")
@@ -93,6 +101,8 @@ def choose_tokens(
             except Exception:
                 log.exception("sampling_failed", row=i, stage="penalties")
                 failed.add(i)
+        if constrain is not None:
+            constrain(logits)
     chosen: list[int | None] = [None] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy and i not in failed]
     if greedy:

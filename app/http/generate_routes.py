@@ -44,6 +44,7 @@ async def build_generate_job(state: ServerState, body: GenerateRequest, received
         timeout_header=request.headers.get("X-Request-Timeout"),
         use_cache=body.cache,
         tenant=g.get("tenant"),
+        structured=body,
     )
     return await off_loop(state, build)
 

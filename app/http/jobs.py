@@ -5,14 +5,17 @@ Everything here is decided before any work starts; a value that cannot be served
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
 from actors.messages import GenerationJob
+from app.contract.grammar import GrammarError, GrammarSpec
 from app.contract.model import ServedModel
 from app.contract.sampling import SamplingParams
 from app.http.errors import ApiError
 from app.http.schemas import SamplingFields
+from app.http.structured import ConstraintError, OutputConstraint, StructuredFields
 from app.prompts.builder import PROMPT_VERSION, PromptError, PromptSpec, build_prompt_tokens, fewest_tokens
 from app.prompts.cache_key import cache_key
 from app.text.pieces import TextMode
@@ -63,8 +66,55 @@ def _too_long(context: int, prompt: int, completion: int | None, *, at_least: bo
     )
 
 
+def logit_bias(fields: SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """The request's logit_bias as (token id, bias) pairs, each id checked against the vocabulary."""
+    if not fields.logit_bias:
+        return ()
+    bias = sorted((int(key), value) for key, value in fields.logit_bias.items())
+    if (outside := [token for token, _ in bias if token >= vocab_size]) != []:
+        raise ApiError(
+            400,
+            f"logit_bias names token {outside[0]}, outside this model's vocabulary (0 to {vocab_size - 1})",
+            param="logit_bias",
+            code="invalid_value",
+        )
+    return tuple(bias)
+
+
+def output_constraint(
+    model: ServedModel, fields: SamplingFields, structured: StructuredFields | None, harmony_chat: bool
+) -> OutputConstraint | None:
+    """The request's response format, compiled by the model's grammar engine (cached): a schema
+    or regex the engine cannot serve is a 400 that says why, before any work starts."""
+    if structured is None:
+        return None
+    try:
+        constraint = structured.output_constraint(final_channel_only=harmony_chat)
+    except ConstraintError as error:
+        raise ApiError(400, str(error), param=error.param, code="invalid_response_format") from None
+    if constraint is None:
+        return None
+    if model.grammars is None:
+        raise ApiError(400, "structured outputs are off on this server", param=constraint.param)
+    for name, value in (("min_tokens", fields.min_tokens), ("ignore_eos", fields.ignore_eos)):
+        if value:
+            # The grammar decides where the answer ends: nothing may hold it open past that.
+            raise ApiError(400, f"{name} cannot be combined with a response format", param=name, code="invalid_value")
+    try:
+        model.grammars.check(constraint.grammar)
+    except GrammarError as error:
+        raise ApiError(400, str(error), param=constraint.param, code="invalid_response_format") from None
+    return constraint
+
+
 def sampling_params(
-    fields: SamplingFields, prompt_length: int, max_context: int, max_tokens_field: str = "max_tokens"
+    fields: SamplingFields,
+    prompt_length: int,
+    max_context: int,
+    max_tokens_field: str = "max_tokens",
+    *,
+    bias: tuple[tuple[int, float], ...] = (),
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     """Check the prompt and max_tokens against the context; fill in the defaults."""
     room = max_context - prompt_length
@@ -97,6 +147,8 @@ def sampling_params(
         presence_penalty=fields.presence_penalty or 0.0,
         frequency_penalty=fields.frequency_penalty or 0.0,
         repetition_penalty=1.0 if fields.repetition_penalty is None else fields.repetition_penalty,
+        logit_bias=bias,
+        grammar=grammar,
     )
 
 
@@ -133,6 +185,7 @@ def build_job(
     use_cache: bool,
     max_tokens_field: str = "max_tokens",
     tenant: str | None = None,
+    structured: StructuredFields | None = None,
 ) -> GenerationJob:
     """Everything an endpoint needs to start a generation: tokens, sampling, deadline, cache key.
 
@@ -142,9 +195,16 @@ def build_job(
     """
     shown_id = client_request_id(request_id)
     job_deadline = deadline(received_at, fields.timeout, timeout_header)
-    tokens = prompt_tokens(spec, model)
-    params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field)
+    bias = logit_bias(fields, model.vocab_size)
     text_mode: TextMode = "harmony" if model.harmony and spec.messages is not None else "plain"
+    constraint = output_constraint(model, fields, structured, harmony_chat=text_mode == "harmony")
+    if constraint is not None and text_mode == "harmony" and constraint.schema_name is not None:
+        # gpt-oss was trained to read the schema in its developer message ("# Response Formats").
+        schema = (constraint.schema_name, constraint.schema_description, constraint.grammar.source)
+        spec = dataclasses.replace(spec, response_format=schema)
+    tokens = prompt_tokens(spec, model)
+    grammar = constraint.grammar if constraint is not None else None
+    params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field, bias=bias, grammar=grammar)
     key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode, tenant)
     return GenerationJob(
         prompt=tokens,

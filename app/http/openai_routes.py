@@ -115,6 +115,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             timeout_header=request.headers.get("X-Request-Timeout"),
             use_cache=body.cache,
             tenant=g.get("tenant"),
+            structured=body,
             max_tokens_field=body.effective_max_tokens_field(),
         )
         job = await off_loop(state, build)
@@ -135,6 +136,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             timeout_header=request.headers.get("X-Request-Timeout"),
             use_cache=body.cache,
             tenant=g.get("tenant"),
+            structured=body,
         )
         job = await off_loop(state, build)
         return await _respond(state, "completion", body, job, model, "cmpl")

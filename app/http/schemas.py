@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.http.lenient import Lenient
+from app.http.structured import StructuredFields
 from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, PromptSpec
 
 MAX_STOP_STRINGS = 8
@@ -15,6 +17,11 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 # OpenAI takes any int64 seed; a per-request generator takes it modulo 2**64.
 INT64 = 2**63
+
+
+# Parts OpenAI's API takes that carry something other than text.
+NOT_TEXT_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"})
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI's own bound is 300
 
 
 class TextPart(BaseModel):
@@ -28,6 +35,18 @@ class InputMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        """An image, audio or file part is one clear refusal, not a union's error list."""
+        content = data.get("content") if isinstance(data, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in NOT_TEXT_PARTS:
+                    raise ValueError(f"this model accepts text only: a {kind!r} part cannot be read")
+        return data
+
     def to_chat(self) -> ChatMessage:
         if self.content is None:
             text = ""
@@ -38,10 +57,8 @@ class InputMessage(BaseModel):
         return ChatMessage(self.role, text)
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Lenient):
     """What every generation endpoint takes; the names and ranges follow OpenAI and vLLM."""
-
-    model_config = ConfigDict(extra="ignore")
 
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
@@ -57,6 +74,20 @@ class SamplingFields(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
     # vLLM's extension; below 0.01 the penalised logits overflow to infinity.
     repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0, allow_inf_nan=False)] | None = None
+    # OpenAI's: token id (a string, as JSON keys are) -> a bias of -100..100 added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
+        for key in value:
+            if not key.isascii() or not key.isdigit() or len(key) > 12:
+                raise ValueError(f"logit_bias keys are token ids, not {key[:20]!r}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -76,10 +107,8 @@ class SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class PromptFields(BaseModel):
+class PromptFields(Lenient):
     """What shapes the prompt besides the messages, and whether the prompt cache may serve it."""
-
-    model_config = ConfigDict(extra="ignore")
 
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     # gpt-oss's system message states a date; it is part of the prompt, so it is explicit.
@@ -103,7 +132,7 @@ def _at_least_one(value: list[InputMessage] | None) -> list[InputMessage] | None
     return value
 
 
-class GenerateRequest(SamplingFields, PromptFields):
+class GenerateRequest(SamplingFields, PromptFields, StructuredFields):
     """POST /generate: messages or a raw prompt; streams named SSE events unless stream is false."""
 
     messages: list[InputMessage] | None = None
@@ -120,10 +149,8 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # usage on every chunk (vLLM's extension)
 
 
-class OpenAIFields(BaseModel):
+class OpenAIFields(Lenient):
     """Fields of OpenAI's API that this server accepts only at their neutral values."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     n: int | None = None
@@ -154,25 +181,17 @@ class OpenAIFields(BaseModel):
         return value
 
 
-class ChatCompletionRequest(SamplingFields, PromptFields, OpenAIFields):
+class ChatCompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFields):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[InputMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError("only response_format type 'text' is supported")
-        return value
 
     def effective_max_tokens_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
-class CompletionRequest(SamplingFields, PromptFields, OpenAIFields):
+class CompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFields):
     """POST /v1/completions: one raw prompt."""
 
     prompt: str | list[str]

@@ -37,6 +37,9 @@ class PromptSpec:
     reasoning_effort: ReasoningEffort = "medium"
     conversation_date: str = DEFAULT_CONVERSATION_DATE
     instructions: str | None = None  # extra developer instructions (OpenAI "instructions")
+    # gpt-oss only: a json_schema response format (name, description, schema as JSON text), which
+    # Harmony states in the developer message under "# Response Formats".
+    response_format: tuple[str, str | None, str] | None = None
 
 
 # The model's transformers tokenizer: ``apply_chat_template``, ``encode`` and calling it are used.
@@ -165,8 +168,11 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
     instructions = [m.content for m in spec.messages or () if m.role in ("system", "developer")]
     if spec.instructions:
         instructions.insert(0, spec.instructions)
-    if instructions:
-        developer = oh.DeveloperContent.new().with_instructions("\n\n".join(instructions))
+    developer_text = "\n\n".join(instructions)
+    if spec.response_format is not None:
+        developer_text = (developer_text + "\n\n" if developer_text else "") + _response_format(*spec.response_format)
+    if developer_text:
+        developer = oh.DeveloperContent.new().with_instructions(developer_text)
         conversation.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     for i, message in enumerate(spec.messages or ()):
         content = _marker(nonce, i) if i in large else message.content
@@ -185,6 +191,12 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
             at = _find(tokens, marker)
             tokens[at : at + len(marker)] = _as_text(tokenizer, content)
     return tokens
+
+
+def _response_format(name: str, description: str | None, schema: str) -> str:
+    """Harmony's "# Response Formats" section: the schema the final answer follows."""
+    comment = f"// {description}\n" if description else ""
+    return f"# Response Formats\n\n## {name}\n\n{comment}{schema}"
 
 
 def _find(tokens: list[int], part: list[int]) -> int:

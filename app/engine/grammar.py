@@ -1,0 +1,191 @@
+"""Constrained decoding on xgrammar: compiled grammars (cached), and one matcher per sequence.
+
+xgrammar is the engine vLLM and SGLang use by default: JSON Schema, regex and EBNF compile to a
+token-level automaton for one tokenizer, and a step masks every constrained row at once (a
+batched bitmask fill in C++ threads, one in-place kernel over the logits). A request without a
+grammar is not touched. Compiling runs in the HTTP layer's worker thread (``check``), before any
+work starts; the runner's ``matcher`` finds the compiled grammar in the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from app.contract.grammar import GrammarError, GrammarSpec
+
+COMPILED_GRAMMARS = 64  # the cache's bound: compiled grammars are kept per spec, least recent out
+# xgrammar prefixes its messages with a time and a C++ source location: the client gets the reason.
+_ENGINE_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return _ENGINE_PREFIX.sub("", text)[:300]
+
+
+@dataclass(frozen=True, slots=True)
+class HarmonyMarkers:
+    """The token ids that open gpt-oss's final channel (``<|channel|>final<|message|>``) and the
+    one that ends its answer (``<|return|>``)."""
+
+    channel: int
+    message: int
+    final: tuple[int, ...]
+    end: int
+
+
+class GrammarCompiler:
+    """Compiles GrammarSpecs for one tokenizer, lazily set up, thread-safe, with a bounded cache.
+
+    Implements app.contract.grammar.GrammarService for the HTTP layer; the runner asks it for
+    matchers. The tokenizer's vocabulary is read on first use (a second or so for gpt-oss's).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Iterable[int],
+        harmony: HarmonyMarkers | None = None,
+        capacity: int = COMPILED_GRAMMARS,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._stop_token_ids = sorted(set(stop_token_ids))
+        self.harmony = harmony
+        self._capacity = capacity
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._compiled: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compilations = 0  # grammars compiled (not found in the cache): what the tests count
+
+    def _engine(self) -> xgr.GrammarCompiler:
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(
+                self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
+            )
+            # Our own cache is the bounded one; xgrammar's would grow without limit.
+            self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        return self._compiler
+
+    def check(self, spec: GrammarSpec) -> None:
+        self.compiled(spec)
+
+    def compiled(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        key = GrammarSpec(spec.kind, spec.source)  # where it applies does not change the grammar
+        with self._lock:
+            found = self._compiled.get(key)
+            if found is not None:
+                self._compiled.move_to_end(key)
+                return found
+            engine = self._engine()
+            try:
+                grammar = _compile(engine, key)
+            except GrammarError:
+                raise
+            except Exception as error:  # xgrammar raises RuntimeError (and others) for bad input
+                raise GrammarError(f"{_what(key)} cannot be used: {_reason(error)}") from error
+            self.compilations += 1
+            self._compiled[key] = grammar
+            while len(self._compiled) > self._capacity:
+                self._compiled.popitem(last=False)
+            return grammar
+
+    def matcher(self, spec: GrammarSpec) -> SequenceGrammar:
+        markers = self.harmony if spec.final_channel_only else None
+        compiled = self.compiled(spec)
+        if markers is None:
+            return SequenceGrammar(xgr.GrammarMatcher(compiled))
+        # A Harmony answer ends with <|return|> (not <|call|>: a tool call is not an answer).
+        return SequenceGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=[markers.end]), markers)
+
+
+def _what(spec: GrammarSpec) -> str:
+    return {
+        "json_schema": "the JSON schema",
+        "regex": "the regex",
+        "choice": "the choices",
+        "json_object": "the JSON grammar",
+    }[spec.kind]
+
+
+def _compile(engine: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:
+    match spec.kind:
+        case "json_object":
+            return engine.compile_builtin_json_grammar()
+        case "json_schema":
+            # Compact JSON: a grammar that allows any whitespace lets a small model pad forever.
+            return engine.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
+        case "regex":
+            return engine.compile_regex(spec.source)
+        case "choice":
+            choices = json.loads(spec.source)
+            # JSON string literals are EBNF string literals (the same escapes).
+            return engine.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in choices))
+    raise GrammarError(f"unknown grammar kind {spec.kind!r}")
+
+
+@dataclass(slots=True)
+class SequenceGrammar:
+    """One sequence's matcher. With Harmony markers it waits for the final channel to open (the
+    analysis runs free) and constrains only the answer; until then the sequence may not end."""
+
+    matcher: xgr.GrammarMatcher
+    markers: HarmonyMarkers | None = None
+    active: bool = field(init=False)
+    _header: list[int] | None = field(init=False, default=None)  # tokens since <|channel|>
+
+    def __post_init__(self) -> None:
+        self.active = self.markers is None
+
+    @property
+    def constrains(self) -> bool:
+        """This step's token is masked by the grammar."""
+        return self.active and not self.matcher.is_terminated()
+
+    def accept(self, token: int) -> bool:
+        """Advance past ``token``; False when the grammar rejects it (the row then fails)."""
+        if self.active:
+            return bool(self.matcher.accept_token(token))
+        markers = self.markers
+        assert markers is not None
+        if token == markers.channel:
+            self._header = []
+        elif token == markers.message and self._header is not None:
+            self.active = tuple(self._header[: len(markers.final)]) == markers.final
+            self._header = None
+        elif self._header is not None:
+            self._header.append(token)
+        return True
+
+
+class GrammarMasks:
+    """The runner's bitmask buffer: every constrained row of a step filled at once, then applied
+    to the logits in place by xgrammar's kernel for their device."""
+
+    def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self._device = device
+        self._bitmask = xgr.allocate_token_bitmask(rows, vocab_size)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=2)
+
+    def apply(self, logits: torch.Tensor, grammars: Sequence[SequenceGrammar | None]) -> None:
+        """Mask ``logits`` [rows, vocab] in place for the rows whose grammar constrains now."""
+        rows = [i for i, g in enumerate(grammars) if g is not None and g.constrains]
+        if not rows:
+            return
+        if len(grammars) > self._bitmask.shape[0]:
+            self._bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
+        matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
+        self._batch.batch_fill_next_token_bitmask(matchers, self._bitmask, indices=rows)
+        bitmask = self._bitmask if logits.device.type == "cpu" else self._bitmask.to(logits.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)
