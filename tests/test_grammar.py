@@ -191,3 +191,16 @@ def test_a_harmony_grammar_waits_for_the_final_channel(tiny_weights: ModelWeight
     assert grammar.accept(encoding.encode("yes")[0])
     assert grammar.accept(markers.end)
     assert grammar.matcher.is_terminated()
+
+
+def test_the_static_path_constrains_the_same_way(smollm2_weights: ModelWeights) -> None:
+    """--cuda-graphs serves through the static runner (eager off CUDA): the same masks, the same answer."""
+    prompt = chat_prompt(smollm2_weights, "Is the sky blue? Answer in JSON.")
+    params = SamplingParams(max_tokens=40, temperature=0.0, grammar=SCHEMA_SPEC)
+    dynamic = serve_weights(smollm2_weights, max_batch_size=2)
+    static = serve_weights(smollm2_weights, max_batch_size=2, cuda_graphs=True, max_seq_len=256)
+    assert static.decode_path == "static"
+    expected, _ = run_greedy(dynamic.runner, {"a": (prompt, params)}, 39)
+    got, failed = run_greedy(static.runner, {"a": (prompt, params)}, 39)
+    assert not failed and got == expected
+    jsonschema.validate(json.loads(static.decode(got["a"][:-1])), SCHEMA)
