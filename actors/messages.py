@@ -15,6 +15,8 @@ import trio
 from app.batching.finish import AbortReason, FinishReason
 from app.contract.failures import FAILURE_MESSAGES, FailureCode
 from app.contract.sampling import SamplingParams
+from app.contract.step import TokenLogprobs
+from app.text.logprobs import ShownLogprobs
 from app.text.pieces import TextMode
 
 
@@ -103,6 +105,7 @@ class TokenOut:
     at: float
     finish_reason: FinishReason | None = None  # set on the token that ends the sequence
     is_stop_token: bool = False  # an end-of-sequence token: counted, not shown as text
+    logprobs: TokenLogprobs | None = None  # the model's raw ones, when the request asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,12 @@ class StreamToken:
     token_id: int
     index: int
     channel: str | None = None  # Harmony channel for gpt-oss ("analysis", "final", ...)
+    # When the request asked for logprobs: this token's own (the native API shows every token's),
+    # and those of the tokens whose text this event settles (app.text.pieces.TextPiece.shown),
+    # which OpenAI's shapes list: its own, several when held Harmony headers turn out to be text,
+    # none for structure and stop tokens. Held-back text does not hold back its token's entry.
+    logprobs: ShownLogprobs | None = None
+    text_logprobs: tuple[ShownLogprobs, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

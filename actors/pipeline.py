@@ -273,6 +273,7 @@ class Pipeline:
             token_text(job.text_mode, model.decode),
             job.params.stop,
             scheduler.abort,
+            token_bytes=model.token_bytes,
             stall_timeout=self.config.stall_timeout if self.config.stall_timeout > 0 else math.inf,
             stop_applies_to=_stop_applies_to(job.text_mode),
         )

@@ -19,7 +19,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -52,7 +52,20 @@ class CachedResponse:
     def size(self) -> int:
         """The bytes it holds in memory (its objects and their strings, each counted once),
         which the store's --cache-max-mb bounds."""
-        return held_bytes((self, self.tokens, *self.tokens, *(t.text for t in self.tokens), self.done))
+        logprobs = (part for token in self.tokens for part in _logprob_objects(token))
+        return held_bytes((self, self.tokens, *self.tokens, *(t.text for t in self.tokens), *logprobs, self.done))
+
+
+def _logprob_objects(token: StreamToken) -> Iterator[object]:
+    """What a token's logprobs hold (twenty alternatives each can outweigh the token itself)."""
+    if token.logprobs is None and not token.text_logprobs:
+        return
+    yield token.text_logprobs
+    for shown in (token.logprobs, *token.text_logprobs):
+        if shown is not None:
+            yield from (shown, shown.top)
+            for entry in (shown.chosen, *shown.top):
+                yield from (entry, entry.token, entry.bytes)
 
 
 def held_bytes(objects: Iterable[object]) -> int:

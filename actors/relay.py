@@ -36,6 +36,7 @@ from actors.messages import (
     TokenOut,
     Usage,
 )
+from app.text.logprobs import LogprobSpeller, ShownLogprobs
 from app.text.pieces import TextPiece, TokenText
 from app.text.stop_strings import StopStringMatcher
 
@@ -58,14 +59,19 @@ class TokenRelay:
         stop: tuple[str, ...],
         abort: Callable[[str, AbortReason], None],
         *,
+        token_bytes: Callable[[int], bytes],
         stall_timeout: float = math.inf,
         stop_applies_to: Callable[[str | None], bool] = lambda channel: True,
     ) -> None:
+        """``token_bytes``: the served model's (app.contract.model.ServedModel), to spell logprobs."""
         self.request_id = request_id
         self._received_at = received_at
         self._in = events_in
         self._out = events_out
         self._text = text
+        self._speller = LogprobSpeller(token_bytes)
+        # Logprobs of tokens not settled as text yet (a Harmony header may still turn out to be text).
+        self._unsettled: dict[int, ShownLogprobs] = {}
         self._stops = StopStringMatcher(stop)
         self._stop_applies_to = stop_applies_to
         self._abort = abort
@@ -130,7 +136,11 @@ class TokenRelay:
         piece = self._text.push(event.token_id, event.is_stop_token)
         if event.finish_reason is not None:
             tail = self._text.flush()
-            piece = TextPiece(piece.text + tail.text, piece.channel or tail.channel)
+            piece = TextPiece(piece.text + tail.text, piece.channel or tail.channel, piece.shown + tail.shown)
+        own = None
+        if event.logprobs is not None:
+            own = self._unsettled[event.index] = self._speller.show(event.token_id, event.logprobs)
+        settled = self._settle(piece.shown)
         text = piece.text
         if self._stop_applies_to(piece.channel):
             check = self._stops.push(text)
@@ -139,11 +149,21 @@ class TokenRelay:
                 # The scheduler may still be running this sequence: stop it, finish here.
                 self._abort(self.request_id, "stop_string")
                 self._stopped = True
-                token = StreamToken(text, event.token_id, event.index, piece.channel)
+                token = StreamToken(text, event.token_id, event.index, piece.channel, own, settled)
                 return [token, self._done("stop", self._completion_tokens, event.at)]
             if event.finish_reason is not None:
                 text += self._stops.flush()
-        return [StreamToken(text, event.token_id, event.index, piece.channel)]
+        return [StreamToken(text, event.token_id, event.index, piece.channel, own, settled)]
+
+    def _settle(self, shown: tuple[int, ...]) -> tuple[ShownLogprobs, ...]:
+        """The logprobs of the tokens now settled as text; those before them that were not are
+        structure (positions settle in order), and are dropped."""
+        if not self._unsettled or not shown:
+            return ()
+        settled = tuple(self._unsettled.pop(position) for position in shown if position in self._unsettled)
+        for position in [p for p in self._unsettled if p < shown[-1]]:
+            del self._unsettled[position]
+        return settled
 
     def _done(self, reason: str, completion_tokens: int, at: float) -> StreamDone:
         admitted = self._admitted_at if self._admitted_at is not None else at

@@ -242,7 +242,7 @@ class GpuScheduler:
             request = d.request
             if d.first:
                 self._metric(FirstToken(request.request_id, now - request.received_at))
-            token = TokenOut(request.request_id, d.token, d.index, now, d.finish, d.is_stop_token)
+            token = TokenOut(request.request_id, d.token, d.index, now, d.finish, d.is_stop_token, d.logprobs)
             self._emit(request.reply, token)
             if d.finish is not None:
                 self._finish(Ended(request, d.finish, now))

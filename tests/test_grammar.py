@@ -204,3 +204,24 @@ def test_the_static_path_constrains_the_same_way(smollm2_weights: ModelWeights) 
     got, failed = run_greedy(static.runner, {"a": (prompt, params)}, 39)
     assert not failed and got == expected
     jsonschema.validate(json.loads(static.decode(got["a"][:-1])), SCHEMA)
+
+
+def test_logprobs_stay_raw_under_logit_bias_and_a_grammar(smollm2_weights: ModelWeights) -> None:
+    """The logprobs are the model's own (before logit_bias and the grammar's mask), as README says."""
+    loaded = serve_weights(smollm2_weights, max_batch_size=2)
+    prompt = chat_prompt(smollm2_weights, "Is the sky blue? Answer in JSON.")
+    with torch.inference_mode():
+        raw = torch.log_softmax(loaded.runner.model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    brace = smollm2_weights.tokenizer.encode("{")[0]
+    cat = smollm2_weights.tokenizer.encode(" cat")[0]
+    params = {
+        "bias": SamplingParams(max_tokens=1, temperature=0.0, logprobs=2, logit_bias=((cat, 100.0),)),
+        "grammar": SamplingParams(max_tokens=1, temperature=0.0, logprobs=2, grammar=SCHEMA_SPEC),
+    }
+    for seq_id, p in params.items():
+        loaded.runner.add(seq_id, prompt, p)
+    result = loaded.runner.prefill([PrefillChunk(seq_id, len(prompt)) for seq_id in params])
+    assert result.tokens == {"bias": cat, "grammar": brace}
+    for seq_id, token in result.tokens.items():
+        assert result.logprobs[seq_id].logprob == pytest.approx(float(raw[token]), abs=1e-4)
+        assert [t for t, _ in result.logprobs[seq_id].top] == torch.topk(raw, 2).indices.tolist()

@@ -36,6 +36,9 @@ class FakeModel:
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(ord("a") + token % 26) for token in token_ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.decode([token_id]).encode()
+
 
 async def test_stop_fails_the_running_streams_before_it_cancels_anything() -> None:
     """A request still running when the pipeline stops gets an error event that says so.

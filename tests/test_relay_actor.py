@@ -63,6 +63,7 @@ def make_relay(
         text or LetterText(),
         stop,
         lambda rid, why: aborts.append((rid, why)),
+        token_bytes=lambda token_id: chr(token_id).encode(),
         stall_timeout=stall_timeout,
     )
     return relay, to_relay, from_relay, aborts

@@ -57,6 +57,7 @@ FIELDS = [
     "cache",
     "reasoning_effort",
     "logprobs",
+    "top_logprobs",
     "tools",
     "response_format",
     "conversation_date",

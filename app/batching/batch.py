@@ -20,7 +20,7 @@ from app.batching.plan import DecodePlan, PrefillPlan, SequenceView, StepPlan, a
 from app.config import Profile
 from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
-from app.contract.step import StepResult
+from app.contract.step import StepResult, TokenLogprobs
 
 R = TypeVar("R")
 DEGRADED_AFTER_FAILED_STEPS = 3
@@ -91,6 +91,7 @@ class TokenDelivery(Generic[R]):
     finish: FinishReason | None  # set on the request's last token
     is_stop_token: bool
     first: bool  # its first token: time to first token is now
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(slots=True)
@@ -242,7 +243,9 @@ class Batch(Generic[R]):
                 len(request.prompt) + request.generated,
                 self.max_context,
             )
-            outcome.deliveries.append(TokenDelivery(request, token, request.generated - 1, finish, is_stop, first))
+            logprobs = result.logprobs.get(seq_id)
+            delivery = TokenDelivery(request, token, request.generated - 1, finish, is_stop, first, logprobs)
+            outcome.deliveries.append(delivery)
             if finish is not None:
                 del self.running[seq_id]
                 self._releases.append(seq_id)

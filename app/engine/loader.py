@@ -8,7 +8,7 @@ The runner is chosen here, once: ``ModelRunner`` (the dynamic row cache) by defa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 import torch
@@ -24,6 +24,7 @@ from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_runner import StaticModelRunner
 from app.models.registry import GPT_OSS_SIZES, ModelSource
+from app.models.token_bytes import TokenBytes
 
 log = structlog.get_logger("engine.loader")
 
@@ -56,9 +57,16 @@ class LoadedModel:
     grammars: GrammarCompiler | None = None  # structured outputs (xgrammar), over this tokenizer
     decode_path: str = "dynamic"  # "dynamic", "static" (eager) or "static+cuda_graphs"
     max_token_bytes: int = 4096  # no token is longer: a prompt's size bounds its length in tokens
+    _token_bytes: TokenBytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_token_bytes", TokenBytes(self.tokenizer))  # frozen: set once, here
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=False))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_bytes(token_id)
 
 
 def pick_device(requested: str) -> torch.device:

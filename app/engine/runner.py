@@ -26,10 +26,11 @@ from transformers import PreTrainedModel
 
 from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, StepOutOfMemory, StepResult
+from app.contract.step import PrefillChunk, StepOutOfMemory, StepResult, TokenLogprobs
 from app.engine.attention_masks import MaskShapes
 from app.engine.grammar import GrammarCompiler, GrammarMasks, SequenceGrammar
 from app.engine.kv_cache import RowKVCache, Segment
+from app.engine.logprobs import RawLogprobs
 from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
 
 log = structlog.get_logger("engine.runner")
@@ -201,8 +202,9 @@ class BaseRunner(ABC):
         for chunk, seg in zip(chunks, segments, strict=True):
             self._seqs[chunk.seq_id].length += seg.length
         finished = [seq for seq, _ in finishing]
-        tokens, failed = self._choose(finished, logits, must_continue) if finishing else ({}, {})
-        return StepResult(tokens, "prefill", len(chunks), len(input_ids), time.perf_counter() - started, failed)
+        tokens, failed, logprobs = self._choose(finished, logits, must_continue) if finishing else ({}, {}, {})
+        seconds = time.perf_counter() - started
+        return StepResult(tokens, "prefill", len(chunks), len(input_ids), seconds, failed, logprobs)
 
     @torch.inference_mode()
     def decode(self, seq_ids: Iterable[str], must_continue: Collection[str] = ()) -> StepResult:
@@ -220,8 +222,9 @@ class BaseRunner(ABC):
             raise StepOutOfMemory(str(error)) from error
         for seq in wanted:
             seq.length += 1
-        tokens, failed = self._choose(wanted, logits, must_continue)
-        return StepResult(tokens, "decode", len(wanted), len(wanted), time.perf_counter() - started, failed)
+        tokens, failed, logprobs = self._choose(wanted, logits, must_continue)
+        seconds = time.perf_counter() - started
+        return StepResult(tokens, "decode", len(wanted), len(wanted), seconds, failed, logprobs)
 
     def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Two halves by row, so that each half decodes over (about) half the rows."""
@@ -235,9 +238,10 @@ class BaseRunner(ABC):
 
     def _choose(
         self, seqs: Sequence[SequenceState], logits: torch.Tensor, must_continue: Collection[str]
-    ) -> tuple[dict[str, int], dict[str, FailureCode]]:
-        """The next token of each sequence (those in ``must_continue`` may not pick a stop token);
-        a sequence whose logits hold NaN (or +inf), or whose sampling fails, fails alone."""
+    ) -> tuple[dict[str, int], dict[str, FailureCode], dict[str, TokenLogprobs]]:
+        """The next token of each sequence (those in ``must_continue`` may not pick a stop token),
+        and the raw logprobs of those that asked; a sequence whose logits hold NaN (or +inf), or
+        whose sampling fails, fails alone."""
         # A row's maximum is NaN if any of its logits is, and +inf if one is: one pass, not three.
         broken = (~torch.isfinite(logits.amax(dim=-1))).tolist()
         failed: dict[str, FailureCode] = {
@@ -247,7 +251,8 @@ class BaseRunner(ABC):
             keep = [i for i, bad in enumerate(broken) if not bad]
             seqs, logits = [seqs[i] for i in keep], logits[keep]
         if not seqs:
-            return {}, failed
+            return {}, failed, {}
+        raw = RawLogprobs(logits, [s.params.logprobs for s in seqs])  # before anything edits the logits
         # A constrained Harmony answer may not end before its final channel has opened.
         suppress = [
             seq.stop_token_ids if seq.seq_id in must_continue or (seq.grammar and not seq.grammar.active) else ()
@@ -274,7 +279,8 @@ class BaseRunner(ABC):
             if seq.history is not None:
                 seq.history.add(token)
             tokens[seq.seq_id] = token
-        return tokens, failed
+        logprobs = {seqs[i].seq_id: entry for i, entry in raw.chosen(chosen).items() if seqs[i].seq_id in tokens}
+        return tokens, failed, logprobs
 
     def _constrainer(self, grammars: Sequence[SequenceGrammar | None]) -> Callable[[torch.Tensor], None] | None:
         """What masks this step's constrained rows (None when no row is constrained now)."""

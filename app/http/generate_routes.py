@@ -16,6 +16,7 @@ from app.http.body import parse_body
 from app.http.context import ServerState
 from app.http.errors import ApiError
 from app.http.jobs import build_job
+from app.http.logprobs_format import native_fields
 from app.http.schemas import GenerateRequest
 from app.http.sse import sse_event
 from app.http.streams import (
@@ -53,6 +54,8 @@ def _token_data(event: StreamToken) -> dict[str, Any]:
     data: dict[str, Any] = {"text": event.text, "token_id": event.token_id, "index": event.index}
     if event.channel is not None:
         data["channel"] = event.channel
+    if event.logprobs is not None:
+        data |= native_fields(event.logprobs)
     return data
 
 
@@ -111,16 +114,21 @@ def register(app: QuartTrio, state: ServerState) -> None:
             return sse_response(handle, NativeFramer(start), state.config.heartbeat_seconds, headers)
         text: list[str] = []
         reasoning: list[str] = []
+        logprobs: list[dict[str, Any]] = []  # one per generated token, as the stream's token events
         async for event in handle:
             match event:
                 case StreamToken():
                     (reasoning if event.channel == "analysis" else text).append(event.text)
+                    if event.logprobs is not None:
+                        logprobs.append({"token_id": event.token_id, **native_fields(event.logprobs)})
                 case StreamError():
                     raise ApiError(500, event.message, code=event.code)
                 case StreamDone():
                     result = {**start, "text": "".join(text), **_done_data(event, handle.shown_id)}
                     if model.harmony:
                         result["reasoning"] = "".join(reasoning)
+                    if job.params.logprobs is not None:
+                        result["logprobs"] = logprobs
                     headers["Server-Timing"] = server_timing(event.timings)
                     return Response(
                         json.dumps(result, ensure_ascii=False), content_type="application/json", headers=headers

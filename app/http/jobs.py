@@ -149,6 +149,7 @@ def sampling_params(
         repetition_penalty=1.0 if fields.repetition_penalty is None else fields.repetition_penalty,
         logit_bias=bias,
         grammar=grammar,
+        logprobs=fields.requested_logprobs(),
     )
 
 

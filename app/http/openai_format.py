@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from actors.messages import StreamDone, StreamToken, Usage
+from app.http.logprobs_format import ChatLogprobs, LegacyLogprobs
 
 Kind = Literal["chat", "completion"]
 
@@ -40,9 +41,16 @@ class ResponseMeta:
     cache_key: str
     cached: bool
     reasoning: bool  # the model writes a reasoning channel (gpt-oss)
+    logprobs: bool = False  # the request asked for them: choices carry them (else logprobs: null)
 
     def extensions(self) -> dict[str, Any]:
         return {"prompt_version": self.prompt_version, "cache_key": self.cache_key, "cached": self.cached}
+
+
+def logprobs_collector(kind: Kind, meta: ResponseMeta) -> ChatLogprobs | LegacyLogprobs | None:
+    if not meta.logprobs:
+        return None
+    return ChatLogprobs(meta.reasoning) if kind == "chat" else LegacyLogprobs()
 
 
 class ChunkWriter:
@@ -54,6 +62,7 @@ class ChunkWriter:
         self._include_usage = include_usage
         self._continuous_usage = continuous_usage
         self._completion_tokens = 0
+        self._logprobs = logprobs_collector(kind, meta)
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -75,24 +84,29 @@ class ChunkWriter:
 
     def token(self, event: StreamToken) -> list[dict[str, Any]]:
         self._completion_tokens = event.index + 1
+        if self._logprobs is not None:
+            self._logprobs.add(event)  # a token with no text yet: its entry rides with the next text
         if not event.text:
             return []
+        logprobs = None if self._logprobs is None else self._logprobs.take()
         if self._kind == "completion":
-            return [self._chunk({"index": 0, "text": event.text, "logprobs": None, "finish_reason": None})]
+            return [self._chunk({"index": 0, "text": event.text, "logprobs": logprobs, "finish_reason": None})]
         delta = (
             {"reasoning": event.text, "reasoning_content": event.text}
             if is_reasoning(event)
             else {"content": event.text}
         )
-        return [self._chunk({"index": 0, "delta": delta, "finish_reason": None})]
+        return [self._chunk({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None})]
 
     def closing(self, done: StreamDone) -> list[dict[str, Any]]:
         self._completion_tokens = done.usage.completion_tokens
         choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason}
+        # Entries of tokens whose text never came (a stop string cut it) close the stream.
+        left = self._logprobs.take() if self._logprobs is not None and self._logprobs.pending else None
         if self._kind == "chat":
-            choice["delta"] = {}
+            choice |= {"delta": {}, "logprobs": left}
         else:
-            choice |= {"text": "", "logprobs": None}
+            choice |= {"text": "", "logprobs": left}
         last = self._chunk(choice) | {"timings": dataclasses.asdict(done.timings)}
         chunks = [last]
         if self._include_usage:
@@ -106,6 +120,10 @@ def full_response(kind: Kind, meta: ResponseMeta, tokens: list[StreamToken], don
     """The non-streaming response object."""
     content = "".join(t.text for t in tokens if not is_reasoning(t))
     choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
+    if (logprobs := logprobs_collector(kind, meta)) is not None:
+        for token in tokens:
+            logprobs.add(token)
+        choice["logprobs"] = logprobs.take()
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if meta.reasoning:

@@ -74,6 +74,7 @@ async def _respond(
         cache_key=job.cache_key,
         cached=started.cache == "HIT",
         reasoning=job.text_mode == "harmony",
+        logprobs=job.params.logprobs is not None,
     )
     headers = stream_headers(handle, job, started)
     if body.stream:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.http.lenient import Lenient
 from app.http.structured import StructuredFields
@@ -17,6 +17,10 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 # OpenAI takes any int64 seed; a per-request generator takes it modulo 2**64.
 INT64 = 2**63
+# OpenAI's bound on alternatives per token (chat's top_logprobs, the legacy logprobs). Strict: a
+# bool or a float is refused, not read as a count.
+MAX_LOGPROBS = 20
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)]
 
 
 # Parts OpenAI's API takes that carry something other than text.
@@ -106,6 +110,11 @@ class SamplingFields(Lenient):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token for SamplingParams.logprobs (None: no logprobs). Each endpoint
+        has its own fields for it (chat: logprobs + top_logprobs; completions, /generate: logprobs)."""
+        return None
+
 
 class PromptFields(Lenient):
     """What shapes the prompt besides the messages, and whether the prompt cache may serve it."""
@@ -139,8 +148,12 @@ class GenerateRequest(SamplingFields, PromptFields, StructuredFields):
     prompt: str | None = None
     stream: bool = True
     model: str | None = None
+    logprobs: LogprobCount | None = None  # each token event carries its logprob and this many alternatives
 
     _some_messages = field_validator("messages")(_at_least_one)
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class StreamOptions(BaseModel):
@@ -154,7 +167,6 @@ class OpenAIFields(Lenient):
 
     model: str | None = None
     n: int | None = None
-    logprobs: bool | int | None = None
     tools: list[dict[str, Any]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -164,13 +176,6 @@ class OpenAIFields(Lenient):
     def _one_choice(cls, value: int | None) -> int | None:
         if value not in (None, 1):
             raise ValueError("only n=1 is supported: send one request per completion")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
         return value
 
     @field_validator("tools")
@@ -186,6 +191,18 @@ class ChatCompletionRequest(SamplingFields, PromptFields, StructuredFields, Open
 
     messages: Annotated[list[InputMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: LogprobCount | None = None  # validated after logprobs, which it needs
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")  # as OpenAI answers
+        return value
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def effective_max_tokens_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
@@ -198,6 +215,7 @@ class CompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFi
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for this endpoint
     echo: bool = False
     suffix: str | None = None
+    logprobs: LogprobCount | None = None  # the legacy field: alternatives per token (0: the chosen only)
 
     @field_validator("prompt")
     @classmethod
@@ -219,6 +237,9 @@ class CompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFi
         if value:
             raise ValueError("suffix is not supported")
         return value
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

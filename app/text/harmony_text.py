@@ -34,9 +34,13 @@ class HarmonyTokenText:
 
     def push(self, token_id: int, is_stop_token: bool) -> TextPiece:
         self._tokens.append(token_id)
+        position = len(self._tokens) - 1
         self._last_was_stop = is_stop_token
         if self._plain is not None:
-            return TextPiece("" if is_stop_token else self._plain.push(token_id))
+            if is_stop_token:
+                return TextPiece("")
+            return TextPiece(self._plain.push(token_id), shown=(position,))
+        in_message = self._parser.state == oh.StreamState.CONTENT
         try:
             self._parser.process(token_id)
         except oh.HarmonyError:
@@ -45,7 +49,8 @@ class HarmonyTokenText:
             self._header_tokens = 0
             self._shown = len(self._tokens)
             delta = self._parser.last_content_delta or ""
-            return TextPiece(delta, self._parser.current_channel)
+            # <|message|> opens the content (structure); the tokens after it are the message's text.
+            return TextPiece(delta, self._parser.current_channel, (position,) if in_message else ())
         self._header_tokens += 1
         if self._header_tokens > MAX_HEADER_TOKENS:
             return self._fall_back(is_stop_token)
@@ -55,7 +60,7 @@ class HarmonyTokenText:
         if self._plain is None and self._shown == 0 and self._tokens:
             # The output ended before it ever formed a Harmony message: show it as it is.
             piece = self._fall_back(self._last_was_stop)
-            return TextPiece(piece.text + self._plain_flush())
+            return TextPiece(piece.text + self._plain_flush(), shown=piece.shown)
         return TextPiece(self._plain_flush())
 
     def _plain_flush(self) -> str:
@@ -64,6 +69,6 @@ class HarmonyTokenText:
     def _fall_back(self, is_stop_token: bool) -> TextPiece:
         self._plain = IncrementalDetokenizer(self._decode)
         # Everything not shown yet (headers included) becomes text: nothing the model said is hidden.
-        replay = self._tokens[self._shown : -1] if is_stop_token else self._tokens[self._shown :]
-        text = "".join(self._plain.push(token) for token in replay)
-        return TextPiece(text)
+        end = len(self._tokens) - 1 if is_stop_token else len(self._tokens)
+        text = "".join(self._plain.push(token) for token in self._tokens[self._shown : end])
+        return TextPiece(text, shown=tuple(range(self._shown, end)))

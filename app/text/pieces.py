@@ -13,6 +13,11 @@ TextMode = Literal["plain", "harmony"]
 class TextPiece:
     text: str
     channel: str | None = None
+    # The output positions (0-based) of the tokens this piece settles as shown text: its own token
+    # (even while its text is held back, half a character), earlier ones that turn out to be text
+    # (Harmony headers of an output that is not Harmony), none for structure and stop tokens.
+    # Logprobs are listed for these tokens only, and each settled token once.
+    shown: tuple[int, ...] = ()
 
 
 class TokenText(Protocol):

@@ -13,11 +13,14 @@ class PlainTokenText:
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
         self._detokenizer = IncrementalDetokenizer(decode)
+        self._pushed = 0
 
     def push(self, token_id: int, is_stop_token: bool) -> TextPiece:
+        position = self._pushed
+        self._pushed += 1
         if is_stop_token:
             return TextPiece("")
-        return TextPiece(self._detokenizer.push(token_id))
+        return TextPiece(self._detokenizer.push(token_id), shown=(position,))
 
     def flush(self) -> TextPiece:
         return TextPiece(self._detokenizer.flush())
