@@ -30,6 +30,7 @@ class FakeModel:
     tokenizer: Any = None
     decode_path: str = "dynamic"
     max_token_bytes: int = 16
+    vocab_size: int = 1000
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(ord("a") + token % 26) for token in token_ids)

@@ -47,6 +47,11 @@ class ServedModel(Protocol):
     def decode_path(self) -> str: ...
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes are 0 to vocab_size - 1 (its embedding's rows)."""
+        ...
+
+    @property
     def max_token_bytes(self) -> int:
         """The most bytes of text one token stands for: a prompt's size bounds its token count."""
         ...

@@ -53,6 +53,7 @@ class LoadedModel:
     parameters: int
     decode_path: str = "dynamic"  # "dynamic", "static" (eager) or "static+cuda_graphs"
     max_token_bytes: int = 4096  # no token is longer: a prompt's size bounds its length in tokens
+    vocab_size: int = 0  # the model's token ids are 0..vocab_size-1 (its logits' width)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=False))
@@ -224,6 +225,7 @@ def serve_weights(
         parameters=weights.parameters,
         decode_path=decode_path,
         max_token_bytes=longest_token_bytes(weights.tokenizer),
+        vocab_size=runner.vocab_size,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.http.prompt_forms import prompt_forms, prompt_list
 from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, PromptSpec
 
 MAX_STOP_STRINGS = 8
@@ -15,6 +16,7 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 # OpenAI takes any int64 seed; a per-request generator takes it modulo 2**64.
 INT64 = 2**63
+MAX_CHOICES_PER_PROMPT = 16  # n
 
 
 class TextPart(BaseModel):
@@ -126,18 +128,11 @@ class OpenAIFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: int | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES_PER_PROMPT)] | None = None  # choices per prompt
     logprobs: bool | int | None = None
     tools: list[dict[str, Any]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only n=1 is supported: send one request per completion")
-        return value
 
     @field_validator("logprobs")
     @classmethod
@@ -173,19 +168,17 @@ class ChatCompletionRequest(SamplingFields, PromptFields, OpenAIFields):
 
 
 class CompletionRequest(SamplingFields, PromptFields, OpenAIFields):
-    """POST /v1/completions: one raw prompt."""
+    """POST /v1/completions: raw prompts, as OpenAI takes them (text or token ids, one or a list)."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for this endpoint
     echo: bool = False
     suffix: str | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        return value
+    def _prompt_forms(cls, value: object) -> object:
+        return prompt_forms(value)  # before pydantic's union check (see app/http/prompt_forms.py)
 
     @field_validator("echo")
     @classmethod
@@ -201,5 +194,6 @@ class CompletionRequest(SamplingFields, PromptFields, OpenAIFields):
             raise ValueError("suffix is not supported")
         return value
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """Each prompt: a text, or token ids."""
+        return prompt_list(self.prompt)
