@@ -49,6 +49,9 @@ class Submit:
     # Sized by the sender so that the scheduler's send_nowait cannot fail while the stream lives.
     events: trio.MemorySendChannel[SchedulerEvent] = field(repr=False, compare=False)
     deadline: float | None = None  # monotonic time past which the request ends with "timeout"
+    # The request id (ours, never a client's) of a request with the same prompt whose prefill this
+    # one shares: its keys are copied once they are in, instead of prefilling the prompt again.
+    fork_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

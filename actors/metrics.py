@@ -97,6 +97,9 @@ class MetricsBook:
     )
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens that went through the model: fewer than prompt_tokens when choices of one
+    # request share a prefill (a forked choice prefills one token of its own).
+    prefilled_tokens: int = 0
     client_disconnects: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
@@ -139,6 +142,8 @@ class MetricsBook:
                 self.windows["queue"].add(event.queue_seconds)
                 p.queue.labels(*labels).observe(event.queue_seconds)
             case StepCompleted():
+                if event.kind == "prefill":
+                    self.prefilled_tokens += event.new_tokens
                 for gap in event.inter_token_seconds:
                     self.windows["itl"].add(gap)
                     p.itl.labels(*labels).observe(gap)
@@ -194,7 +199,11 @@ class MetricsBook:
         return {
             "requests": dict(self.requests),
             "cancelled_requests": self.requests["cancelled"],
-            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
+            "tokens": {
+                "prompt": self.prompt_tokens,
+                "completion": self.completion_tokens,
+                "prefilled": self.prefilled_tokens,
+            },
             "client_disconnects": self.client_disconnects,
             "running": self.running,
             "waiting": self.waiting,

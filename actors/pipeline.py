@@ -13,12 +13,14 @@ import functools
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import structlog
 import trio
 
+from actors import choice_merge
+from actors.choice_merge import ChoiceEvent
 from actors.messages import GenerationJob, SchedulerEvent, StreamEvent, Submit
 from actors.metrics import MetricsActor
 from actors.metrics_events import ModelLoaded, RequestReceived
@@ -224,9 +226,13 @@ class Pipeline:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    def open_stream(self, job: GenerationJob) -> StreamHandle:
+    def open_stream(self, job: GenerationJob, fork_from: str | None = None) -> StreamHandle:
         """Start a request's stream: through the prompt cache when it is cacheable, else straight
-        to the scheduler. Synchronous: nothing here can block."""
+        to the scheduler. Synchronous: nothing here can block.
+
+        ``fork_from``: the request id of an earlier stream of ours with the same prompt (choice 0
+        of the same request). The scheduler prefills the prompt once for both if that one is in
+        its batch; if not (a cache hit, or already ended), this one prefills on its own."""
         if self.state != "ready" or self.model is None or self.scheduler is None or self._nursery is None:
             raise NotReadyError(self.state, self.failure or "")
         if self._streams >= self.config.max_streams:
@@ -238,12 +244,12 @@ class Pipeline:
             cache, key = self.cache, job.cache_key
             capacity = job.params.max_tokens + 8
             send, receive = trio.open_memory_channel[StreamEvent](capacity)
-            start = functools.partial(self._start_generation, job, request_id)
+            start = functools.partial(self._start_generation, job, request_id, fork_from=fork_from)
             subscriber = cache.open(key, request_id, send, job.received_at, capacity, start)
             abort = lambda reason: cache.leave(key, subscriber)  # noqa: E731
         else:
             send, receive = trio.open_memory_channel[StreamEvent](RELAY_BUFFER_EVENTS)
-            abort = self._start_generation(job, request_id, send)
+            abort = self._start_generation(job, request_id, send, fork_from=fork_from)
         self.metrics.report(
             RequestReceived(
                 request_id, len(job.prompt), job.cache_key, job.prompt_version, job.cacheable, job.client_request_id
@@ -255,8 +261,20 @@ class Pipeline:
     def _stream_closed(self) -> None:
         self._streams -= 1
 
+    def merge(self, streams: Sequence[tuple[int, StreamHandle]]) -> trio.MemoryReceiveChannel[ChoiceEvent]:
+        """Several streams' events as one channel, each tagged with its index (the choices of one
+        request); the pumps that feed it run in this nursery (actors/choice_merge.py)."""
+        if self._nursery is None:
+            raise NotReadyError(self.state, self.failure or "")
+        return choice_merge.merge(self._nursery, streams)
+
     def _start_generation(
-        self, job: GenerationJob, request_id: str, out: trio.MemorySendChannel[StreamEvent]
+        self,
+        job: GenerationJob,
+        request_id: str,
+        out: trio.MemorySendChannel[StreamEvent],
+        *,
+        fork_from: str | None = None,
     ) -> Callable[[AbortReason], None]:
         """Start a relay writing to ``out`` and submit the job; returns how to abort it."""
         model, scheduler, nursery = self.model, self.scheduler, self._nursery
@@ -279,7 +297,16 @@ class Pipeline:
         )
         nursery.start_soon(self._run_relay, relay)
         scheduler.submit(
-            Submit(request_id, job.prompt, job.params, model.stop_token_ids, job.received_at, to_relay, job.deadline)
+            Submit(
+                request_id,
+                job.prompt,
+                job.params,
+                model.stop_token_ids,
+                job.received_at,
+                to_relay,
+                job.deadline,
+                fork_from,
+            )
         )
         return functools.partial(scheduler.abort, request_id)
 

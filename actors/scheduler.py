@@ -168,6 +168,7 @@ class GpuScheduler:
             submit.received_at,
             submit.deadline,
             submit.events,
+            submit.fork_from,
         )
         placed = self._batch.offer(request)
         if isinstance(placed, Refused):
@@ -195,7 +196,13 @@ class GpuScheduler:
                 except Exception:  # the other releases must still happen, or their rows leak
                     log.exception("release_failed", request_id=seq_id)
             for request in work.joins:
-                self._backend.add(request.request_id, request.prompt, request.params, request.stop_token_ids)
+                self._backend.add(
+                    request.request_id,
+                    request.prompt,
+                    request.params,
+                    request.stop_token_ids,
+                    fork_from=request.fork_from,
+                )
             if plan is None:
                 return None
             run = functools.partial(self._run_plan, must_continue=work.must_continue)

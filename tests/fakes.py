@@ -38,12 +38,24 @@ class FakeBackend:
     seqs: dict[str, FakeSequence] = field(default_factory=dict)
     log: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    forks: list[tuple[str, str]] = field(default_factory=list)  # (child, parent), as added
 
     def add(
-        self, seq_id: str, prompt: Sequence[int], params: SamplingParams, stop_token_ids: Iterable[int] | None = None
+        self,
+        seq_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        stop_token_ids: Iterable[int] | None = None,
+        fork_from: str | None = None,
     ) -> None:
         assert seq_id not in self.seqs, f"{seq_id} added twice"
-        self.seqs[seq_id] = FakeSequence(list(prompt), len(prompt))
+        pending = len(prompt)
+        if fork_from is not None:  # a real runner copies the parent's keys: only the last token is left
+            parent = self.seqs[fork_from]
+            assert parent.prompt == list(prompt) and parent.pending == 0, "forked from a parent not prefilled"
+            self.forks.append((seq_id, fork_from))
+            pending = 1
+        self.seqs[seq_id] = FakeSequence(list(prompt), pending)
 
     def release(self, seq_id: str) -> None:
         if self.seqs.pop(seq_id, None) is not None:
@@ -127,12 +139,17 @@ class FaultInjectingRunner:
         return getattr(self._runner, name)
 
     def add(
-        self, seq_id: str, prompt: Sequence[int], params: SamplingParams, stop_token_ids: Iterable[int] | None = None
+        self,
+        seq_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        stop_token_ids: Iterable[int] | None = None,
+        fork_from: str | None = None,
     ) -> None:
         tokens, m = list(prompt), self._marker
         if any(tokens[i : i + len(m)] == m for i in range(len(tokens) - len(m) + 1)):
             self._faulty.add(seq_id)
-        self._runner.add(seq_id, prompt, params, stop_token_ids)
+        self._runner.add(seq_id, prompt, params, stop_token_ids, fork_from)
 
     def release(self, seq_id: str) -> None:
         self._faulty.discard(seq_id)

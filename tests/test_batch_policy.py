@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 
 from app.batching.admission import DrainRate, arrival_wait, queue_is_full
-from app.batching.batch import Batch, Refused, Tracked
+from app.batching.batch import Batch, Refused, Tracked, Work
 from app.batching.finish import finish_reason, must_continue
 from app.batching.oom import retry_in_halves
 from app.batching.plan import DecodePlan, PrefillPlan, SequenceView, StepPlan, plan_step
@@ -213,3 +213,109 @@ def test_an_out_of_memory_step_runs_again_as_halves() -> None:
     assert lone.failed == {"a": "out_of_memory"} and lone.tokens == {}
     six = retry_in_halves(PrefillPlan(tuple((s, 4) for s in "abcdef")), run, by_halves)
     assert set(six.failed) == set("abcdef"), "halves of three still do not fit: they fail, nothing is lost"
+
+
+# -- forks: the choices of one request share one prefill ----------------------------------------------
+FORKING = dataclasses.replace(PROFILE, max_batch_size=4, max_queue=4, max_consecutive_prefills=4)
+
+
+def child(name: str, parent: str, prompt_length: int = 4, **params: object) -> Tracked[str]:
+    return dataclasses.replace(request(name, prompt_length, **params), fork_from=parent)
+
+
+def joined(work: Work[str]) -> list[tuple[str, str | None, int]]:
+    return [(r.request_id, r.fork_from, r.prompt_remaining) for r in work.joins]
+
+
+def test_a_forked_request_waits_for_its_parents_prefill_and_holds_up_no_one_behind_it() -> None:
+    """Breakage caught: a child that joins before its parent's keys are in (it would copy keys not
+    written yet), a held child that blocks the queue, a child that prefills its whole prompt."""
+    batch: Batch[str] = Batch(FORKING, max_context=100)
+    batch.offer(request("p", prompt_length=12))
+    batch.offer(child("c", "p", prompt_length=12))
+    batch.offer(request("o"))
+    work = batch.next_work()
+    assert joined(work) == [("p", None, 12), ("o", None, 4)], "c waits; o, behind it, goes on"
+    assert work.plan == PrefillPlan((("p", 8),))
+    batch.step_done(work.plan, StepResult({}, "prefill", 1, 8, 0.1), now=1.0)
+    work = batch.next_work()
+    assert joined(work) == [] and [r.request_id for r in batch.waiting] == ["c"], "p is still prefilling"
+    assert work.plan == PrefillPlan((("p", 4), ("o", 4)))
+    batch.step_done(work.plan, StepResult({"p": 7, "o": 8}, "prefill", 2, 8, 0.1), now=2.0)
+    work = batch.next_work()
+    assert joined(work) == [("c", "p", 1)], "c joins with p's keys: its last prompt token is left"
+    assert work.plan == PrefillPlan((("c", 1),))
+    outcome = batch.step_done(work.plan, StepResult({"c": 9}, "prefill", 1, 1, 0.1), now=3.0)
+    assert [(d.request.request_id, d.index, d.first) for d in outcome.deliveries] == [("c", 0, True)]
+    assert batch.next_work().plan == DecodePlan(("p", "o", "c"))
+
+
+def test_a_child_forks_from_a_parent_that_is_already_decoding() -> None:
+    batch: Batch[str] = Batch(FORKING, max_context=100)
+    batch.offer(request("p", max_tokens=10))
+    work = batch.next_work()
+    assert work.plan is not None
+    batch.step_done(work.plan, StepResult({"p": 7}, "prefill", 1, 4, 0.1), now=1.0)
+    batch.offer(child("c", "p"))
+    assert joined(batch.next_work()) == [("c", "p", 1)]
+
+
+def test_a_child_whose_parent_is_gone_joins_with_a_full_prefill_of_its_own() -> None:
+    """The parent was a cache hit (never here), was aborted while waiting, or ended with its
+    first token: the child must not wait for it, nor name it to the runner.
+
+    Breakage caught: a child held for ever, or one forked from a row that is freed."""
+    batch: Batch[str] = Batch(FORKING, max_context=100)
+    batch.offer(child("never_here", "cache-hit"))
+    assert joined(batch.next_work()) == [("never_here", None, 4)]
+
+    batch = Batch(FORKING, max_context=100)
+    batch.offer(request("p"))
+    batch.offer(child("c", "p"))
+    batch.offer(request("x"))
+    batch.abort("p", "client_disconnect", 0.0, 0, 0.0)
+    assert joined(batch.next_work()) == [("c", None, 4), ("x", None, 4)]
+
+    batch = Batch(FORKING, max_context=100)
+    batch.offer(request("p", max_tokens=1))
+    batch.offer(child("c", "p"))
+    work = batch.next_work()
+    assert joined(work) == [("p", None, 4)] and work.plan is not None
+    outcome = batch.step_done(work.plan, StepResult({"p": 7}, "prefill", 1, 4, 0.1), now=1.0)
+    assert outcome.deliveries[0].finish == "length"
+    work = batch.next_work()
+    assert work.releases == ["p"] and joined(work) == [("c", None, 4)], "p's row is freed in this trip"
+
+
+def test_a_child_whose_parent_failed_or_has_another_prompt_does_not_fork() -> None:
+    batch: Batch[str] = Batch(FORKING, max_context=100)
+    batch.offer(request("p"))
+    batch.offer(child("c", "p"))
+    work = batch.next_work()
+    assert work.plan is not None
+    batch.step_done(work.plan, StepResult({}, "prefill", 1, 4, 0.1, failed={"p": "non_finite_logits"}), now=1.0)
+    assert joined(batch.next_work()) == [("c", None, 4)]
+
+    batch = Batch(FORKING, max_context=100)
+    batch.offer(request("p", prompt_length=5))
+    work = batch.next_work()
+    assert work.plan is not None
+    batch.step_done(work.plan, StepResult({"p": 7}, "prefill", 1, 5, 0.1), now=1.0)
+    batch.offer(child("c", "p", prompt_length=4))
+    assert joined(batch.next_work()) == [("c", None, 4)]
+
+
+def test_a_held_child_waits_for_a_row_like_anyone_and_can_be_aborted() -> None:
+    full = dataclasses.replace(FORKING, max_batch_size=2)
+    batch: Batch[str] = Batch(full, max_context=100)
+    batch.offer(request("p"))
+    batch.offer(child("c", "p"))
+    batch.offer(request("o"))
+    batch.offer(request("late"))
+    work = batch.next_work()
+    assert joined(work) == [("p", None, 4), ("o", None, 4)] and work.plan is not None
+    batch.step_done(work.plan, StepResult({"p": 1, "o": 2}, "prefill", 2, 8, 0.1), now=1.0)
+    assert joined(batch.next_work()) == [], "no free row"
+    ended = batch.abort("c", "client_disconnect", 1.0, batch.steps, 1.0)
+    assert ended is not None and not ended.row_held
+    assert [r.request_id for r in batch.waiting] == ["late"]

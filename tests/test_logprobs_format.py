@@ -61,11 +61,11 @@ def test_without_logprobs_every_choice_says_null() -> None:
     for kind, stream in (("chat", chat), ("completion", legacy)):
         chunks = [chunk for event in SPLIT for chunk in stream.token(event)] + stream.closing(DONE)
         assert all(c["choices"][0]["logprobs"] is None for c in chunks), kind
-    assert full_response("chat", meta(False), SPLIT, DONE)["choices"][0]["logprobs"] is None
+    assert full_response("chat", meta(False), [(0, SPLIT, DONE)])["choices"][0]["logprobs"] is None
 
 
 def test_the_full_chat_response_lists_one_entry_per_shown_token() -> None:
-    choice = full_response("chat", meta(), SPLIT, DONE)["choices"][0]
+    choice = full_response("chat", meta(), [(0, SPLIT, DONE)])["choices"][0]
     entries = choice["logprobs"]["content"]
     assert bytes(b for e in entries for b in e["bytes"]).decode() == choice["message"]["content"] == "a世b"
     assert [e["logprob"] for e in entries] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
@@ -79,7 +79,7 @@ def test_harmony_reasoning_tokens_are_listed_apart_from_the_answers() -> None:
         token("b", 2, 4, "final"),
         token("a", 3, 1, "final"),
     ]
-    choice = full_response("chat", meta(reasoning=True), tokens, DONE)["choices"][0]
+    choice = full_response("chat", meta(reasoning=True), [(0, tokens, DONE)])["choices"][0]
     assert choice["message"]["content"] == "ba" and choice["message"]["reasoning"] == "a"
     assert [e["token"] for e in choice["logprobs"]["content"]] == ["b", "a"]
     assert [e["token"] for e in choice["logprobs"]["reasoning"]] == ["a"]
@@ -91,7 +91,7 @@ def test_harmony_reasoning_tokens_are_listed_apart_from_the_answers() -> None:
 
 
 def test_the_legacy_shape_has_offsets_in_characters_and_the_chosen_token_in_its_top() -> None:
-    choice = full_response("completion", meta(), SPLIT, DONE)["choices"][0]
+    choice = full_response("completion", meta(), [(0, SPLIT, DONE)])["choices"][0]
     logprobs = choice["logprobs"]
     assert choice["text"] == "a世b"
     assert logprobs["tokens"] == ["a", "bytes:\\xe4\\xb8", "bytes:\\x96", "b"]

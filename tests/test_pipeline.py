@@ -30,8 +30,8 @@ class FakeModel:
     tokenizer: Any = None
     decode_path: str = "dynamic"
     grammars: None = None
-    vocab_size: int = 1_000_000
     max_token_bytes: int = 16
+    vocab_size: int = 1000
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(ord("a") + token % 26) for token in token_ids)

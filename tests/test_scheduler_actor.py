@@ -435,3 +435,24 @@ async def test_the_teardown_is_measured_once_the_row_is_freed(autojump_clock: ob
     (finished,) = finished_metrics(metrics)
     assert finished.teardown_seconds is not None
     assert aborted_at + finished.teardown_seconds >= freed_at["a"] > aborted_at
+
+
+async def test_a_forked_submit_reaches_the_backend_as_a_fork_of_its_parent() -> None:
+    """Breakage caught: the scheduler dropping Submit.fork_from (the child prefills its whole
+    prompt again) or naming to the backend a parent that is not there (a cache hit's id)."""
+    backend = FakeBackend()
+    scheduler, _ = make_scheduler(backend)
+    sampling = SamplingParams(max_tokens=3, temperature=0.0)
+    channels = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        for name, parent in [("p", None), ("c", "p"), ("orphan", "a-cache-hit")]:
+            send, receive = trio.open_memory_channel[SchedulerEvent](16)
+            now = trio.current_time()
+            scheduler.submit(Submit(name, (5, 6, 7), sampling, frozenset({STOP}), now, send, fork_from=parent))
+            channels.append(receive)
+        outputs = [tokens_of(await drain(receive)) for receive in channels]
+        scheduler.close()
+    assert backend.forks == [("c", "p")]
+    assert outputs == [[5, 6, 7]] * 3
+    assert ("prefill", ("p", "orphan")) in backend.log and ("prefill", ("c",)) in backend.log

@@ -317,3 +317,35 @@ def test_harmony_states_the_schema_in_its_developer_message() -> None:
     text = harmony_encoding().decode(list(build_prompt_tokens(spec, None, True)))
     developer = "<|start|>developer<|message|># Instructions\n\n"
     assert f"{developer}# Response Formats\n\n## verdict\n\n// A color.\n{source}<|end|>" in text
+
+
+def test_n_choices_each_follow_the_schema_with_their_own_logprobs(live: str) -> None:
+    """Everything at once: n=2 sampled choices (the second forked from the first's prefill), each
+    under the schema, each with its own logprobs, streamed and not."""
+    body = {
+        "model": MODEL,
+        "messages": ASK,
+        "response_format": SCHEMA_FORMAT,
+        "temperature": 1.0,
+        "seed": 11,
+        "n": 2,
+        "max_tokens": 60,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+    whole = post(live, "/v1/chat/completions", body).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1]
+    for choice in whole["choices"]:
+        content = choice["message"]["content"]
+        jsonschema.validate(json.loads(content), SCHEMA)
+        assert b"".join(bytes(e["bytes"]) for e in choice["logprobs"]["content"]).decode() == content
+    with sync_client(live) as client:
+        stream = client.chat.completions.create(**{**body, "stream": True})  # type: ignore[call-overload]
+        texts: dict[int, str] = {0: "", 1: ""}
+        entries: dict[int, int] = {0: 0, 1: 0}
+        for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                entries[choice.index] += len(choice.logprobs.content or []) if choice.logprobs else 0
+    assert texts == {c["index"]: c["message"]["content"] for c in whole["choices"]}
+    assert entries == {c["index"]: len(c["logprobs"]["content"]) for c in whole["choices"]}

@@ -37,6 +37,10 @@ class Tracked(Generic[R]):
     received_at: float
     deadline: float | None
     reply: R
+    # Another request of ours with the same prompt (choice 0 of a request with n > 1): this one
+    # waits for that one's prefill and copies its keys instead of prefilling the prompt again. Once
+    # it joins, the parent it forked from, or None if it joined with a full prefill of its own.
+    fork_from: str | None = None
     prompt_remaining: int = field(init=False)  # prompt tokens not yet prefilled
     generated: int = 0
     last_token_at: float | None = None
@@ -188,16 +192,46 @@ class Batch(Generic[R]):
     def next_work(self) -> Work[R]:
         work: Work[R] = Work(releases=self._releases)
         self._releases = []
-        for _ in range(admit_count(len(self.waiting), len(self.running), self.profile)):
-            request = self.waiting.popleft()
-            self.running[request.request_id] = request
-            work.joins.append(request)
+        self._admit(work)
         views = [SequenceView(r.request_id, r.prompt_remaining) for r in self.running.values()]
         work.plan = plan_step(views, self._consecutive_prefills, self.profile)
         if work.plan is not None:
             held = [self.running[seq_id] for seq_id in work.plan.seq_ids]
             work.must_continue = frozenset(r.request_id for r in held if must_continue(r.generated, r.params))
         return work
+
+    def _admit(self, work: Work[R]) -> None:
+        """Waiting requests take the free rows in arrival order; a forked one whose parent is not
+        prefilled yet keeps its place and lets those behind it go first."""
+        rows = admit_count(len(self.waiting), len(self.running), self.profile)
+        if not rows:
+            return
+        waiting_ids = {r.request_id for r in self.waiting}
+        kept: deque[Tracked[R]] = deque()
+        for request in self.waiting:
+            if len(work.joins) >= rows or self._holds(request, waiting_ids):
+                kept.append(request)
+                continue
+            if request.fork_from is not None:
+                parent = self.running.get(request.fork_from)
+                if parent is not None and parent.prompt == request.prompt:
+                    # The parent's keys cover all but the last prompt token; the child prefills that
+                    # one itself, so its first token comes from its own logits and generator.
+                    request.prompt_remaining = 1
+                else:  # the parent is gone (ended, failed, or a cache hit that never came here)
+                    request.fork_from = None
+            self.running[request.request_id] = request
+            work.joins.append(request)
+        self.waiting = kept
+
+    def _holds(self, request: Tracked[R], waiting_ids: set[str]) -> bool:
+        """A forked request waits while its parent waits or prefills."""
+        if request.fork_from is None:
+            return False
+        parent = self.running.get(request.fork_from)
+        if parent is not None:
+            return parent.prompt_remaining > 0
+        return request.fork_from in waiting_ids
 
     def freed(self, released: list[str], now: float) -> list[Ended[R]]:
         """The rows of ``released`` are free now: the aborted requests among them, each with its

@@ -7,7 +7,10 @@ from typing import Literal
 from app.contract.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "shutdown", "error"]
-AbortReason = Literal["client_disconnect", "stop_string", "timeout", "shutdown", "stalled", "relay_error"]
+# choice_failed: another choice of the same request failed or could not start; nobody reads this one.
+AbortReason = Literal[
+    "client_disconnect", "stop_string", "timeout", "shutdown", "stalled", "relay_error", "choice_failed"
+]
 
 ABORT_FINISH: dict[AbortReason, FinishReason] = {
     "client_disconnect": "cancelled",
@@ -16,6 +19,7 @@ ABORT_FINISH: dict[AbortReason, FinishReason] = {
     "timeout": "timeout",
     "shutdown": "shutdown",
     "relay_error": "error",
+    "choice_failed": "cancelled",
 }
 
 

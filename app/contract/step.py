@@ -51,10 +51,19 @@ class StepBackend(Protocol):
 
     ``must_continue`` names the sequences that may not end this step (they are below their
     min_tokens): the runner masks their stop tokens. Which ones, the scheduler decides.
+
+    ``add`` with ``fork_from`` (a sequence in the runner whose prompt, the same, is prefilled):
+    the new sequence starts with a copy of that one's keys for all but the last prompt token, so
+    its prefill is that one token (its own logits, its own first token).
     """
 
     def add(
-        self, seq_id: str, prompt: Sequence[int], params: SamplingParams, stop_token_ids: Iterable[int] | None
+        self,
+        seq_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        stop_token_ids: Iterable[int] | None,
+        fork_from: str | None = None,
     ) -> None: ...
 
     def release(self, seq_id: str) -> None: ...

@@ -144,6 +144,17 @@ class RowKVCache(PlannedCache):
                 if tensor is not None and source < tensor.shape[0]:
                     tensor[target, :, :length] = tensor[source, :, :length]
 
+    @torch.inference_mode()
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """A forked sequence's start: the first ``length`` positions of ``source`` into ``target``
+        (grown to hold it). Exact for every layer: sliding-window layers keep every position too
+        (their window is in the attention mask), so the copy is the keys a prefill would write."""
+        self.reserve(max(self._rows, target + 1), max(self._positions, length))
+        for store in (self._keys, self._values):
+            for tensor in store:
+                if tensor is not None:
+                    tensor[target, :, :length] = tensor[source, :, :length]
+
     # -- per-forward plans -------------------------------------------------------------------
     def plan_decode(self, positions: torch.Tensor, kv_length: int, first_row: int = 0) -> None:
         self._plan = _DecodePlan(positions, kv_length, first_row)

@@ -135,19 +135,29 @@ class BaseRunner(ABC):
     def _decode_logits(self, wanted: Sequence[SequenceState]) -> torch.Tensor:
         """One forward of a decode step: logits [len(wanted), vocab], in ``wanted``'s order."""
 
+    @abstractmethod
+    def _copy_keys(self, source_row: int, target_row: int, length: int) -> None:
+        """Copy the first ``length`` positions of one row's keys and values into another's."""
+
     def add(
         self,
         seq_id: str,
         prompt: Sequence[int],
         params: SamplingParams,
         stop_token_ids: Iterable[int] | None = None,
+        fork_from: str | None = None,
     ) -> None:
+        """A new sequence; with ``fork_from`` (a prefilled sequence with the same prompt) it starts
+        with that one's keys for all but its last prompt token, which its own prefill computes."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already in the runner")
         if not self.free_rows:
             raise RuntimeError("no free row: the scheduler admitted more than max_batch_size")
         if not prompt:
             raise ValueError("empty prompt")
+        parent = None if fork_from is None else self._seqs[fork_from]
+        if parent is not None and (parent.prompt != tuple(prompt) or parent.pending):
+            raise ValueError(f"sequence {seq_id} cannot fork from {fork_from}: another prompt, or not prefilled")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         # Any int64 seed (a negative one too) is a generator state: torch takes it modulo 2**64.
         generator = None if params.greedy else seeded_generator(seed % 2**64, self.device)
@@ -160,6 +170,10 @@ class BaseRunner(ABC):
                 raise ValueError("this runner has no grammar engine")
             seq.grammar = self.grammars.matcher(params.grammar)
         self._seqs[seq_id] = seq
+        if parent is not None:
+            # Its first len - 1 positions hold the prompt's keys, whatever it has generated since.
+            self._copy_keys(parent.row, seq.row, len(prompt) - 1)
+            seq.length = len(prompt) - 1
 
     def pending_prompt(self, seq_id: str) -> int:
         return len(self._seqs[seq_id].pending)
@@ -343,6 +357,9 @@ class ModelRunner(BaseRunner):
             last.row = seq.row
         if not self._seqs:
             self._rows.release()
+
+    def _copy_keys(self, source_row: int, target_row: int, length: int) -> None:
+        self._rows.copy_row(source_row, target_row, length)
 
     def _decode_logits(self, wanted: Sequence[SequenceState]) -> torch.Tensor:
         # The rows from the first to the last wanted one take part: a plain slice of the cache (a

@@ -80,6 +80,16 @@ class SlotKVCache(PlannedCache):
             raise ValueError(f"slot {slot} is not in use")
         heapq.heappush(self._free, slot)
 
+    @torch.inference_mode()
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """A forked sequence's start: the first ``length`` positions of ``source`` into ``target``,
+        in place (a captured graph reads these same tensors). Sliding-window layers keep every
+        position here too, so the copy is exact for every layer."""
+        if length > self.positions:
+            raise ValueError(f"cannot copy {length} positions of a {self.positions}-position slot")
+        for tensor in (*self._keys, *self._values):
+            tensor[target, :, :length] = tensor[source, :, :length]
+
     def reserve(self, rows: int, positions: int) -> None:
         """Nothing to grow: only check the bounds (the runners' common interface)."""
         if rows > self.slots or positions > self.positions:

@@ -67,6 +67,9 @@ class StaticModelRunner(BaseRunner):
         if seq is not None:
             self._slots.free_slot(seq.row)
 
+    def _copy_keys(self, source_row: int, target_row: int, length: int) -> None:
+        self._slots.copy_slot(source_row, target_row, length)
+
     def _decode_logits(self, wanted: Sequence[SequenceState]) -> torch.Tensor:
         return self._decoder.run([DecodeRow(seq.row, seq.last_token, seq.length) for seq in wanted])
 

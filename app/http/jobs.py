@@ -42,6 +42,13 @@ def client_request_id(header: str | None) -> str | None:
 
 
 def prompt_tokens(spec: PromptSpec, model: ServedModel) -> tuple[int, ...]:
+    if spec.token_ids is not None and (outside := [t for t in spec.token_ids if not 0 <= t < model.vocab_size]):
+        raise ApiError(
+            400,
+            f"token id {outside[0]} is not in this model's vocabulary (0 to {model.vocab_size - 1})",
+            param="prompt",
+            code="invalid_value",
+        )
     at_least = fewest_tokens(spec, model.max_token_bytes)
     if at_least >= model.max_context:
         raise ApiError(400, _too_long(model.max_context, at_least, None, at_least=True), param="messages", code=OVER)

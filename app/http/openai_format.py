@@ -8,6 +8,7 @@ only the rest is ``content``. Responses also carry this server's own fields (``p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,12 +32,12 @@ def is_reasoning(event: StreamToken) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ResponseMeta:
-    """What every response object of one request shares."""
+    """What every response object of one request shares (the cache fields are choice 0's)."""
 
     id: str
     created: int
     model: str
-    prompt_tokens: int
+    prompt_tokens: int  # each prompt's once, however many choices it has
     prompt_version: str
     cache_key: str
     cached: bool
@@ -54,15 +55,25 @@ def logprobs_collector(kind: Kind, meta: ResponseMeta) -> ChatLogprobs | LegacyL
 
 
 class ChunkWriter:
-    """Turns one request's stream events into OpenAI streaming chunks (dicts, one per SSE line)."""
+    """Turns one request's stream events into OpenAI streaming chunks (dicts, one per SSE line).
+
+    Each chunk carries one choice, by its index; usage adds up the choices' completion tokens."""
 
     def __init__(self, kind: Kind, meta: ResponseMeta, *, include_usage: bool, continuous_usage: bool) -> None:
         self._kind = kind
         self._meta = meta
         self._include_usage = include_usage
         self._continuous_usage = continuous_usage
-        self._completion_tokens = 0
-        self._logprobs = logprobs_collector(kind, meta)
+        self._completion_tokens: dict[int, int] = {}  # choice index -> its tokens so far
+        self._logprobs: dict[int, ChatLogprobs | LegacyLogprobs | None] = {}  # choice index -> its collector
+
+    def _usage(self) -> Usage:
+        return Usage(self._meta.prompt_tokens, sum(self._completion_tokens.values()))
+
+    def _collector(self, index: int) -> ChatLogprobs | LegacyLogprobs | None:
+        if index not in self._logprobs:
+            self._logprobs[index] = logprobs_collector(self._kind, self._meta)
+        return self._logprobs[index]
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -73,53 +84,77 @@ class ChunkWriter:
             "choices": [choice],
         }
         if self._continuous_usage:
-            chunk["usage"] = usage_body(Usage(self._meta.prompt_tokens, self._completion_tokens))
+            chunk["usage"] = usage_body(self._usage())
         return chunk
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, index: int = 0) -> list[dict[str, Any]]:
         if self._kind != "chat":
             return []
-        opening = self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        opening = self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         return [{**opening, **self._meta.extensions()}]
 
-    def token(self, event: StreamToken) -> list[dict[str, Any]]:
-        self._completion_tokens = event.index + 1
-        if self._logprobs is not None:
-            self._logprobs.add(event)  # a token with no text yet: its entry rides with the next text
+    def token(self, event: StreamToken, index: int = 0) -> list[dict[str, Any]]:
+        self._completion_tokens[index] = event.index + 1
+        collector = self._collector(index)
+        if collector is not None:
+            collector.add(event)  # a token with no text yet: its entry rides with the next text
         if not event.text:
             return []
-        logprobs = None if self._logprobs is None else self._logprobs.take()
+        logprobs = None if collector is None else collector.take()
         if self._kind == "completion":
-            return [self._chunk({"index": 0, "text": event.text, "logprobs": logprobs, "finish_reason": None})]
+            return [self._chunk({"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": None})]
         delta = (
             {"reasoning": event.text, "reasoning_content": event.text}
             if is_reasoning(event)
             else {"content": event.text}
         )
-        return [self._chunk({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None})]
+        return [self._chunk({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})]
 
-    def closing(self, done: StreamDone) -> list[dict[str, Any]]:
-        self._completion_tokens = done.usage.completion_tokens
-        choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason}
+    def closing(self, done: StreamDone, index: int = 0) -> list[dict[str, Any]]:
+        """A choice's finish chunk, with its timings."""
+        self._completion_tokens[index] = done.usage.completion_tokens
+        choice: dict[str, Any] = {"index": index, "finish_reason": done.finish_reason}
         # Entries of tokens whose text never came (a stop string cut it) close the stream.
-        left = self._logprobs.take() if self._logprobs is not None and self._logprobs.pending else None
+        collector = self._collector(index)
+        left = collector.take() if collector is not None and collector.pending else None
         if self._kind == "chat":
             choice |= {"delta": {}, "logprobs": left}
         else:
             choice |= {"text": "", "logprobs": left}
-        last = self._chunk(choice) | {"timings": dataclasses.asdict(done.timings)}
-        chunks = [last]
-        if self._include_usage:
-            usage_chunk = self._chunk({}) | {"usage": usage_body(done.usage)}
-            usage_chunk["choices"] = []
-            chunks.append(usage_chunk)
-        return chunks
+        return [self._chunk(choice) | {"timings": dataclasses.asdict(done.timings)}]
+
+    def usage(self) -> list[dict[str, Any]]:
+        """After every choice's finish chunk: the usage chunk, if the client asked for it."""
+        if not self._include_usage:
+            return []
+        usage_chunk = self._chunk({}) | {"usage": usage_body(self._usage())}
+        usage_chunk["choices"] = []
+        return [usage_chunk]
 
 
-def full_response(kind: Kind, meta: ResponseMeta, tokens: list[StreamToken], done: StreamDone) -> dict[str, Any]:
-    """The non-streaming response object."""
+def full_response(
+    kind: Kind, meta: ResponseMeta, choices: Sequence[tuple[int, list[StreamToken], StreamDone]]
+) -> dict[str, Any]:
+    """The non-streaming response object: ``choices`` (index, tokens, end), by index. The
+    timings are the first choice's, as the response headers are."""
+    completion_tokens = sum(done.usage.completion_tokens for _, _, done in choices)
+    return {
+        "id": meta.id,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice_body(kind, meta, index, tokens, done) for index, tokens, done in choices],
+        "usage": usage_body(Usage(meta.prompt_tokens, completion_tokens)),
+        "timings": dataclasses.asdict(choices[0][2].timings),
+        **meta.extensions(),
+    }
+
+
+def choice_body(
+    kind: Kind, meta: ResponseMeta, index: int, tokens: list[StreamToken], done: StreamDone
+) -> dict[str, Any]:
     content = "".join(t.text for t in tokens if not is_reasoning(t))
-    choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
+    choice: dict[str, Any] = {"index": index, "finish_reason": done.finish_reason, "logprobs": None}
     if (logprobs := logprobs_collector(kind, meta)) is not None:
         for token in tokens:
             logprobs.add(token)
@@ -132,13 +167,4 @@ def full_response(kind: Kind, meta: ResponseMeta, tokens: list[StreamToken], don
         choice["message"] = message
     else:
         choice["text"] = content
-    return {
-        "id": meta.id,
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": meta.created,
-        "model": meta.model,
-        "choices": [choice],
-        "usage": usage_body(done.usage),
-        "timings": dataclasses.asdict(done.timings),
-        **meta.extensions(),
-    }
+    return choice

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from quart import Response, g, request
@@ -13,22 +15,15 @@ from quart_trio import QuartTrio
 
 from actors.messages import GenerationJob, StreamDone, StreamError, StreamToken
 from app.http.body import parse_body
+from app.http.choice_jobs import build_choice_jobs, check_choice_count
+from app.http.choice_streams import collect, merged_events, open_choices, sse_response
 from app.http.context import ServerState
-from app.http.errors import ApiError, error_body
-from app.http.jobs import build_job
+from app.http.errors import error_body
 from app.http.openai_format import ChunkWriter, Kind, ResponseMeta, full_response
 from app.http.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 from app.http.sse import sse_event
-from app.http.streams import (
-    created_timestamp,
-    off_loop,
-    open_stream,
-    served_model,
-    server_timing,
-    sse_response,
-    stream_headers,
-)
-from app.prompts.builder import PROMPT_VERSION
+from app.http.streams import created_timestamp, off_loop, served_model, server_timing, stream_headers
+from app.prompts.builder import PROMPT_VERSION, PromptSpec
 
 DONE_LINE = b"data: [DONE]\n\n"
 
@@ -40,43 +35,54 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 class OpenAIFramer:
-    """OpenAI's chunk objects as unnamed SSE events, then ``data: [DONE]``."""
+    """OpenAI's chunk objects as unnamed SSE events, each for one choice; then the usage chunk (if
+    asked for, once every choice has finished) and ``data: [DONE]``."""
 
-    def __init__(self, writer: ChunkWriter) -> None:
+    def __init__(self, writer: ChunkWriter, indexes: Sequence[int]) -> None:
         self._writer = writer
+        self._indexes = indexes
 
     def opening(self) -> list[bytes]:
-        return [sse_event(None, chunk) for chunk in self._writer.opening()]
+        return [sse_event(None, chunk) for index in self._indexes for chunk in self._writer.opening(index)]
 
-    def token(self, event: StreamToken) -> list[bytes]:
-        return [sse_event(None, chunk) for chunk in self._writer.token(event)]
+    def token(self, index: int, event: StreamToken) -> list[bytes]:
+        return [sse_event(None, chunk) for chunk in self._writer.token(event, index)]
 
-    def done(self, event: StreamDone) -> list[bytes]:
-        return [sse_event(None, chunk) for chunk in self._writer.closing(event)]
+    def done(self, index: int, event: StreamDone) -> list[bytes]:
+        return [sse_event(None, chunk) for chunk in self._writer.closing(event, index)]
 
     def error(self, event: StreamError) -> list[bytes]:
         return [sse_event(None, error_body(500, event.message, code=event.code))]
 
-    def closing(self) -> list[bytes]:
-        return [DONE_LINE]
+    def closing(self, complete: bool) -> list[bytes]:
+        usage = self._writer.usage() if complete else []
+        return [*(sse_event(None, chunk) for chunk in usage), DONE_LINE]
 
 
 async def _respond(
-    state: ServerState, kind: Kind, body: OpenAIFields, job: GenerationJob, model: Any, id_prefix: str
+    state: ServerState,
+    kind: Kind,
+    body: OpenAIFields,
+    groups: list[tuple[GenerationJob, ...]],
+    model: Any,
+    id_prefix: str,
 ) -> Response:
-    handle, started = await open_stream(state, job)
+    """Open every choice (``groups``: per prompt, its n choices' jobs) and answer with all of them."""
+    choices = await open_choices(state, groups)
+    first = choices[0]  # the headers and the cache fields describe choice 0
     meta = ResponseMeta(
         id=f"{id_prefix}-{uuid.uuid4().hex}",
         created=created_timestamp(),
         model=model.model_id,
-        prompt_tokens=len(job.prompt),
+        prompt_tokens=sum(len(jobs[0].prompt) for jobs in groups),
         prompt_version=PROMPT_VERSION,
-        cache_key=job.cache_key,
-        cached=started.cache == "HIT",
-        reasoning=job.text_mode == "harmony",
-        logprobs=job.params.logprobs is not None,
+        cache_key=first.job.cache_key,
+        cached=first.started.cache == "HIT",
+        reasoning=first.job.text_mode == "harmony",
+        logprobs=first.job.params.logprobs is not None,
     )
-    headers = stream_headers(handle, job, started)
+    headers = stream_headers(first.handle, first.job, first.started)
+    events = merged_events(state, choices)
     if body.stream:
         options = body.stream_options
         writer = ChunkWriter(
@@ -85,18 +91,16 @@ async def _respond(
             include_usage=bool(options and options.include_usage),
             continuous_usage=bool(options and options.continuous_usage_stats),
         )
-        return sse_response(handle, OpenAIFramer(writer), state.config.heartbeat_seconds, headers)
-    tokens: list[StreamToken] = []
-    async for event in handle:
-        match event:
-            case StreamToken():
-                tokens.append(event)
-            case StreamError():
-                raise ApiError(500, event.message, code=event.code)
-            case StreamDone():
-                headers["Server-Timing"] = server_timing(event.timings)
-                return _json(full_response(kind, meta, tokens, event), headers=headers)
-    raise ApiError(500, "the generation stream ended without a result", code="stream_lost")
+        framer = OpenAIFramer(writer, [choice.index for choice in choices])
+        return sse_response(choices, events, framer, state.config.heartbeat_seconds, headers)
+    results = [(r.index, r.tokens, r.done) for r in await collect(choices, events) if r.done is not None]
+    headers["Server-Timing"] = server_timing(results[0][2].timings)
+    return _json(full_response(kind, meta, results), headers=headers)
+
+
+def _raw_prompt_spec(body: CompletionRequest, prompt: str | tuple[int, ...]) -> PromptSpec:
+    spec = body.prompt_spec(None, prompt if isinstance(prompt, str) else None)
+    return spec if isinstance(prompt, str) else dataclasses.replace(spec, token_ids=prompt)
 
 
 def register(app: QuartTrio, state: ServerState) -> None:
@@ -107,10 +111,11 @@ def register(app: QuartTrio, state: ServerState) -> None:
         model = served_model(state, body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         build = functools.partial(
-            build_job,
+            build_choice_jobs,
             model,
-            body.prompt_spec(body.messages, None),
+            [body.prompt_spec(body.messages, None)],
             body.model_copy(update={"max_tokens": max_tokens}),
+            body.n or 1,
             received_at=received_at,
             request_id=request.headers.get("X-Request-Id"),
             timeout_header=request.headers.get("X-Request-Timeout"),
@@ -119,19 +124,22 @@ def register(app: QuartTrio, state: ServerState) -> None:
             structured=body,
             max_tokens_field=body.effective_max_tokens_field(),
         )
-        job = await off_loop(state, build)
-        return await _respond(state, "chat", body, job, model, "chatcmpl")
+        groups = await off_loop(state, build)
+        return await _respond(state, "chat", body, groups, model, "chatcmpl")
 
     @app.post("/v1/completions")
     async def completions() -> Response:
         received_at = time.monotonic()
         body = await parse_body(CompletionRequest)
         model = served_model(state, body.model)
+        n = body.n or 1
+        check_choice_count(len(body.prompts()), n)  # before any tokenizing
         build = functools.partial(
-            build_job,
+            build_choice_jobs,
             model,
-            body.prompt_spec(None, body.prompt_text()),
+            [_raw_prompt_spec(body, prompt) for prompt in body.prompts()],
             body,
+            n,
             received_at=received_at,
             request_id=request.headers.get("X-Request-Id"),
             timeout_header=request.headers.get("X-Request-Timeout"),
@@ -139,8 +147,8 @@ def register(app: QuartTrio, state: ServerState) -> None:
             tenant=g.get("tenant"),
             structured=body,
         )
-        job = await off_loop(state, build)
-        return await _respond(state, "completion", body, job, model, "cmpl")
+        groups = await off_loop(state, build)
+        return await _respond(state, "completion", body, groups, model, "cmpl")
 
     def _model_card(model: Any) -> dict[str, Any]:
         return {

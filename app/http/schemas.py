@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.http.lenient import Lenient
+from app.http.prompt_forms import prompt_forms, prompt_list
 from app.http.structured import StructuredFields
 from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, PromptSpec
 
@@ -26,6 +27,7 @@ LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)]
 # Parts OpenAI's API takes that carry something other than text.
 NOT_TEXT_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"})
 MAX_LOGIT_BIAS = 1024  # entries; OpenAI's own bound is 300
+MAX_CHOICES_PER_PROMPT = 16  # n
 
 
 class TextPart(BaseModel):
@@ -166,17 +168,10 @@ class OpenAIFields(Lenient):
     """Fields of OpenAI's API that this server accepts only at their neutral values."""
 
     model: str | None = None
-    n: int | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES_PER_PROMPT)] | None = None  # choices per prompt
     tools: list[dict[str, Any]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only n=1 is supported: send one request per completion")
-        return value
 
     @field_validator("tools")
     @classmethod
@@ -209,20 +204,18 @@ class ChatCompletionRequest(SamplingFields, PromptFields, StructuredFields, Open
 
 
 class CompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFields):
-    """POST /v1/completions: one raw prompt."""
+    """POST /v1/completions: raw prompts, as OpenAI takes them (text or token ids, one or a list)."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for this endpoint
     echo: bool = False
     suffix: str | None = None
     logprobs: LogprobCount | None = None  # the legacy field: alternatives per token (0: the chosen only)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        return value
+    def _prompt_forms(cls, value: object) -> object:
+        return prompt_forms(value)  # before pydantic's union check (see app/http/prompt_forms.py)
 
     @field_validator("echo")
     @classmethod
@@ -241,5 +234,6 @@ class CompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFi
     def requested_logprobs(self) -> int | None:
         return self.logprobs
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """Each prompt: a text, or token ids."""
+        return prompt_list(self.prompt)

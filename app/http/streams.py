@@ -49,8 +49,14 @@ class Heartbeat:
 
 async def open_stream(state: ServerState, job: GenerationJob) -> tuple[StreamHandle, StreamStarted]:
     """Submit the job and wait until it is queued (or refused: raised as an ApiError)."""
+    handle = start_stream(state, job)
+    return handle, await first_event(handle)
+
+
+def start_stream(state: ServerState, job: GenerationJob, fork_from: str | None = None) -> StreamHandle:
+    """Submit the job (``fork_from``: see Pipeline.open_stream); refusals are ApiErrors."""
     try:
-        handle = state.pipeline.open_stream(job)
+        handle = state.pipeline.open_stream(job, fork_from)
     except NotReadyError as error:
         raise ApiError(
             503, f"the server is not ready: {error}", code=error.state, headers={"Retry-After": "5"}
@@ -60,10 +66,15 @@ async def open_stream(state: ServerState, job: GenerationJob) -> tuple[StreamHan
     # Registered before the first await: however this request ends, its work is stopped. This is
     # the one path by which a client that leaves reaches the scheduler.
     on_request_close(cast(dict[str, Any], request.scope), handle.abort)
+    return handle
+
+
+async def first_event(handle: StreamHandle) -> StreamStarted:
+    """Wait until the stream is queued (or refused: raised as an ApiError)."""
     first = await handle.next_event()
     match first:
         case StreamStarted():
-            return handle, first
+            return first
         case StreamRejected():
             headers = {}
             if first.retry_after is not None:

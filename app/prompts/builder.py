@@ -34,6 +34,7 @@ class PromptSpec:
 
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None  # raw text: tokenised as is, no template
+    token_ids: tuple[int, ...] | None = None  # a raw prompt given as token ids: nothing to tokenize
     reasoning_effort: ReasoningEffort = "medium"
     conversation_date: str = DEFAULT_CONVERSATION_DATE
     instructions: str | None = None  # extra developer instructions (OpenAI "instructions")
@@ -53,7 +54,9 @@ class PromptError(ValueError):
 def build_prompt_tokens(spec: PromptSpec, tokenizer: Tokenizer | None, harmony: bool) -> tuple[int, ...]:
     """The prompt's token ids. ``tokenizer`` is the model's (for gpt-oss only needed for large
     texts, see LARGE_TEXT)."""
-    if spec.prompt is not None:
+    if spec.token_ids is not None:
+        tokens = list(spec.token_ids)
+    elif spec.prompt is not None:
         tokens = _encode_raw(spec.prompt, tokenizer, harmony)
     elif spec.messages:
         if harmony:
@@ -72,6 +75,8 @@ def build_prompt_tokens(spec: PromptSpec, tokenizer: Tokenizer | None, harmony: 
 def fewest_tokens(spec: PromptSpec, max_token_bytes: int) -> int:
     """A lower bound on the prompt's length in tokens, from its size alone: no token holds more
     than ``max_token_bytes`` bytes. Cheap, so a prompt over the context is refused untokenized."""
+    if spec.token_ids is not None:
+        return len(spec.token_ids)
     texts = [spec.prompt or "", spec.instructions or "", *(m.content for m in spec.messages or ())]
     size = sum(len(text.encode("utf-8", errors="replace")) for text in texts)
     return -(-size // max(1, max_token_bytes))
