@@ -81,7 +81,8 @@ def test_a_grammar_compiles_once_and_the_cache_is_bounded(smollm2_weights: Model
             GrammarSpec("json_schema", '{"type":"objectx"}'),
             'the JSON schema cannot be used: Unsupported type "objectx"',
         ),
-        (GrammarSpec("json_schema", '{"$ref":"#/nope"}'), "the JSON schema cannot be used: Cannot find field nope"),
+        # The engine's own words follow our prefix; they vary a little between its releases.
+        (GrammarSpec("json_schema", '{"$ref":"#/nope"}'), "the JSON schema cannot be used: Cannot find field"),
         (
             GrammarSpec("regex", "(open"),
             "the regex cannot be used: Regex parsing error at position 6: The parenthesis is not closed.",
@@ -95,6 +96,7 @@ def test_what_the_engine_cannot_compile_is_a_grammar_error_in_a_sentence(
     with pytest.raises(GrammarError) as caught:
         compiler.check(spec)
     assert str(caught.value).startswith(reason)
+    assert spec.kind != "json_schema" or "nope" in str(caught.value) or "objectx" in str(caught.value)
     assert ".cc:" not in str(caught.value) and "/project" not in str(caught.value)  # no engine internals
 
 
