@@ -28,6 +28,7 @@ from tests.test_structured_outputs import SCHEMA, Verdict, scripted
 
 MODEL = "smollm2-135m"
 ALICE, BOB = "alice-key-0001", "bob-key-00002"
+ORIGIN = "https://app.example"
 
 
 CLIENTS: dict[tuple[str, str], openai.OpenAI] = {}
@@ -35,7 +36,8 @@ CLIENTS: dict[tuple[str, str], openai.OpenAI] = {}
 
 @pytest.fixture(scope="module")
 def live(smollm2_weights: ModelWeights) -> Iterator[str]:
-    with server_in_thread(smollm2_weights, server_config(model=MODEL, api_keys=(ALICE, BOB))) as url:
+    config = server_config(model=MODEL, api_keys=(ALICE, BOB), allowed_origins=(ORIGIN,))
+    with server_in_thread(smollm2_weights, config) as url:
         yield url
         while CLIENTS:
             CLIENTS.popitem()[1].close()
@@ -228,6 +230,14 @@ def test_one_tenant_can_neither_read_nor_chain_anothers(live: str) -> None:
     assert raw(live, "DELETE", f"/v1/responses/{alices.id}", key=BOB).status_code == 404
     assert client(live, ALICE).responses.retrieve(alices.id).id == alices.id  # still there for Alice
     assert raw(live, "GET", f"/v1/responses/{alices.id}", key="no-such-key").status_code == 401
+
+
+def test_a_page_on_an_allowed_origin_may_delete(live: str) -> None:
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "DELETE"}
+    with httpx.Client(base_url=live, timeout=30) as http:
+        answer = http.options("/v1/responses/resp_" + "0" * 32, headers=preflight)
+    assert answer.status_code == 200 and answer.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "DELETE" in answer.headers["Access-Control-Allow-Methods"].split(", ")
 
 
 @pytest.mark.parametrize(
