@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,35 @@ def test_limits_must_be_positive() -> None:
         StoreLimits(max_count=0)
     with pytest.raises(ValueError):
         StoreLimits(ttl_seconds=0)
+
+
+async def test_the_routes_store_runs_off_the_event_loop_one_call_at_a_time() -> None:
+    import threading
+
+    import trio
+
+    from app.http.response_store import AsyncResponseStore
+
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    inside = 0
+    most = 0
+
+    class Watched(ResponseStore):
+        def put(self, tenant: str | None, response: StoredResponse) -> None:
+            nonlocal inside, most
+            inside += 1
+            most = max(most, inside)
+            seen.append(threading.get_ident())
+            time.sleep(0.01)
+            super().put(tenant, response)
+            inside -= 1
+
+    store = AsyncResponseStore(Watched(MEMORY))
+    async with trio.open_nursery() as nursery:
+        for number in range(4):
+            nursery.start_soon(store.put, None, stored(number))
+    assert loop_thread not in seen and len(seen) == 4
+    assert most == 1  # one connection, one call at a time
+    assert await store.get(None, stored(3).response["id"]) is not None
+    await store.close()

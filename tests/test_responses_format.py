@@ -116,6 +116,7 @@ def test_items_become_messages_and_reasoning_stays_out_of_the_prompt() -> None:
         {"input": "x", "tool_choice": {"type": "function", "name": "f"}},
         {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]},
         {"input": [{"role": "tool", "content": "x"}]},
+        {"input": [{"type": "item_reference", "id": "msg_1"}]},
         {"input": [{"type": "reasoning", "content": [{"type": "summary_text", "text": "x"}]}]},
         {"input": "x", "metadata": {str(n): "v" for n in range(17)}},
         {"input": "x", "previous_response_id": "resp_" + "A" * 32},

@@ -38,7 +38,6 @@ TOOL_ITEMS = frozenset(
         "mcp_approval_request",
         "mcp_approval_response",
         "image_generation_call",
-        "item_reference",
     }
 )
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
