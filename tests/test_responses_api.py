@@ -10,6 +10,7 @@ gpt-oss with scripted Harmony analysis tokens for the reasoning item.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights
+from app.store.responses import MEMORY, ResponseStore, StoredResponse
 from tests.conftest import RunningServer, running_server, server_config, server_in_thread, wait_for_stats
 from tests.fakes import slow_steps
 from tests.test_structured_outputs import SCHEMA, Verdict, scripted
@@ -377,3 +379,18 @@ async def test_gpt_oss_streams_reasoning_text_events(harmony_server: RunningServ
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
     assert [e["output_index"] for e in events if e["type"] == "response.output_item.added"] == [0, 1]
     assert events[-1]["response"]["output"][0]["type"] == "reasoning"
+
+
+async def test_a_store_that_fails_does_not_cost_the_client_its_answer(tiny_weights: ModelWeights) -> None:
+    class Broken(ResponseStore):
+        def put(self, tenant: str | None, stored: StoredResponse) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    async with running_server(tiny_weights) as server, server.client() as http:
+        server.server.state.responses.store = Broken(MEMORY)
+        answer = await http.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 3})
+        assert answer.status_code == 200 and answer.json()["status"] == "incomplete"
+        streamed = await http.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 3, "stream": True})
+        assert sse_events(streamed.text)[-1]["type"] == "response.incomplete"
+        # Not stored (the failure is logged as response_store_failed): a retrieve is a 404.
+        assert (await http.get(f"/v1/responses/{answer.json()['id']}")).status_code == 404
