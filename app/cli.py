@@ -146,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_STREAMS,
         help="open generation streams at once, cache replays included; more get 429",
     )
+    parser.add_argument(
+        "--responses-db",
+        default=None,
+        help="the SQLite file /v1/responses stores responses in (':memory:' keeps nothing on disk); "
+        "default: responses.db under the cache folder (GPTOSS_CACHE_DIR or ~/.cache/gptoss-hf-server)",
+    )
+    parser.add_argument(
+        "--responses-max-count", type=int, default=10_000, help="most stored responses (oldest out first)"
+    )
+    parser.add_argument(
+        "--responses-max-mb", type=float, default=256.0, help="megabytes the response store may hold (oldest out first)"
+    )
+    parser.add_argument(
+        "--responses-ttl",
+        type=float,
+        default=30 * 24 * 3600,
+        help="seconds a stored response is kept (30 days)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -179,6 +197,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=split_list(args.allowed_origins),
         cuda_graphs=args.cuda_graphs,
         max_seq_len=args.max_seq_len,
+        responses_db=args.responses_db,
+        responses_max_count=args.responses_max_count,
+        responses_max_bytes=int(args.responses_max_mb * 1024 * 1024),
+        responses_ttl=args.responses_ttl,
     )
 
 

@@ -106,6 +106,12 @@ class ServerConfig:
     # graphs (eager without CUDA). Off by default until it has been measured on a GPU.
     cuda_graphs: bool = False
     max_seq_len: int | None = None  # prompt + generated tokens per sequence; None: the model's context
+    # The /v1/responses store: a SQLite file (None: responses.db under the user's cache folder;
+    # ":memory:": nothing on disk), bounded by count, bytes and age (seconds), oldest out first.
+    responses_db: str | None = None
+    responses_max_count: int = 10_000
+    responses_max_bytes: int = 256 * 1024 * 1024
+    responses_ttl: float = 30 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -125,6 +131,8 @@ class ServerConfig:
             raise ConfigError("an API key must be at least 8 characters, without spaces")
         if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or self.max_seq_len < 2):
             raise ConfigError(f"max_seq_len must be at least 2 tokens, got {self.max_seq_len!r}")
+        if self.responses_max_count < 1 or self.responses_max_bytes < 1 or not self.responses_ttl > 0:
+            raise ConfigError("the response store's limits (count, megabytes, ttl) must be positive")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
 

@@ -26,11 +26,13 @@ from app import __version__
 from app.config import ServerConfig
 from app.contract.model import ServedModel
 from app.engine.runtime_info import gpu_memory, runtime_info
-from app.http import generate_routes, openai_routes, ops_routes, playground_routes
+from app.http import generate_routes, openai_routes, ops_routes, playground_routes, responses_routes
 from app.http.access import ApiKeys, cors_headers
 from app.http.context import ServerState
 from app.http.errors import ApiError, error_body, error_response
 from app.http.request_scope import RequestScopeMiddleware
+from app.http.response_store import AsyncResponseStore
+from app.store.responses import ResponseStore, StoreLimits
 
 log = structlog.get_logger("server")
 BODY_TIMEOUT_SECONDS = 30
@@ -53,6 +55,14 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
         )
 
     return load
+
+
+def response_store(config: ServerConfig) -> ResponseStore:
+    """The /v1/responses store: --responses-db, or responses.db beside the locally built models."""
+    from app.models.local_builds import cache_root  # torch: loaded only when the wiring runs
+
+    limits = StoreLimits(config.responses_max_count, config.responses_max_bytes, config.responses_ttl)
+    return ResponseStore(config.responses_db or cache_root() / "responses.db", limits)
 
 
 @dataclass(slots=True)
@@ -90,7 +100,8 @@ def create_server(
     # A request body (4 MiB at most) that takes longer than this to arrive is refused: a client
     # that trickles one cannot hold a request open for minutes.
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_SECONDS
-    state = ServerState(config, pipeline, __version__, runtime_info, gpu_memory)
+    responses = AsyncResponseStore(response_store(config))
+    state = ServerState(config, pipeline, __version__, runtime_info, gpu_memory, responses)
     app.extensions["gptoss"] = state
 
     @app.before_serving
@@ -100,6 +111,7 @@ def create_server(
     @app.after_serving
     async def stop_pipeline() -> None:
         await pipeline.stop()
+        await responses.close()
 
     keys = ApiKeys(config.api_keys)
 
@@ -142,6 +154,7 @@ def create_server(
 
     generate_routes.register(app, state)
     openai_routes.register(app, state)
+    responses_routes.register(app, state)
     ops_routes.register(app, state)
     playground_routes.register(app)
     asgi = RequestScopeMiddleware(app, stall_timeout=config.stall_timeout, max_open=config.max_connections)

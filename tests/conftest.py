@@ -61,7 +61,13 @@ class RunningServer:
 
 def server_config(**overrides: object) -> ServerConfig:
     profile = dataclasses.replace(PROFILES["latency_first"], max_batch_size=8, max_queue=16)
-    fields: dict[str, object] = {"model": "tiny-gpt-oss", "port": 0, "profile": profile, "log_level": "warning"}
+    fields: dict[str, object] = {
+        "model": "tiny-gpt-oss",
+        "port": 0,
+        "profile": profile,
+        "log_level": "warning",
+        "responses_db": ":memory:",  # no test server writes the user's cache folder
+    }
     fields.update(overrides)
     return ServerConfig(**fields)  # type: ignore[arg-type]
 

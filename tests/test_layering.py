@@ -17,7 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH_FREE = {
     "actors": ["actors"],
     "app.http": ["app/http"],
-    "the pure core": ["app/batching", "app/prompts", "app/text", "app/cache", "app/contract", "app/config.py"],
+    "the pure core": [
+        "app/batching",
+        "app/prompts",
+        "app/text",
+        "app/cache",
+        "app/store",
+        "app/contract",
+        "app/config.py",
+    ],
 }
 
 

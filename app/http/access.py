@@ -67,7 +67,7 @@ def cors_headers(origin: str | None, allowed: Iterable[str], preflight: bool) ->
     }
     if preflight:
         headers |= {
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
             "Access-Control-Max-Age": "600",
         }

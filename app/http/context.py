@@ -11,6 +11,7 @@ import trio
 from actors.pipeline import Pipeline
 from actors.prometheus_series import GpuMemoryProbe
 from app.config import ServerConfig
+from app.http.response_store import AsyncResponseStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,5 +21,6 @@ class ServerState:
     version: str
     runtime: Callable[[], dict[str, Any]]  # what the serving machine runs: versions, the accelerator
     gpu_memory: GpuMemoryProbe  # (allocated, reserved) bytes on the accelerator, or None
+    responses: AsyncResponseStore  # /v1/responses' stored responses
     # Prompt work (tokenizing a request, its cache key) runs in a worker thread, one at a time.
     prompt_work: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))

@@ -1,0 +1,216 @@
+"""OpenAI's Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}, and
+GET /v1/responses/{id}/input_items.
+
+A response runs on the same path as a chat completion (build_job, open_choices, the relay), so
+cancellation, the prompt cache, batching and API-key tenants work the same. A finished response
+(completed or incomplete) with ``store`` is written to the response store (app/store) before its
+terminal event or its body goes out, keyed by the caller's tenant: a client told it is done can
+read it back at once, and no tenant can read or chain another's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import structlog
+from quart import Response, g, request
+from quart_trio import QuartTrio
+
+from actors.messages import StreamDone, StreamError, StreamToken
+from app.http.body import parse_body
+from app.http.choice_streams import Choice, abort_all, collect, merged_events, open_choices, with_heartbeats
+from app.http.context import ServerState
+from app.http.errors import ApiError
+from app.http.jobs import build_job
+from app.http.responses_format import ResponseHead, ResponseWriter
+from app.http.responses_schemas import RESPONSE_ID, Item, ResponsesRequest, chat_messages, new_id
+from app.http.sse import SSE_HEADERS, sse_comment, sse_event
+from app.http.streams import Heartbeat, created_timestamp, off_loop, served_model, server_timing, stream_headers
+from app.prompts.builder import PromptSpec
+from app.store.responses import StoredResponse
+
+log = structlog.get_logger("responses")
+STORED_STATUSES = ("completed", "incomplete")
+MAX_LIST_LIMIT = 100
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(data, ensure_ascii=False), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _not_found(response_id: str, param: str | None = None) -> ApiError:
+    return ApiError(404, f"no response with id {response_id[:80]!r} is stored here", param=param, code="not_found")
+
+
+class Turn:
+    """One request's conversation: what came before, this input, and where it is stored."""
+
+    def __init__(self, state: ServerState, body: ResponsesRequest, history: list[Item]) -> None:
+        self.state = state
+        self.body = body
+        self.history = history
+        self.input_items = body.input_items()
+        self.tenant: str | None = g.get("tenant")
+
+    async def store(self, writer: ResponseWriter) -> None:
+        if not self.body.store or writer.status not in STORED_STATUSES:
+            return
+        stored = StoredResponse(writer.response(), self.input_items, self.history)
+        try:
+            await self.state.responses.put(self.tenant, stored)
+        except Exception:  # the client still gets its answer; it cannot be retrieved or chained
+            log.exception("response_store_failed", response_id=writer.head.id)
+
+
+async def _sse_body(turn: Turn, choice: Choice, events: Any, writer: ResponseWriter) -> AsyncIterator[bytes]:
+    # A client that leaves: the request's close callbacks abort the generation (start_stream).
+    def framed(items: list[dict[str, Any]]) -> list[bytes]:
+        return [sse_event(item["type"], item) for item in items]
+
+    finished = False
+    with events:
+        for data in framed(writer.opening()):
+            yield data
+        async with aclosing(with_heartbeats(events, turn.state.config.heartbeat_seconds)) as stream:
+            async for item in stream:
+                if isinstance(item, Heartbeat):
+                    yield sse_comment("keep-alive")
+                    continue
+                match item.event:
+                    case StreamToken() as token:
+                        out = writer.token(token)
+                    case StreamDone() as done:
+                        out, finished = writer.done(done), True
+                    case StreamError() as error:
+                        out, finished = writer.error(error), True
+                for data in framed(out):
+                    yield data
+                if finished:
+                    break
+        if not finished:  # the pump ended without the stream's end
+            abort_all([choice.handle])
+            for data in framed(writer.error(StreamError(choice.handle.request_id, "stream_lost"))):
+                yield data
+    await turn.store(writer)
+    for data in framed(writer.closing()):
+        yield data
+
+
+def register(app: QuartTrio, state: ServerState) -> None:
+    @app.post("/v1/responses")
+    async def create_response() -> Response:
+        received_at = time.monotonic()
+        body = await parse_body(ResponsesRequest)
+        model = served_model(state, body.model)
+        try:
+            structured = body.structured()
+        except ValueError as error:
+            raise ApiError(400, str(error), param="text.format", code="invalid_value") from None
+        history: list[Item] = []
+        if body.previous_response_id is not None:
+            previous = await state.responses.get(g.get("tenant"), body.previous_response_id)
+            if previous is None:
+                raise _not_found(body.previous_response_id, "previous_response_id")
+            history = previous.conversation()
+        turn = Turn(state, body, history)
+        messages = chat_messages([*history, *turn.input_items])
+        if not messages:
+            raise ApiError(400, "input holds no message to answer", param="input", code="invalid_value")
+        spec = PromptSpec(
+            messages=messages,
+            reasoning_effort=(body.reasoning.effort if body.reasoning else None) or "medium",
+            conversation_date=body.conversation_date,
+            instructions=body.instructions,
+        )
+
+        def build() -> Any:
+            return build_job(
+                model,
+                spec,
+                body.sampling(),
+                received_at=received_at,
+                request_id=request.headers.get("X-Request-Id"),
+                timeout_header=request.headers.get("X-Request-Timeout"),
+                use_cache=body.cache,
+                max_tokens_field="max_output_tokens",
+                tenant=turn.tenant,
+                structured=structured,
+            )
+
+        job = await off_loop(state, build)
+        choices = await open_choices(state, [(job,)])
+        choice = choices[0]
+        head = ResponseHead(
+            id=new_id("resp"),
+            created_at=created_timestamp(),
+            model=model.model_id,
+            echo=body.echo(),
+            input_tokens=len(job.prompt),
+            cached=choice.started.cache == "HIT",
+        )
+        writer = ResponseWriter(head)
+        headers = stream_headers(choice.handle, job, choice.started)
+        events = merged_events(state, choices)
+        if body.stream:
+            response = Response(_sse_body(turn, choice, events, writer), headers={**SSE_HEADERS, **headers})
+            response.timeout = None  # Quart would cut the body at 60 s otherwise
+            return response
+        result = (await collect(choices, events))[0]
+        for token in result.tokens:
+            writer.token(token)
+        assert result.done is not None  # collect returns only finished choices
+        writer.done(result.done)
+        headers["Server-Timing"] = server_timing(result.done.timings)
+        await turn.store(writer)
+        return _json(writer.response(), headers=headers)
+
+    async def _stored(response_id: str) -> StoredResponse:
+        if not RESPONSE_ID.fullmatch(response_id):
+            raise _not_found(response_id)
+        found = await state.responses.get(g.get("tenant"), response_id)
+        if found is None:
+            raise _not_found(response_id)
+        return found
+
+    @app.get("/v1/responses/<response_id>")
+    async def get_response(response_id: str) -> Response:
+        return _json((await _stored(response_id)).response)
+
+    @app.delete("/v1/responses/<response_id>")
+    async def delete_response(response_id: str) -> Response:
+        if not RESPONSE_ID.fullmatch(response_id) or not await state.responses.delete(g.get("tenant"), response_id):
+            raise _not_found(response_id)
+        return _json({"id": response_id, "object": "response", "deleted": True})
+
+    @app.get("/v1/responses/<response_id>/input_items")
+    async def list_input_items(response_id: str) -> Response:
+        order = request.args.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "order must be asc or desc", param="order", code="invalid_value")
+        raw_limit = request.args.get("limit", "20")
+        if not raw_limit.isascii() or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+            raise ApiError(400, f"limit must be 1 to {MAX_LIST_LIMIT}", param="limit", code="invalid_value")
+        items = (await _stored(response_id)).input_items
+        items = items if order == "asc" else items[::-1]
+        after = request.args.get("after")
+        if after is not None:
+            ids = [item.get("id") for item in items]
+            if after not in ids:
+                raise ApiError(400, f"after names no input item of {response_id}", param="after", code="invalid_value")
+            items = items[ids.index(after) + 1 :]
+        page = items[: int(raw_limit)]
+        return _json(
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(items) > len(page),
+            }
+        )

@@ -1,0 +1,250 @@
+"""The body of POST /v1/responses, validated: OpenAI's Responses fields that this server serves.
+
+``input`` is a string or a list of items: messages (``type`` may be left out, as OpenAI allows;
+content a string or ``input_text`` / ``output_text`` parts) and ``reasoning`` items. Tool calling
+is not served on this endpoint yet: ``tools``, a forcing ``tool_choice`` and ``function_call`` /
+``function_call_output`` items are one clear 400 that says so.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.http.schemas import NOT_TEXT_PARTS, SamplingFields
+from app.http.structured import JsonSchemaFormat, ResponseFormat, StructuredFields
+from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage
+
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
+NO_TOOLS_YET = "tool calling on /v1/responses is not available yet (it is on /v1/chat/completions)"
+TOOL_ITEMS = frozenset(
+    {
+        "function_call",
+        "function_call_output",
+        "custom_tool_call",
+        "custom_tool_call_output",
+        "file_search_call",
+        "web_search_call",
+        "computer_call",
+        "computer_call_output",
+        "code_interpreter_call",
+        "local_shell_call",
+        "local_shell_call_output",
+        "mcp_call",
+        "mcp_list_tools",
+        "mcp_approval_request",
+        "mcp_approval_response",
+        "image_generation_call",
+    }
+)
+TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+MAX_METADATA_KEYS = 16  # OpenAI's bounds on metadata
+Item = dict[str, Any]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class Reasoning(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    effort: Literal["low", "medium", "high"] | None = None  # "minimal" is not a Harmony effort
+
+
+class TextFormat(BaseModel):
+    """Responses' ``text.format``: the schema's fields sit beside ``type``, not under json_schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Annotated[str, Field(min_length=1, max_length=64)] = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    format: TextFormat | None = None
+
+
+def _text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: content must be a string or a list of parts")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in NOT_TEXT_PARTS:
+            raise ValueError(f"this model accepts text only: a {kind!r} part cannot be read")
+        if kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+            continue
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}: a content part must be input_text or output_text with its text")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def normalize_item(raw: Any, where: str) -> Item:
+    """One input item in the shape it is stored and listed in (with an id of ours if it had none)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be an object")
+    kind = raw.get("type", "message" if "role" in raw else None)
+    if kind in TOOL_ITEMS:
+        raise ValueError(f"{where}: a {kind!r} item: {NO_TOOLS_YET}")
+    if kind == "message":
+        role = raw.get("role")
+        if role not in ("user", "system", "developer", "assistant"):
+            raise ValueError(f"{where}: role must be user, system, developer or assistant")
+        text = _text_of(raw.get("content", ""), where)
+        part_type = "output_text" if role == "assistant" else "input_text"
+        part: Item = {"type": part_type, "text": text}
+        if role == "assistant":
+            part["annotations"] = []
+        return {
+            "id": _item_id(raw.get("id"), "msg"),
+            "type": "message",
+            "role": role,
+            "status": "completed",
+            "content": [part],
+        }
+    if kind == "reasoning":
+        content = raw.get("content") or []
+        if not isinstance(content, list) or not all(
+            isinstance(p, dict) and p.get("type") == "reasoning_text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
+            raise ValueError(f"{where}: a reasoning item's content is a list of reasoning_text parts")
+        summary = raw.get("summary") or []
+        return {
+            "id": _item_id(raw.get("id"), "rs"),
+            "type": "reasoning",
+            "summary": summary if isinstance(summary, list) else [],
+            "content": [{"type": "reasoning_text", "text": p["text"]} for p in content],
+        }
+    raise ValueError(f"{where}: items of type {kind!r} are not served here (message or reasoning)")
+
+
+def _item_id(given: Any, prefix: str) -> str:
+    """A client's item id is kept for display when it is a plain short token; else one of ours."""
+    if isinstance(given, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", given):
+        return given
+    return new_id(prefix)
+
+
+def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
+    """The conversation as prompt messages. Reasoning items are not rendered: Harmony drops an
+    earlier turn's reasoning from the prompt (gpt-oss was trained that way), other models have none."""
+    messages = []
+    for item in items:
+        if item.get("type") == "message":
+            text = "".join(part.get("text", "") for part in item.get("content", []))
+            messages.append(ChatMessage(item["role"], text))
+    return tuple(messages)
+
+
+class ResponsesRequest(SamplingFields):
+    """POST /v1/responses."""
+
+    model: str | None = None
+    input: str | list[Item]
+    instructions: str | None = None
+    reasoning: Reasoning | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    text: TextConfig | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    stream: bool = False
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    conversation_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")] = DEFAULT_CONVERSATION_DATE
+    cache: bool = True  # false: never served from (or stored in) the prompt cache
+
+    @field_validator("input")
+    @classmethod
+    def _items(cls, value: str | list[Item]) -> str | list[Item]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("input must hold at least one item")
+            return [normalize_item(item, f"input[{i}]") for i, item in enumerate(value)]
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError(NO_TOOLS_YET)
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none", "auto"):
+            raise ValueError(NO_TOOLS_YET)
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _few_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} metadata keys")
+        return value
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _our_id(cls, value: str | None) -> str | None:
+        if value is not None and not RESPONSE_ID.fullmatch(value):
+            raise ValueError("previous_response_id must be a response id this server gave (resp_ and 32 hex digits)")
+        return value
+
+    def input_items(self) -> list[Item]:
+        if isinstance(self.input, str):
+            return [normalize_item({"role": "user", "content": self.input}, "input")]
+        return list(self.input)
+
+    def sampling(self) -> SamplingFields:
+        """The sampling fields, max_output_tokens read as max_tokens."""
+        if self.max_output_tokens is None:
+            return self
+        return self.model_copy(update={"max_tokens": self.max_output_tokens})
+
+    def structured(self) -> StructuredFields | None:
+        """text.format as the structured-output path reads it (response_format)."""
+        fmt = self.text.format if self.text is not None else None
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredFields(response_format=ResponseFormat(type="json_object"))
+        if fmt.schema_ is None:
+            raise ValueError("a json_schema text.format needs its 'schema'")
+        schema = JsonSchemaFormat(name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict)
+        return StructuredFields(response_format=ResponseFormat(type="json_schema", json_schema=schema))
+
+    def echo(self) -> dict[str, Any]:
+        """The request's fields that the response object repeats."""
+        fmt = self.text.format if self.text is not None and self.text.format is not None else TextFormat()
+        text_format: dict[str, Any] = {"type": fmt.type}
+        if fmt.type == "json_schema":
+            text_format |= {"name": fmt.name, "schema": fmt.schema_, "strict": bool(fmt.strict)}
+            if fmt.description is not None:
+                text_format["description"] = fmt.description
+        return {
+            "instructions": self.instructions,
+            "metadata": self.metadata or {},
+            "previous_response_id": self.previous_response_id,
+            "max_output_tokens": self.max_output_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "reasoning": {"effort": self.reasoning.effort if self.reasoning else None, "summary": None},
+            "text": {"format": text_format},
+            "store": self.store,
+            "tools": [],
+            "tool_choice": self.tool_choice or "auto",
+            "parallel_tool_calls": True,
+            "truncation": "disabled",
+        }
