@@ -91,7 +91,7 @@ def test_smollm2s_template_cannot_render_tools_so_they_are_told_in_a_system_mess
 ) -> None:
     request = ChatCompletionRequest.model_validate({"messages": CALLED, "tools": [WEATHER]})
     spec = request.prompt_spec(request.messages, None)
-    text = smollm2_weights.tokenizer.decode(build_prompt_tokens(spec, smollm2_weights.tokenizer, False))
+    text = str(smollm2_weights.tokenizer.decode(list(build_prompt_tokens(spec, smollm2_weights.tokenizer, False))))
     assert text.startswith('<|im_start|>system\nYou can call these functions:\n{"name": "get_weather"')
     assert '<|im_start|>assistant\n{"name": "get_weather", "arguments": {"city": "Paris"}}<|im_end|>' in text
     assert '<|im_start|>tool\n{"celsius":20}<|im_end|>\n<|im_start|>assistant\n' in text
