@@ -132,6 +132,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             tenant=g.get("tenant"),
             structured=body,
             max_tokens_field=body.effective_max_tokens_field(),
+            tools=body.tool_use(),
         )
         groups = await off_loop(state, build)
         return await _respond(state, "chat", body, groups, model, "chatcmpl", body.tool_use().names)
