@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 from actors.messages import StreamDone, StreamToken, Usage
 from app.http.logprobs_format import ChatLogprobs, LegacyLogprobs
-from app.http.tool_calls import CallStream, MalformedReport, is_call_text, split_calls, tool_calls_body
+from app.http.tool_calls import (
+    CallStream,
+    JsonCallStream,
+    MalformedReport,
+    is_call_text,
+    parse_json_call,
+    split_calls,
+    tool_calls_body,
+)
 
 Kind = Literal["chat", "completion"]
 
@@ -46,6 +54,7 @@ class ResponseMeta:
     logprobs: bool = False  # the request asked for them: choices carry them (else logprobs: null)
     tool_names: frozenset[str] = frozenset()  # the functions the model may call (tools)
     report_malformed: MalformedReport = lambda why: None  # a call the request cannot take (counted)
+    json_call: bool = False  # a forced call on a model without Harmony: the answer is its JSON
 
     def extensions(self) -> dict[str, Any]:
         return {"prompt_version": self.prompt_version, "cache_key": self.cache_key, "cached": self.cached}
@@ -70,6 +79,7 @@ class ChunkWriter:
         self._completion_tokens: dict[int, int] = {}  # choice index -> its tokens so far
         self._logprobs: dict[int, ChatLogprobs | LegacyLogprobs | None] = {}  # choice index -> its collector
         self._calls: dict[int, CallStream] = {}  # choice index -> its tool calls so far
+        self._json_calls: dict[int, JsonCallStream] = {}  # choice index -> its forced JSON call
 
     def _usage(self) -> Usage:
         return Usage(self._meta.prompt_tokens, sum(self._completion_tokens.values()))
@@ -115,6 +125,12 @@ class ChunkWriter:
             return [self._chunk({"index": index, "delta": call_delta, "logprobs": logprobs, "finish_reason": None})]
         if not event.text:
             return []
+        if self._kind == "chat" and self._meta.json_call:
+            json_delta = self._json_calls.setdefault(index, JsonCallStream()).delta(event.text)
+            if json_delta is None:
+                return []
+            logprobs = None if collector is None else collector.take()
+            return [self._chunk({"index": index, "delta": json_delta, "logprobs": logprobs, "finish_reason": None})]
         logprobs = None if collector is None else collector.take()
         if self._kind == "completion":
             return [self._chunk({"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": None})]
@@ -128,7 +144,7 @@ class ChunkWriter:
     def closing(self, done: StreamDone, index: int = 0) -> list[dict[str, Any]]:
         """A choice's finish chunk, with its timings."""
         self._completion_tokens[index] = done.usage.completion_tokens
-        calls = self._calls.get(index)
+        calls = self._calls.get(index) or self._json_calls.get(index)
         reason = done.finish_reason if calls is None else calls.finish_reason(done.finish_reason)
         choice: dict[str, Any] = {"index": index, "finish_reason": reason}
         # Entries of tokens whose text never came (a stop string cut it) close the stream.
@@ -186,6 +202,12 @@ def choice_body(
                 message["tool_calls"] = tool_calls_body(found.calls)
                 if done.finish_reason == "stop":
                     choice["finish_reason"] = "tool_calls"
+        if meta.json_call and (call := parse_json_call(content)) is not None:
+            message |= {"content": None, "tool_calls": tool_calls_body([call])}
+            if done.finish_reason == "stop":
+                choice["finish_reason"] = "tool_calls"
+        elif meta.json_call and done.finish_reason == "stop":
+            meta.report_malformed("invalid_arguments")
         if meta.reasoning:
             reasoning = "".join(t.text for t in tokens if is_reasoning(t))
             message |= {"reasoning": reasoning, "reasoning_content": reasoning}

@@ -68,6 +68,7 @@ async def _respond(
     model: Any,
     id_prefix: str,
     tool_names: frozenset[str] = frozenset(),
+    json_call: bool = False,
 ) -> Response:
     """Open every choice (``groups``: per prompt, its n choices' jobs) and answer with all of them."""
     choices = await open_choices(state, groups)
@@ -89,6 +90,7 @@ async def _respond(
         logprobs=first.job.params.logprobs is not None,
         tool_names=tool_names,
         report_malformed=report_malformed,
+        json_call=json_call,
     )
     headers = stream_headers(first.handle, first.job, first.started)
     events = merged_events(state, choices)
@@ -135,7 +137,9 @@ def register(app: QuartTrio, state: ServerState) -> None:
             tools=body.tool_use(),
         )
         groups = await off_loop(state, build)
-        return await _respond(state, "chat", body, groups, model, "chatcmpl", body.tool_use().names)
+        tools = body.tool_use()
+        json_call = bool(tools.forced) and not model.harmony  # answered as {"name", "arguments"} JSON
+        return await _respond(state, "chat", body, groups, model, "chatcmpl", tools.names, json_call)
 
     @app.post("/v1/completions")
     async def completions() -> Response:

@@ -14,6 +14,7 @@ so the stream ends with finish_reason ``stop`` instead of ``tool_calls`` (and is
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,3 +124,65 @@ class CallStream:
         for _ in broken:
             self.report("invalid_arguments")
         return reason if broken else "tool_calls"
+
+
+# A model without Harmony, forced to call (tool_choice required or named): its whole answer is
+# the JSON {"name": ..., "arguments": {...}} under a grammar (app.http.jobs), answered as a call.
+JSON_CALL_HEAD = re.compile(r'\{"name":\s*"([A-Za-z0-9_-]{1,64})",\s*"arguments":\s*')
+
+
+def json_call_schema(tools: Sequence[tuple[str, str]]) -> str:
+    """The grammar's schema for (name, parameters schema) pairs: one object per allowed tool."""
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, "arguments": json.loads(schema)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for name, schema in tools
+    ]
+    chosen = options[0] if len(options) == 1 else {"anyOf": options}
+    return json.dumps(chosen, sort_keys=False, separators=(",", ":"))
+
+
+def parse_json_call(text: str) -> ParsedCall | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("name"), str)
+        or not isinstance(value.get("arguments"), dict)
+    ):
+        return None
+    return ParsedCall(value["name"], json.dumps(value["arguments"], ensure_ascii=False))
+
+
+@dataclass(slots=True)
+class JsonCallStream:
+    """One streamed choice's forced JSON call: the opening once the name is whole, then the
+    arguments as they come, but for the last character (the object's closing brace)."""
+
+    text: str = ""
+    sent: int = 0  # characters of text handed out (the head, then arguments)
+    opened: bool = False
+
+    def delta(self, text: str) -> dict[str, Any] | None:
+        self.text += text
+        if not self.opened:
+            head = JSON_CALL_HEAD.match(self.text)
+            if head is None:
+                return None
+            self.opened, self.sent = True, head.end()
+            opening = {"index": 0, "id": new_call_id(), "type": "function"}
+            return {"tool_calls": [opening | {"function": {"name": head.group(1), "arguments": ""}}]}
+        fragment = self.text[self.sent : len(self.text) - 1]
+        if not fragment:
+            return None
+        self.sent += len(fragment)
+        return {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self.opened and reason == "stop" and parse_json_call(self.text) else reason
