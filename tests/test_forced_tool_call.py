@@ -8,6 +8,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 
 from app.engine.loader import ModelWeights
 from app.prompts.harmony_encoding import harmony_encoding
@@ -110,3 +111,42 @@ async def test_the_budget_leaves_room_for_the_call_within_max_tokens(tiny_weight
         choice = await forced(server, tool_choice="required", reasoning_effort="high", max_tokens=160, temperature=0)
     check_call(choice, {"get_weather", "look_up"})
     assert choice["message"]["reasoning"] == " think" * (160 - 128)
+
+
+def test_the_call_structure_step_by_step(tiny_weights: ModelWeights) -> None:
+    """The engine's ToolCallGrammar alone: what each step allows, the budget, the names' trie."""
+    from app.contract.grammar import GrammarSpec
+    from app.engine.loader import grammar_compiler
+    from app.engine.tool_call_grammar import ToolCallGrammar, call_header
+
+    vocab = int(tiny_weights.model.config.vocab_size)
+    compiler = grammar_compiler(tiny_weights, vocab)
+    source = json.dumps([["get_weather", PLAN], ["look_up", LOOKUP]], sort_keys=True)
+    grammar = compiler.sequence_grammar(GrammarSpec("tool_call", source, reasoning_budget=2))
+    assert isinstance(grammar, ToolCallGrammar)
+    encoding = harmony_encoding()
+
+    def allowed() -> set[int]:
+        row = torch.zeros(vocab)
+        grammar.restrict(row)
+        return {int(i) for i in torch.nonzero(torch.isfinite(row)).flatten()}
+
+    def ids(text: str) -> list[int]:
+        return list(encoding.encode(text, allowed_special="all"))
+
+    for token in ids("<|channel|>analysis<|message|>"):
+        assert allowed() == {token}
+        assert grammar.accept(token)
+    (end,) = ids("<|end|>")
+    (call,) = ids("<|call|>")
+    text_allowed = allowed()
+    assert end in text_allowed and call not in text_allowed and len(text_allowed) > 1000
+    assert grammar.accept(ids(" hm")[0]) and grammar.accept(ids(" ok")[0])
+    assert allowed() == {end}  # the budget (2) is spent: the analysis closes
+    assert grammar.accept(end)
+    weather, look = ids(call_header("get_weather")), ids(call_header("look_up"))
+    shared = next(i for i, (a, b) in enumerate(zip(weather, look, strict=False)) if a != b)
+    for token in weather[:shared]:
+        assert allowed() == {token} and grammar.accept(token)
+    assert allowed() == {weather[shared], look[shared]}  # the model picks the name
+    assert not grammar.accept(ids("x")[0])  # off the structure: the row fails
