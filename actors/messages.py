@@ -185,6 +185,10 @@ class StreamToken:
     # none for structure and stop tokens. Held-back text does not hold back its token's entry.
     logprobs: ShownLogprobs | None = None
     text_logprobs: tuple[ShownLogprobs, ...] = ()
+    # Harmony: the message's recipient ("functions.NAME": this text is a tool call's arguments;
+    # None: to the user) and its ordinal in the output (two calls in a row are two messages).
+    recipient: str | None = None
+    message: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from actors.metrics_events import (
     CacheLookup,
     ClientDisconnected,
     FirstToken,
+    MalformedToolCall,
     MetricsEvent,
     ModelLoaded,
     QueueState,
@@ -101,6 +102,7 @@ class MetricsBook:
     # request share a prefill (a forked choice prefills one token of its own).
     prefilled_tokens: int = 0
     client_disconnects: int = 0
+    malformed_tool_calls: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
     running: int = 0
@@ -171,6 +173,9 @@ class MetricsBook:
                 else:
                     self.cache_misses += 1
                     p.cache_misses.labels(*labels).inc()
+            case MalformedToolCall():
+                self.malformed_tool_calls += 1
+                p.malformed_tool_calls.labels(*labels, event.reason).inc()
             case RequestRejected() | FirstToken() | RequestFailed():
                 pass  # logged; counted through the request's outcome
 
@@ -205,6 +210,7 @@ class MetricsBook:
                 "prefilled": self.prefilled_tokens,
             },
             "client_disconnects": self.client_disconnects,
+            "malformed_tool_calls": self.malformed_tool_calls,
             "running": self.running,
             "waiting": self.waiting,
             "window_seconds": self.window_seconds,

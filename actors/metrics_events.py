@@ -127,6 +127,15 @@ class CacheLookup:
     hit: bool
 
 
+@dataclass(frozen=True, slots=True)
+class MalformedToolCall:
+    """The model called a function the request did not offer, or with arguments that are not a
+    JSON object: the answer carries its text as content (app.http.tool_calls)."""
+
+    request_id: str
+    reason: str  # "unknown_function" | "invalid_arguments"
+
+
 MetricsEvent = (
     ModelLoaded
     | RequestReceived
@@ -141,4 +150,5 @@ MetricsEvent = (
     | QueueState
     | ClientDisconnected
     | CacheLookup
+    | MalformedToolCall
 )

@@ -105,6 +105,12 @@ class PrometheusSeries:
         self.disconnects = Counter(
             "gptoss_client_disconnects_total", "Clients gone before their response ended", LABELS, registry=r
         )
+        self.malformed_tool_calls = Counter(
+            "gptoss_malformed_tool_calls_total",
+            "Tool calls answered as text: an unknown function, or arguments that are not a JSON object",
+            (*LABELS, "reason"),
+            registry=r,
+        )
         self.running = Gauge("gptoss_requests_running", "Sequences in the running batch", LABELS, registry=r)
         self.waiting = Gauge("gptoss_requests_waiting", "Requests waiting for the batch", LABELS, registry=r)
         self.info = Gauge("gptoss_model_info", "The served model", (*LABELS, "dtype", "device", "profile"), registry=r)

@@ -12,6 +12,7 @@ string ends the text, the relay aborts the request itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -136,24 +137,34 @@ class TokenRelay:
         piece = self._text.push(event.token_id, event.is_stop_token)
         if event.finish_reason is not None:
             tail = self._text.flush()
-            piece = TextPiece(piece.text + tail.text, piece.channel or tail.channel, piece.shown + tail.shown)
+            text, shown, channel = piece.text + tail.text, piece.shown + tail.shown, piece.channel or tail.channel
+            piece = dataclasses.replace(piece, text=text, channel=channel, shown=shown)
         own = None
         if event.logprobs is not None:
             own = self._unsettled[event.index] = self._speller.show(event.token_id, event.logprobs)
         settled = self._settle(piece.shown)
         text = piece.text
-        if self._stop_applies_to(piece.channel):
+        # A tool call's arguments are not the answer: stop strings do not cut them.
+        if piece.recipient is None and self._stop_applies_to(piece.channel):
             check = self._stops.push(text)
             text = check.text
             if check.stopped:
                 # The scheduler may still be running this sequence: stop it, finish here.
                 self._abort(self.request_id, "stop_string")
                 self._stopped = True
-                token = StreamToken(text, event.token_id, event.index, piece.channel, own, settled)
+                token = self._token(text, event, piece, own, settled)
                 return [token, self._done("stop", self._completion_tokens, event.at)]
             if event.finish_reason is not None:
                 text += self._stops.flush()
-        return [StreamToken(text, event.token_id, event.index, piece.channel, own, settled)]
+        return [self._token(text, event, piece, own, settled)]
+
+    @staticmethod
+    def _token(
+        text: str, event: TokenOut, piece: TextPiece, own: ShownLogprobs | None, settled: tuple[ShownLogprobs, ...]
+    ) -> StreamToken:
+        return StreamToken(
+            text, event.token_id, event.index, piece.channel, own, settled, piece.recipient, piece.message
+        )
 
     def _settle(self, shown: tuple[int, ...]) -> tuple[ShownLogprobs, ...]:
         """The logprobs of the tokens now settled as text; those before them that were not are

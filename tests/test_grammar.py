@@ -153,7 +153,7 @@ def test_a_grammar_fault_fails_its_own_row_only(smollm2_weights: ModelWeights) -
     runner.add("broken", prompt, SamplingParams(max_tokens=8, temperature=0.0, grammar=SCHEMA_SPEC))
     runner.add("fine", prompt, SamplingParams(max_tokens=8, temperature=0.0, grammar=SCHEMA_SPEC))
     seq = runner._seqs["broken"]
-    assert seq.grammar is not None
+    assert isinstance(seq.grammar, SequenceGrammar)
     seq.grammar = BrokenGrammar(seq.grammar.matcher)
     result = runner.prefill([PrefillChunk("broken", len(prompt)), PrefillChunk("fine", len(prompt))])
     assert result.failed == {"broken": "grammar_failed"}

@@ -204,7 +204,7 @@ async def test_unfinished_generations_are_not_stored(reason: str) -> None:
 
 
 async def test_lru_eviction_by_bytes_in_the_actor() -> None:
-    cache, _ = make_cache(max_entries=10, max_bytes=400)
+    cache, _ = make_cache(max_entries=10, max_bytes=600)
     async with trio.open_nursery() as nursery:
         await nursery.start(cache.run)
         for i in range(4):
@@ -217,7 +217,7 @@ async def test_lru_eviction_by_bytes_in_the_actor() -> None:
             await drain(receive)
             await trio.sleep(0.01)
         cache.close()
-    # Each entry is 100 text bytes + 2 events of overhead (228): only one fits in 400.
+    # Each entry is 100 text bytes and its objects (about 400 bytes): only one fits in 600.
     assert cache.cached_keys() == ["key3"] and cache.stats.evictions == 3
 
 

@@ -10,17 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
+GrammarKind = Literal["json_object", "json_schema", "regex", "choice", "tool_call"]
 
 
 @dataclass(frozen=True, slots=True)
 class GrammarSpec:
     kind: GrammarKind
     # json_schema: the schema as canonical JSON (sorted keys); regex: the pattern; choice: a JSON
-    # list of the allowed strings; json_object: "".
+    # list of the allowed strings; json_object: ""; tool_call (Harmony only): a JSON list of
+    # [name, parameters schema] pairs, the functions a forced call picks from.
     source: str = ""
     # Harmony: the constraint holds on the ``final`` channel only; the analysis runs free first.
     final_channel_only: bool = False
+    # tool_call: analysis tokens the model may write before the runner closes its analysis and
+    # the call begins (so that the call fits in max_tokens).
+    reasoning_budget: int = 0
 
 
 class GrammarError(ValueError):

@@ -21,6 +21,7 @@ import torch
 import xgrammar as xgr
 
 from app.contract.grammar import GrammarError, GrammarSpec
+from app.engine.tool_call_grammar import ToolCallGrammar, call_plan
 
 COMPILED_GRAMMARS = 64  # the cache's bound: compiled grammars are kept per spec, least recent out
 # xgrammar prefixes its messages with a time and a C++ source location: the client gets the reason.
@@ -41,6 +42,8 @@ class HarmonyMarkers:
     message: int
     final: tuple[int, ...]
     end: int
+    message_end: int = -1  # <|end|>: closes a message (the analysis, before a forced call)
+    call: int = -1  # <|call|>: ends a tool call
 
 
 class GrammarCompiler:
@@ -67,6 +70,7 @@ class GrammarCompiler:
         self._compiled: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self.compilations = 0  # grammars compiled (not found in the cache): what the tests count
+        self._special_ids: frozenset[int] | None = None
 
     def _engine(self) -> xgr.GrammarCompiler:
         if self._compiler is None:
@@ -81,6 +85,14 @@ class GrammarCompiler:
         self.compiled(spec)
 
     def compiled(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        if spec.kind == "tool_call":  # its parts are: each tool's arguments (see tool_call_grammar)
+            parts = [
+                self.compiled(GrammarSpec("json_schema", json.dumps(s, sort_keys=True)))
+                for _, s in json.loads(spec.source)
+            ]
+            if not parts:
+                raise GrammarError("a forced tool call needs a tool")
+            return parts[0]
         key = GrammarSpec(spec.kind, spec.source)  # where it applies does not change the grammar
         with self._lock:
             found = self._compiled.get(key)
@@ -100,6 +112,23 @@ class GrammarCompiler:
                 self._compiled.popitem(last=False)
             return grammar
 
+    def sequence_grammar(self, spec: GrammarSpec) -> SequenceGrammar | ToolCallGrammar:
+        """What constrains one sequence: a forced tool call's structure, or a matcher."""
+        if spec.kind == "tool_call":
+            if self.harmony is None or self.harmony.call < 0:
+                raise GrammarError("a forced tool call needs a Harmony model (gpt-oss)")
+            call = self.harmony.call
+            tools = [(name, json.dumps(schema, sort_keys=True)) for name, schema in json.loads(spec.source)]
+
+            def arguments(schema: str) -> xgr.GrammarMatcher:
+                # The call ends with <|call|>, which the matcher allows once the JSON is whole.
+                compiled = self.compiled(GrammarSpec("json_schema", schema))
+                return xgr.GrammarMatcher(compiled, override_stop_tokens=[call])
+
+            plan = call_plan(tools, self.harmony.message_end, call, self.special_ids())
+            return ToolCallGrammar(plan, arguments, spec.reasoning_budget)
+        return self.matcher(spec)
+
     def matcher(self, spec: GrammarSpec) -> SequenceGrammar:
         markers = self.harmony if spec.final_channel_only else None
         compiled = self.compiled(spec)
@@ -108,6 +137,12 @@ class GrammarCompiler:
         # A Harmony answer ends with <|return|> (not <|call|>: a tool call is not an answer).
         return SequenceGrammar(xgr.GrammarMatcher(compiled, override_stop_tokens=[markers.end]), markers)
 
+    def special_ids(self) -> frozenset[int]:
+        """The tokenizer's added tokens (gpt-oss: Harmony's <|...|> markers)."""
+        if self._special_ids is None:
+            self._special_ids = frozenset(int(i) for i in self._tokenizer.get_added_vocab().values())
+        return self._special_ids
+
 
 def _what(spec: GrammarSpec) -> str:
     return {
@@ -115,6 +150,7 @@ def _what(spec: GrammarSpec) -> str:
         "regex": "the regex",
         "choice": "the choices",
         "json_object": "the JSON grammar",
+        "tool_call": "the tools' parameters",
     }[spec.kind]
 
 
@@ -178,14 +214,20 @@ class GrammarMasks:
         self._bitmask = xgr.allocate_token_bitmask(rows, vocab_size)
         self._batch = xgr.BatchGrammarMatcher(max_threads=2)
 
-    def apply(self, logits: torch.Tensor, grammars: Sequence[SequenceGrammar | None]) -> None:
+    def apply(self, logits: torch.Tensor, grammars: Sequence[SequenceGrammar | ToolCallGrammar | None]) -> None:
         """Mask ``logits`` [rows, vocab] in place for the rows whose grammar constrains now."""
+        self._fill(logits, grammars)
+        for i, g in enumerate(grammars):
+            if isinstance(g, ToolCallGrammar):
+                g.restrict(logits[i])  # a forced call's structure, after its arguments' grammar
+
+    def _fill(self, logits: torch.Tensor, grammars: Sequence[SequenceGrammar | ToolCallGrammar | None]) -> None:
         rows = [i for i, g in enumerate(grammars) if g is not None and g.constrains]
         if not rows:
             return
         if len(grammars) > self._bitmask.shape[0]:
             self._bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
-        matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
+        matchers = [m for i in rows if (m := grammars[i].matcher) is not None]  # type: ignore[union-attr]
         self._batch.batch_fill_next_token_bitmask(matchers, self._bitmask, indices=rows)
         bitmask = self._bitmask if logits.device.type == "cpu" else self._bitmask.to(logits.device, non_blocking=True)
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)

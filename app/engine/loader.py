@@ -251,7 +251,9 @@ def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
         (channel,) = encoding.encode("<|channel|>", allowed_special="all")
         (message,) = encoding.encode("<|message|>", allowed_special="all")
         (end,) = encoding.encode("<|return|>", allowed_special="all")
-        markers = HarmonyMarkers(channel, message, tuple(encoding.encode("final")), end)
+        (message_end,) = encoding.encode("<|end|>", allowed_special="all")
+        (call,) = encoding.encode("<|call|>", allowed_special="all")
+        markers = HarmonyMarkers(channel, message, tuple(encoding.encode("final")), end, message_end, call)
     return GrammarCompiler(weights.tokenizer, vocab_size, weights.stop_token_ids, markers)
 
 

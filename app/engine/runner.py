@@ -32,6 +32,7 @@ from app.engine.grammar import GrammarCompiler, GrammarMasks, SequenceGrammar
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.logprobs import RawLogprobs
 from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
+from app.engine.tool_call_grammar import ToolCallGrammar
 
 log = structlog.get_logger("engine.runner")
 
@@ -49,7 +50,7 @@ class SequenceState:
     length: int = 0  # tokens in the cache: the prompt's first ``length`` are in while prefilling
     last_token: int = -1  # the newest token, not yet in the cache
     history: TokenHistory | None = None  # kept only when the request has penalties
-    grammar: SequenceGrammar | None = None  # its matcher, when the request constrains its output
+    grammar: SequenceGrammar | ToolCallGrammar | None = None  # when the request constrains its output
 
     @property
     def pending(self) -> tuple[int, ...]:
@@ -168,7 +169,7 @@ class BaseRunner(ABC):
         if params.grammar is not None:
             if self.grammars is None:
                 raise ValueError("this runner has no grammar engine")
-            seq.grammar = self.grammars.matcher(params.grammar)
+            seq.grammar = self.grammars.sequence_grammar(params.grammar)
         self._seqs[seq_id] = seq
         if parent is not None:
             # Its first len - 1 positions hold the prompt's keys, whatever it has generated since.
@@ -296,9 +297,11 @@ class BaseRunner(ABC):
         logprobs = {seqs[i].seq_id: entry for i, entry in raw.chosen(chosen).items() if seqs[i].seq_id in tokens}
         return tokens, failed, logprobs
 
-    def _constrainer(self, grammars: Sequence[SequenceGrammar | None]) -> Callable[[torch.Tensor], None] | None:
+    def _constrainer(
+        self, grammars: Sequence[SequenceGrammar | ToolCallGrammar | None]
+    ) -> Callable[[torch.Tensor], None] | None:
         """What masks this step's constrained rows (None when no row is constrained now)."""
-        if not any(g is not None and g.constrains for g in grammars):
+        if not any(g is not None and (g.constrains or isinstance(g, ToolCallGrammar)) for g in grammars):
             return None
         if self._grammar_masks is None:
             self._grammar_masks = GrammarMasks(self.max_batch_size, self.vocab_size, self.device)

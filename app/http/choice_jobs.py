@@ -17,6 +17,7 @@ from app.http.errors import ApiError
 from app.http.jobs import build_job
 from app.http.schemas import INT64, SamplingFields
 from app.http.structured import StructuredFields
+from app.http.tool_fields import ToolUse
 from app.prompts.builder import PromptSpec
 from app.prompts.cache_key import cache_key
 
@@ -63,6 +64,7 @@ def build_choice_jobs(
     max_tokens_field: str = "max_tokens",
     tenant: str | None = None,
     structured: StructuredFields | None = None,
+    tools: ToolUse | None = None,
 ) -> list[tuple[GenerationJob, ...]]:
     """Per prompt, its n choices' jobs. Each prompt is tokenized and checked against the context
     on its own (build_job), once: its choices differ only in their seeds."""
@@ -80,6 +82,7 @@ def build_choice_jobs(
             max_tokens_field=max_tokens_field,
             tenant=tenant,
             structured=structured,
+            tools=tools,
         )
         groups.append(tuple(choice_job(job, j, model.model_id, tenant) for j in range(n)))
     return groups

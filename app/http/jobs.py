@@ -6,6 +6,7 @@ Everything here is decided before any work starts; a value that cannot be served
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 
@@ -16,11 +17,23 @@ from app.contract.sampling import SamplingParams
 from app.http.errors import ApiError
 from app.http.schemas import SamplingFields
 from app.http.structured import ConstraintError, OutputConstraint, StructuredFields
+from app.http.tool_calls import json_call_schema
+from app.http.tool_fields import ToolUse
 from app.prompts.builder import PROMPT_VERSION, PromptError, PromptSpec, build_prompt_tokens, fewest_tokens
 from app.prompts.cache_key import cache_key
 from app.text.pieces import TextMode
 
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
+# A forced call's analysis: at most this many tokens by reasoning_effort, and never more than
+# leaves CALL_ROOM tokens of max_tokens for the call (its header is about 15, the rest arguments).
+REASONING_BUDGET = {"low": 256, "medium": 1024, "high": 4096}
+CALL_ROOM = 128
+# tool_choice auto on a model without Harmony would need its chat template's own call syntax read
+# back from its output, which is not served: its calls can be forced instead.
+AUTO_TOOLS_REFUSED = (
+    "tool_choice 'auto' is served on gpt-oss only: on this model use tool_choice 'required' or a named "
+    "function (answered through constrained JSON), or 'none'"
+)
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding
 OVER = "context_length_exceeded"
 # What an X-Request-Id may be: the ids proxies and clients make (UUIDs, base64, "req-42", ...).
@@ -114,6 +127,32 @@ def output_constraint(
     return constraint
 
 
+def forced_call_grammar(
+    model: ServedModel, tools: ToolUse, max_tokens: int, spec: PromptSpec, fields: SamplingFields
+) -> GrammarSpec:
+    """tool_choice ``required`` or a named function on gpt-oss: the output is one call to an
+    allowed function whose arguments follow its schema, after an analysis of at most the effort's
+    budget of tokens (less when max_tokens leaves no more room beside the call)."""
+    if model.grammars is None:
+        raise ApiError(400, "structured outputs are off on this server: no call can be forced", param="tool_choice")
+    for name, value in (("min_tokens", fields.min_tokens), ("ignore_eos", fields.ignore_eos)):
+        if value:
+            raise ApiError(400, f"{name} cannot be combined with a forced tool call", param=name, code="invalid_value")
+    schemas = {t.name: t.parameters for t in tools.tools}
+    if model.harmony and spec.messages is not None:
+        pairs = [[name, json.loads(schemas[name])] for name in tools.forced]
+        source = json.dumps(pairs, sort_keys=True, separators=(",", ":"))
+        budget = max(0, min(REASONING_BUDGET[spec.reasoning_effort], max_tokens - CALL_ROOM))
+        grammar = GrammarSpec("tool_call", source, reasoning_budget=budget)
+    else:  # no Harmony: the answer is {"name": ..., "arguments": ...} as JSON
+        grammar = GrammarSpec("json_schema", json_call_schema([(name, schemas[name]) for name in tools.forced]))
+    try:
+        model.grammars.check(grammar)
+    except GrammarError as error:
+        raise ApiError(400, str(error), param="tools", code="invalid_value") from None
+    return grammar
+
+
 def sampling_params(
     fields: SamplingFields,
     prompt_length: int,
@@ -194,6 +233,7 @@ def build_job(
     max_tokens_field: str = "max_tokens",
     tenant: str | None = None,
     structured: StructuredFields | None = None,
+    tools: ToolUse | None = None,
 ) -> GenerationJob:
     """Everything an endpoint needs to start a generation: tokens, sampling, deadline, cache key.
 
@@ -206,6 +246,12 @@ def build_job(
     bias = logit_bias(fields, model.vocab_size)
     text_mode: TextMode = "harmony" if model.harmony and spec.messages is not None else "plain"
     constraint = output_constraint(model, fields, structured, harmony_chat=text_mode == "harmony")
+    forced_call = tools is not None and bool(tools.forced)
+    if tools is not None and tools.tools and not forced_call and text_mode != "harmony":
+        raise ApiError(400, AUTO_TOOLS_REFUSED, param="tool_choice", code="invalid_value")
+    if forced_call and constraint is not None:
+        message = "a forced tool call cannot be combined with a response format"
+        raise ApiError(400, message, param="tool_choice", code="invalid_value")
     if constraint is not None and text_mode == "harmony" and constraint.schema_name is not None:
         # gpt-oss was trained to read the schema in its developer message ("# Response Formats").
         schema = (constraint.schema_name, constraint.schema_description, constraint.grammar.source)
@@ -213,6 +259,9 @@ def build_job(
     tokens = prompt_tokens(spec, model)
     grammar = constraint.grammar if constraint is not None else None
     params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field, bias=bias, grammar=grammar)
+    if forced_call:
+        assert tools is not None
+        params = dataclasses.replace(params, grammar=forced_call_grammar(model, tools, params.max_tokens, spec, fields))
     key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode, tenant)
     return GenerationJob(
         prompt=tokens,

@@ -14,6 +14,15 @@ from typing import Any, Literal
 
 from actors.messages import StreamDone, StreamToken, Usage
 from app.http.logprobs_format import ChatLogprobs, LegacyLogprobs
+from app.http.tool_calls import (
+    CallStream,
+    JsonCallStream,
+    MalformedReport,
+    is_call_text,
+    parse_json_call,
+    split_calls,
+    tool_calls_body,
+)
 
 Kind = Literal["chat", "completion"]
 
@@ -43,6 +52,9 @@ class ResponseMeta:
     cached: bool
     reasoning: bool  # the model writes a reasoning channel (gpt-oss)
     logprobs: bool = False  # the request asked for them: choices carry them (else logprobs: null)
+    tool_names: frozenset[str] = frozenset()  # the functions the model may call (tools)
+    report_malformed: MalformedReport = lambda why: None  # a call the request cannot take (counted)
+    json_call: bool = False  # a forced call on a model without Harmony: the answer is its JSON
 
     def extensions(self) -> dict[str, Any]:
         return {"prompt_version": self.prompt_version, "cache_key": self.cache_key, "cached": self.cached}
@@ -66,6 +78,8 @@ class ChunkWriter:
         self._continuous_usage = continuous_usage
         self._completion_tokens: dict[int, int] = {}  # choice index -> its tokens so far
         self._logprobs: dict[int, ChatLogprobs | LegacyLogprobs | None] = {}  # choice index -> its collector
+        self._calls: dict[int, CallStream] = {}  # choice index -> its tool calls so far
+        self._json_calls: dict[int, JsonCallStream] = {}  # choice index -> its forced JSON call
 
     def _usage(self) -> Usage:
         return Usage(self._meta.prompt_tokens, sum(self._completion_tokens.values()))
@@ -74,6 +88,11 @@ class ChunkWriter:
         if index not in self._logprobs:
             self._logprobs[index] = logprobs_collector(self._kind, self._meta)
         return self._logprobs[index]
+
+    def _call_stream(self, index: int) -> CallStream:
+        if index not in self._calls:
+            self._calls[index] = CallStream(self._meta.tool_names, self._meta.report_malformed)
+        return self._calls[index]
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -98,8 +117,20 @@ class ChunkWriter:
         collector = self._collector(index)
         if collector is not None:
             collector.add(event)  # a token with no text yet: its entry rides with the next text
+        if self._kind == "chat" and is_call_text(event):
+            call_delta = self._call_stream(index).delta(event)
+            if call_delta is None:
+                return []
+            logprobs = None if collector is None or not event.text else collector.take()
+            return [self._chunk({"index": index, "delta": call_delta, "logprobs": logprobs, "finish_reason": None})]
         if not event.text:
             return []
+        if self._kind == "chat" and self._meta.json_call:
+            json_delta = self._json_calls.setdefault(index, JsonCallStream()).delta(event.text)
+            if json_delta is None:
+                return []
+            logprobs = None if collector is None else collector.take()
+            return [self._chunk({"index": index, "delta": json_delta, "logprobs": logprobs, "finish_reason": None})]
         logprobs = None if collector is None else collector.take()
         if self._kind == "completion":
             return [self._chunk({"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": None})]
@@ -113,7 +144,9 @@ class ChunkWriter:
     def closing(self, done: StreamDone, index: int = 0) -> list[dict[str, Any]]:
         """A choice's finish chunk, with its timings."""
         self._completion_tokens[index] = done.usage.completion_tokens
-        choice: dict[str, Any] = {"index": index, "finish_reason": done.finish_reason}
+        calls = self._calls.get(index) or self._json_calls.get(index)
+        reason = done.finish_reason if calls is None else calls.finish_reason(done.finish_reason)
+        choice: dict[str, Any] = {"index": index, "finish_reason": reason}
         # Entries of tokens whose text never came (a stop string cut it) close the stream.
         collector = self._collector(index)
         left = collector.take() if collector is not None and collector.pending else None
@@ -153,7 +186,7 @@ def full_response(
 def choice_body(
     kind: Kind, meta: ResponseMeta, index: int, tokens: list[StreamToken], done: StreamDone
 ) -> dict[str, Any]:
-    content = "".join(t.text for t in tokens if not is_reasoning(t))
+    content = "".join(t.text for t in tokens if not is_reasoning(t) and (kind != "chat" or not is_call_text(t)))
     choice: dict[str, Any] = {"index": index, "finish_reason": done.finish_reason, "logprobs": None}
     if (logprobs := logprobs_collector(kind, meta)) is not None:
         for token in tokens:
@@ -161,6 +194,20 @@ def choice_body(
         choice["logprobs"] = logprobs.take()
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": content}
+        if any(is_call_text(t) for t in tokens):
+            found = split_calls(tokens, meta.tool_names, meta.report_malformed)
+            message["content"] = content + found.malformed_text
+            if found.calls:
+                message["content"] = message["content"] or None  # only calls: content is null
+                message["tool_calls"] = tool_calls_body(found.calls)
+                if done.finish_reason == "stop":
+                    choice["finish_reason"] = "tool_calls"
+        if meta.json_call and (call := parse_json_call(content)) is not None:
+            message |= {"content": None, "tool_calls": tool_calls_body([call])}
+            if done.finish_reason == "stop":
+                choice["finish_reason"] = "tool_calls"
+        elif meta.json_call and done.finish_reason == "stop":
+            meta.report_malformed("invalid_arguments")
         if meta.reasoning:
             reasoning = "".join(t.text for t in tokens if is_reasoning(t))
             message |= {"reasoning": reasoning, "reasoning_content": reasoning}

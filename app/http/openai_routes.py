@@ -14,6 +14,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from actors.messages import GenerationJob, StreamDone, StreamError, StreamToken
+from actors.metrics_events import MalformedToolCall
 from app.http.body import parse_body
 from app.http.choice_jobs import build_choice_jobs, check_choice_count
 from app.http.choice_streams import collect, merged_events, open_choices, sse_response
@@ -66,12 +67,19 @@ async def _respond(
     groups: list[tuple[GenerationJob, ...]],
     model: Any,
     id_prefix: str,
+    tool_names: frozenset[str] = frozenset(),
+    json_call: bool = False,
 ) -> Response:
     """Open every choice (``groups``: per prompt, its n choices' jobs) and answer with all of them."""
     choices = await open_choices(state, groups)
     first = choices[0]  # the headers and the cache fields describe choice 0
+    response_id = f"{id_prefix}-{uuid.uuid4().hex}"
+
+    def report_malformed(reason: str) -> None:
+        state.pipeline.metrics.report(MalformedToolCall(first.job.client_request_id or response_id, reason))
+
     meta = ResponseMeta(
-        id=f"{id_prefix}-{uuid.uuid4().hex}",
+        id=response_id,
         created=created_timestamp(),
         model=model.model_id,
         prompt_tokens=sum(len(jobs[0].prompt) for jobs in groups),
@@ -80,6 +88,9 @@ async def _respond(
         cached=first.started.cache == "HIT",
         reasoning=first.job.text_mode == "harmony",
         logprobs=first.job.params.logprobs is not None,
+        tool_names=tool_names,
+        report_malformed=report_malformed,
+        json_call=json_call,
     )
     headers = stream_headers(first.handle, first.job, first.started)
     events = merged_events(state, choices)
@@ -123,9 +134,12 @@ def register(app: QuartTrio, state: ServerState) -> None:
             tenant=g.get("tenant"),
             structured=body,
             max_tokens_field=body.effective_max_tokens_field(),
+            tools=body.tool_use(),
         )
         groups = await off_loop(state, build)
-        return await _respond(state, "chat", body, groups, model, "chatcmpl")
+        tools = body.tool_use()
+        json_call = bool(tools.forced) and not model.harmony  # answered as {"name", "arguments"} JSON
+        return await _respond(state, "chat", body, groups, model, "chatcmpl", tools.names, json_call)
 
     @app.post("/v1/completions")
     async def completions() -> Response:

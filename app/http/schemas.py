@@ -3,6 +3,7 @@ the field. Unknown fields are tolerated (clients send many), as OpenAI-compatibl
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -10,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from app.http.lenient import Lenient
 from app.http.prompt_forms import prompt_forms, prompt_list
 from app.http.structured import StructuredFields
-from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, PromptSpec
+from app.http.tool_fields import InputToolCall, ToolFields
+from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, PromptSpec, ToolCall
 
 MAX_STOP_STRINGS = 8
 # A stop string is held back from the client until it cannot be a stop string's start: a long one
@@ -38,8 +40,10 @@ class TextPart(BaseModel):
 
 class InputMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[InputToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this result answers
 
     @model_validator(mode="before")
     @classmethod
@@ -53,14 +57,43 @@ class InputMessage(BaseModel):
                     raise ValueError(f"this model accepts text only: a {kind!r} part cannot be read")
         return data
 
-    def to_chat(self) -> ChatMessage:
+    def to_chat(self, called: dict[str, str] | None = None) -> ChatMessage:
+        """``called``: call id -> function name, of the calls made before this message."""
         if self.content is None:
             text = ""
         elif isinstance(self.content, str):
             text = self.content
         else:
             text = "".join(part.text for part in self.content)
-        return ChatMessage(self.role, text)
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        name = (called or {}).get(self.tool_call_id or "") if self.role == "tool" else None
+        return ChatMessage(self.role, text, calls, name, self.tool_call_id if self.role == "tool" else None)
+
+
+def chat_messages(messages: list[InputMessage]) -> tuple[ChatMessage, ...]:
+    """The messages for the prompt builder; a tool result learns its function from its call."""
+    called: dict[str, str] = {}
+    out = []
+    for message in messages:
+        out.append(message.to_chat(called))
+        called.update((c.id, c.function.name) for c in message.tool_calls or ())
+    return tuple(out)
+
+
+def _calls_answered(value: list[InputMessage] | None) -> list[InputMessage] | None:
+    """Each tool message answers a call an earlier assistant message made; only assistants call."""
+    called: set[str] = set()
+    for i, message in enumerate(value or ()):
+        if message.tool_calls and message.role != "assistant":
+            raise ValueError(f"message {i}: only an assistant message carries tool_calls")
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                raise ValueError(f"message {i}: a tool message needs its tool_call_id")
+            if message.tool_call_id not in called:
+                shown = message.tool_call_id[:64]
+                raise ValueError(f"message {i}: tool_call_id {shown!r} answers no earlier tool call")
+        called.update(c.id for c in message.tool_calls or ())
+    return value
 
 
 class SamplingFields(Lenient):
@@ -129,7 +162,7 @@ class PromptFields(Lenient):
 
     def prompt_spec(self, messages: list[InputMessage] | None, prompt: str | None) -> PromptSpec:
         return PromptSpec(
-            messages=tuple(m.to_chat() for m in messages) if messages else None,
+            messages=chat_messages(messages) if messages else None,
             prompt=prompt,
             reasoning_effort=self.reasoning_effort or "medium",
             conversation_date=self.conversation_date,
@@ -153,6 +186,7 @@ class GenerateRequest(SamplingFields, PromptFields, StructuredFields):
     logprobs: LogprobCount | None = None  # each token event carries its logprob and this many alternatives
 
     _some_messages = field_validator("messages")(_at_least_one)
+    _answered = field_validator("messages")(_calls_answered)
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
@@ -169,22 +203,20 @@ class OpenAIFields(Lenient):
 
     model: str | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES_PER_PROMPT)] | None = None  # choices per prompt
-    tools: list[dict[str, Any]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tool calling is not supported")
-        return value
 
-
-class ChatCompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFields):
+class ChatCompletionRequest(SamplingFields, PromptFields, StructuredFields, ToolFields, OpenAIFields):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[InputMessage], Field(min_length=1)]
+
+    _answered = field_validator("messages")(_calls_answered)
+
+    def prompt_spec(self, messages: list[InputMessage] | None, prompt: str | None) -> PromptSpec:
+        return dataclasses.replace(super().prompt_spec(messages, prompt), tools=self.tool_use().tools)
+
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: LogprobCount | None = None  # validated after logprobs, which it needs
@@ -207,6 +239,7 @@ class CompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFi
     """POST /v1/completions: raw prompts, as OpenAI takes them (text or token ids, one or a list)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    tools: list[dict[str, Any]] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for this endpoint
     echo: bool = False
     suffix: str | None = None
@@ -216,6 +249,13 @@ class CompletionRequest(SamplingFields, PromptFields, StructuredFields, OpenAIFi
     @classmethod
     def _prompt_forms(cls, value: object) -> object:
         return prompt_forms(value)  # before pydantic's union check (see app/http/prompt_forms.py)
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise ValueError("tool calling is on /v1/chat/completions only")
+        return value
 
     @field_validator("echo")
     @classmethod

@@ -8,14 +8,15 @@ field with a fixed default, so the same request gives the same tokens on every d
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-PROMPT_VERSION = "pb-1"
+PROMPT_VERSION = "pb-1"  # tools add to the rendering; prompts without them are unchanged
 DEFAULT_CONVERSATION_DATE = "2025-06-28"
 ReasoningEffort = Literal["low", "medium", "high"]
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 # Text at least this long is tokenized by the model's fast tokenizer instead of by openai-harmony:
 # harmony holds the GIL for all of it (over a second for 4 MiB: every stream and /health stop
 # meanwhile), the fast tokenizer lets go while it works and gives the same ids (tests/test_prompts.py).
@@ -23,9 +24,30 @@ LARGE_TEXT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call an assistant message made: its id, the function, the arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls it made (its content may be "")
+    name: str | None = None  # tool: the function whose result this is
+    tool_call_id: str | None = None  # tool: the call it answers
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call: its name, description and parameters (canonical JSON schema)."""
+
+    name: str
+    description: str | None
+    parameters: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +63,7 @@ class PromptSpec:
     # gpt-oss only: a json_schema response format (name, description, schema as JSON text), which
     # Harmony states in the developer message under "# Response Formats".
     response_format: tuple[str, str | None, str] | None = None
+    tools: tuple[ToolSpec, ...] = ()  # functions offered to the model (none: tool_choice "none")
 
 
 # The model's transformers tokenizer: ``apply_chat_template``, ``encode`` and calling it are used.
@@ -78,6 +101,8 @@ def fewest_tokens(spec: PromptSpec, max_token_bytes: int) -> int:
     if spec.token_ids is not None:
         return len(spec.token_ids)
     texts = [spec.prompt or "", spec.instructions or "", *(m.content for m in spec.messages or ())]
+    texts += [t.parameters + (t.description or "") for t in spec.tools]
+    texts += [c.arguments for m in spec.messages or () for c in m.tool_calls]
     size = sum(len(text.encode("utf-8", errors="replace")) for text in texts)
     return -(-size // max(1, max_token_bytes))
 
@@ -106,18 +131,74 @@ def _marker(nonce: str, index: int) -> str:
     return f"\u27e6{nonce}:{index}\u27e7"
 
 
+def template_takes_tools(tokenizer: Tokenizer) -> bool:
+    """The model's chat template renders ``tools`` (and tool calls) itself."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
+def _template_message(message: ChatMessage, native_tools: bool) -> dict[str, Any]:
+    role = message.role if message.role != "developer" else "system"
+    if message.role == "assistant" and message.tool_calls:
+        if not native_tools:  # the call as the JSON this server asks such a model to answer with
+            calls = [_call_json(c) for c in message.tool_calls]
+            return {"role": "assistant", "content": "\n".join([*filter(None, [message.content]), *calls])}
+        tool_calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+            for c in message.tool_calls
+        ]
+        return {"role": "assistant", "content": message.content, "tool_calls": tool_calls}
+    if message.role == "tool" and native_tools:
+        return {"role": "tool", "content": message.content, "name": message.name, "tool_call_id": message.tool_call_id}
+    return {"role": role, "content": message.content}
+
+
+def _call_json(call: ToolCall) -> str:
+    return json.dumps({"name": call.name, "arguments": _arguments(call.arguments)}, ensure_ascii=False)
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def tools_instructions(tools: tuple[ToolSpec, ...]) -> str:
+    """For a chat template that cannot render tools: the functions, and the answer's shape."""
+    listed = "\n".join(
+        json.dumps({"name": t.name, "description": t.description or "", "parameters": json.loads(t.parameters)})
+        for t in tools
+    )
+    return (
+        "You can call these functions:\n"
+        + listed
+        + '\nTo call one, answer with only a JSON object: {"name": <function name>, "arguments": <its arguments>}.'
+    )
+
+
 def _render_template(spec: PromptSpec, tokenizer: Tokenizer) -> list[int]:
-    messages = [
-        {"role": m.role if m.role != "developer" else "system", "content": m.content} for m in spec.messages or ()
-    ]
+    native_tools = bool(spec.tools) and template_takes_tools(tokenizer)
+    messages = [_template_message(m, native_tools) for m in spec.messages or ()]
+    if spec.tools and not native_tools:
+        messages.insert(0, {"role": "system", "content": tools_instructions(spec.tools)})
     if spec.instructions:
         messages.insert(0, {"role": "system", "content": spec.instructions})
     if getattr(tokenizer, "chat_template", None) is None:
         raise PromptError("this model has no chat template: send a raw prompt instead of messages")
+    extra: dict[str, Any] = {}
+    if native_tools:
+        extra["tools"] = [
+            {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": p}}
+            for t in spec.tools
+            if (p := json.loads(t.parameters)) is not None
+        ]
     specials = _special_texts(tokenizer)
     spelled = [i for i, m in enumerate(messages) if any(s in m["content"] for s in specials)]
     if not spelled:
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        rendered = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
+        )
         if isinstance(rendered, dict):  # some tokenizers return a BatchEncoding whatever is asked
             rendered = rendered["input_ids"]
         return list(rendered)
@@ -128,7 +209,7 @@ def _render_template(spec: PromptSpec, tokenizer: Tokenizer) -> list[int]:
     contents = {i: messages[i]["content"] for i in spelled}
     for i in spelled:
         messages[i] = {**messages[i], "content": _marker(nonce, i)}
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     if not isinstance(text, str):
         raise PromptError("the chat template did not render to text")
     tokens: list[int] = []
@@ -158,7 +239,7 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
     large = {
         i: m.content
         for i, m in enumerate(spec.messages or ())
-        if tokenizer is not None and m.role in ("user", "assistant") and len(m.content) >= LARGE_TEXT
+        if tokenizer is not None and m.role in ("user", "assistant", "tool") and len(m.content) >= LARGE_TEXT
     }
 
     effort = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
@@ -176,16 +257,37 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
     developer_text = "\n\n".join(instructions)
     if spec.response_format is not None:
         developer_text = (developer_text + "\n\n" if developer_text else "") + _response_format(*spec.response_format)
-    if developer_text:
-        developer = oh.DeveloperContent.new().with_instructions(developer_text)
+    if developer_text or spec.tools:
+        developer = oh.DeveloperContent.new()
+        if developer_text:
+            developer = developer.with_instructions(developer_text)
+        if spec.tools:
+            # The "functions" namespace, as gpt-oss was trained; with it, the system message says
+            # that calls go to the commentary channel (openai-harmony adds that line).
+            developer = developer.with_function_tools([_harmony_tool(t) for t in spec.tools])
         conversation.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     for i, message in enumerate(spec.messages or ()):
         content = _marker(nonce, i) if i in large else message.content
         if message.role == "user":
             conversation.append(oh.Message.from_role_and_content(oh.Role.USER, content))
+        elif message.role == "assistant" and message.tool_calls:
+            if content:  # words to the user before the calls: a commentary preamble
+                preamble = oh.Message.from_role_and_content(oh.Role.ASSISTANT, content)
+                conversation.append(preamble.with_channel("commentary"))
+            for call in message.tool_calls:
+                conversation.append(
+                    oh.Message.from_role_and_content(oh.Role.ASSISTANT, call.arguments)
+                    .with_channel("commentary")
+                    .with_recipient(f"functions.{call.name}")
+                    .with_content_type("<|constrain|>json")
+                )
         elif message.role == "assistant":
             reply = oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("final")
             conversation.append(reply)
+        elif message.role == "tool":
+            author = oh.Author.new(oh.Role.TOOL, f"functions.{message.name}")
+            result = oh.Message.from_author_and_content(author, content).with_channel("commentary")
+            conversation.append(result.with_recipient("assistant"))
     encoding = harmony_encoding()
     tokens = list(
         encoding.render_conversation_for_completion(oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT)
@@ -196,6 +298,12 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
             at = _find(tokens, marker)
             tokens[at : at + len(marker)] = _as_text(tokenizer, content)
     return tokens
+
+
+def _harmony_tool(tool: ToolSpec) -> Any:
+    import openai_harmony as oh
+
+    return oh.ToolDescription.new(tool.name, tool.description or "", parameters=json.loads(tool.parameters))
 
 
 def _response_format(name: str, description: str | None, schema: str) -> str:

@@ -38,6 +38,8 @@ def canonical_sampling(params: SamplingParams) -> dict[str, Any]:
     if params.grammar is not None:
         grammar = params.grammar
         sampling["grammar"] = {"kind": grammar.kind, "source": grammar.source, "final": grammar.final_channel_only}
+        if grammar.reasoning_budget:  # only when set: other grammars' keys stay as they were
+            sampling["grammar"]["reasoning_budget"] = grammar.reasoning_budget
     return {
         **sampling,
         "max_tokens": params.max_tokens,

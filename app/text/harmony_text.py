@@ -31,6 +31,7 @@ class HarmonyTokenText:
         self._shown = 0  # tokens before this index were parsed as message content (already shown)
         self._plain: IncrementalDetokenizer | None = None  # set once the output is not Harmony
         self._last_was_stop = False
+        self._message = -1  # the output's Harmony messages opened so far, less one
 
     def push(self, token_id: int, is_stop_token: bool) -> TextPiece:
         self._tokens.append(token_id)
@@ -49,8 +50,13 @@ class HarmonyTokenText:
             self._header_tokens = 0
             self._shown = len(self._tokens)
             delta = self._parser.last_content_delta or ""
+            if not in_message:
+                self._message += 1
             # <|message|> opens the content (structure); the tokens after it are the message's text.
-            return TextPiece(delta, self._parser.current_channel, (position,) if in_message else ())
+            # Its piece names the recipient already: a tool call is known before its arguments.
+            shown = (position,) if in_message else ()
+            channel, recipient = self._parser.current_channel, self._parser.current_recipient
+            return TextPiece(delta, channel, shown, recipient, self._message)
         self._header_tokens += 1
         if self._header_tokens > MAX_HEADER_TOKENS:
             return self._fall_back(is_stop_token)

@@ -18,6 +18,10 @@ class TextPiece:
     # (Harmony headers of an output that is not Harmony), none for structure and stop tokens.
     # Logprobs are listed for these tokens only, and each settled token once.
     shown: tuple[int, ...] = ()
+    # Harmony: whom the message is to ("functions.get_weather" for a tool call; None: the user),
+    # and which message of the output it is (0, 1, ...), so that two calls in a row stay apart.
+    recipient: str | None = None
+    message: int = 0
 
 
 class TokenText(Protocol):
