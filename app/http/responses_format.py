@@ -6,7 +6,10 @@ assistant ``message`` item (``output_text``), and each call to a function the re
 call the request cannot take (app.http.tool_calls: an unknown function, or arguments that are not
 a JSON object) is reported and, as on chat, its text is the message's: an unknown function at
 once; arguments found broken at the call's end are message text when not streamed, and, having
-been streamed already, a function_call item with status ``incomplete``.
+been streamed already, a function_call item with status ``incomplete``. A forced call on a model
+without Harmony (``json_call``) is its answer's JSON ``{"name": ..., "arguments": {...}}``
+(app.http.tool_calls' JsonCallStream): the item opens once the name is whole, and its arguments
+stream but for the object's closing brace.
 
 The writer is fed the stream's events in order and gives, for each, the SSE events it makes
 (``type`` and a strictly increasing ``sequence_number``); a response that is not streamed is the
@@ -20,7 +23,14 @@ from typing import Any, Literal
 
 from actors.messages import StreamDone, StreamError, StreamToken
 from app.http.responses_schemas import new_id
-from app.http.tool_calls import MalformedReport, called_function, new_call_id, valid_arguments
+from app.http.tool_calls import (
+    JSON_CALL_HEAD,
+    MalformedReport,
+    called_function,
+    new_call_id,
+    parse_json_call,
+    valid_arguments,
+)
 
 Item = dict[str, Any]
 Event = dict[str, Any]
@@ -81,8 +91,12 @@ class ResponseWriter:
         report_malformed: MalformedReport = lambda why: None,
         *,
         streaming: bool = False,
+        json_call: bool = False,
     ) -> None:
         self.head = head
+        self.json_call = json_call
+        self._json_text = ""  # a JSON call's answer so far
+        self._json_sent = 0  # its characters given out (the head, then arguments)
         self.tool_names = tool_names
         self.report_malformed = report_malformed
         self.streaming = streaming
@@ -147,17 +161,22 @@ class ResponseWriter:
                 return call
         if not token.text:
             return []
+        if self.json_call and kind == "message":
+            return self._json_call_text(token.text)
+        return self._text(kind, token.text)
+
+    def _text(self, kind: ItemKind, text: str) -> list[Event]:
         events = []
         if self._open is None or self._open.kind != kind:
             events += self._close_item("completed")
             events += self._open_item(kind)
         assert self._open is not None
-        self._open.text.append(token.text)
+        self._open.text.append(text)
         where = {"item_id": self._open.id, "output_index": self._open.index, "content_index": 0}
         if kind == "reasoning":
-            events.append(self._event("response.reasoning_text.delta", **where, delta=token.text))
+            events.append(self._event("response.reasoning_text.delta", **where, delta=text))
         else:
-            events.append(self._event("response.output_text.delta", **where, delta=token.text, logprobs=[]))
+            events.append(self._event("response.output_text.delta", **where, delta=text, logprobs=[]))
         return events
 
     def _call_token(self, token: StreamToken) -> list[Event] | None:
@@ -178,6 +197,41 @@ class ResponseWriter:
         self.output.append(self._item(item, "in_progress", empty=True))
         events.append(self._event("response.output_item.added", output_index=item.index, item=self.output[-1]))
         return events + self._arguments(token.text)
+
+    def _json_call_text(self, text: str) -> list[Event]:
+        self._json_text += text
+        events: list[Event] = []
+        if self._open is None or self._open.kind != "function_call":
+            head = JSON_CALL_HEAD.match(self._json_text)
+            if head is None:
+                return []
+            events += self._close_item("completed")
+            item = _OpenItem("function_call", new_id("fc"), len(self.output), name=head.group(1), call_id=new_call_id())
+            self._open, self._json_sent = item, head.end()
+            self.output.append(self._item(item, "in_progress", empty=True))
+            events.append(self._event("response.output_item.added", output_index=item.index, item=self.output[-1]))
+        fragment = self._json_text[self._json_sent : len(self._json_text) - 1]
+        self._json_sent += len(fragment)
+        return events + self._arguments(fragment)
+
+    def _json_call_end(self) -> list[Event]:
+        """At the answer's end: its last characters join the arguments when the whole is the call;
+        an answer that never named a function is message text (counted, as on chat)."""
+        item = self._open
+        if item is None or item.kind != "function_call":
+            text, self._json_text = self._json_text, ""
+            if not text:
+                return []
+            self.report_malformed("invalid_arguments")
+            return self._text("message", text)
+        if parse_json_call(self._json_text) is None:
+            if not self.streaming:  # as chat answers it: the whole answer is the message's text
+                self._open = None
+                self.report_malformed("invalid_arguments")
+                message = _OpenItem("message", new_id("msg"), item.index, [self._json_text])
+                self.output[item.index] = self._item(message, "completed", empty=False)
+            return []  # streamed: _close_call finds the arguments broken
+        return self._arguments(self._json_text[self._json_sent :].rstrip()[:-1].rstrip())
 
     def _arguments(self, text: str) -> list[Event]:
         assert self._open is not None
@@ -259,7 +313,8 @@ class ResponseWriter:
     def done(self, done: StreamDone) -> list[Event]:
         self._output_tokens = done.usage.completion_tokens
         status, self._incomplete, self._error = status_of(done)
-        events = self._close_item(status)
+        events = self._json_call_end() if self.json_call else []
+        events += self._close_item(status)
         self.status = status
         return events
 

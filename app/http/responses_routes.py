@@ -165,7 +165,8 @@ def register(app: QuartTrio, state: ServerState) -> None:
         def report_malformed(reason: str) -> None:
             state.pipeline.metrics.report(MalformedToolCall(job.client_request_id or head.id, reason))
 
-        writer = ResponseWriter(head, tools.names, report_malformed, streaming=body.stream)
+        json_call = bool(tools.forced) and not model.harmony  # answered as {"name", "arguments"} JSON
+        writer = ResponseWriter(head, tools.names, report_malformed, streaming=body.stream, json_call=json_call)
         headers = stream_headers(choice.handle, job, choice.started)
         events = merged_events(state, choices)
         if body.stream:
