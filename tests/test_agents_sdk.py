@@ -36,11 +36,11 @@ from agents import (
     OpenAIChatCompletionsModel,
     OpenAIResponsesModel,
     Runner,
-    RunResult,
     function_tool,
     set_tracing_disabled,
 )
 from agents.models.interface import Model
+from agents.result import RunResultBase
 from openai import AsyncOpenAI
 
 from app.contract.model import ServedModel
@@ -71,9 +71,10 @@ class ArmedScript:
 
 
 def agent_run(
-    url: str, make_model: Callable[[AsyncOpenAI], Model], armed: ArmedScript
-) -> tuple[RunResult, list[str], FunctionTool]:
-    """One Runner.run on a fresh asyncio loop (this thread's own), its client closed after."""
+    url: str, make_model: Callable[[AsyncOpenAI], Model], armed: ArmedScript, *, streamed: bool = False
+) -> tuple[RunResultBase, list[str], FunctionTool]:
+    """One Runner.run (or run_streamed, its events read to the end) on a fresh asyncio loop (this
+    thread's own), its client closed after."""
     calls: list[str] = []
 
     @function_tool
@@ -83,7 +84,7 @@ def agent_run(
         armed.arm()  # the next turn (the answer) is scripted: see the module's docstring
         return f"sunny in {city}"
 
-    async def run() -> RunResult:
+    async def run() -> RunResultBase:
         async with AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as api:
             agent = Agent(
                 name="forecaster",
@@ -92,12 +93,17 @@ def agent_run(
                 model=make_model(api),
                 model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=160),
             )
-            return await Runner.run(agent, "Weather in Paris?", max_turns=3)
+            if not streamed:
+                return await Runner.run(agent, "Weather in Paris?", max_turns=3)
+            result = Runner.run_streamed(agent, "Weather in Paris?", max_turns=3)
+            kinds = [event.type async for event in result.stream_events()]
+            assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+            return result
 
     return asyncio.run(run()), calls, get_weather
 
 
-def check(result: RunResult, calls: list[str], tool: FunctionTool) -> None:
+def check(result: RunResultBase, calls: list[str], tool: FunctionTool) -> None:
     [arguments] = calls  # the tool ran once: the forced call reached it
     jsonschema.validate(json.loads(arguments), tool.params_json_schema)
     kinds = [item.type for item in result.new_items]
@@ -138,6 +144,16 @@ async def test_an_agent_on_the_responses_api_calls_its_tool_and_finishes(tiny_we
         city = json.loads(calls[0])["city"]
         assert output["call_id"] == call.call_id and output["output"] == f"sunny in {city}"
         assert [item["type"] for item in page["data"]].index("function_call") < page["data"].index(output)
+
+    await served(tiny_weights, test)
+
+
+async def test_a_streamed_agent_run_reads_the_call_from_the_typed_events(tiny_weights: ModelWeights) -> None:
+    """run_streamed: the SDK builds the call from our response.function_call_arguments events."""
+
+    def test(server: RunningServer, armed: ArmedScript) -> None:
+        result, calls, tool = agent_run(server.url, lambda api: OpenAIResponsesModel(MODEL, api), armed, streamed=True)
+        check(result, calls, tool)
 
     await served(tiny_weights, test)
 
