@@ -247,3 +247,14 @@ def test_call_items_become_the_assistants_calls_and_the_tools_results_in_order()
     )
     with pytest.raises(ValueError, match="answers no earlier"):
         chat_messages([items[4], *items[:2]])  # an output before its call
+
+
+async def test_a_cache_replay_of_a_call_gets_fresh_ids(tiny_weights: ModelWeights) -> None:
+    body = {"input": "Weather in Paris?", "tools": [GET_WEATHER], "temperature": 0, "max_output_tokens": 80}
+    async with scripted_server(tiny_weights, CALL) as server, server.client() as http:
+        first = (await http.post("/v1/responses", json=body)).json()
+        again = await http.post("/v1/responses", json=body)
+    assert again.headers["X-Cache"] == "HIT"
+    calls = [response["output"][1] for response in (first, again.json())]
+    assert calls[0]["name"] == calls[1]["name"] == "get_weather" and calls[0]["arguments"] == calls[1]["arguments"]
+    assert calls[0]["call_id"] != calls[1]["call_id"] and calls[0]["id"] != calls[1]["id"]
