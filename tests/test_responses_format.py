@@ -158,6 +158,7 @@ def test_a_json_call_cut_short_is_message_text_or_an_incomplete_item_and_counted
     body, _, reports = json_call(WHOLE[:3], "length", streaming=False)
     [message] = body["output"]
     assert message["type"] == "message" and message["content"][0]["text"] == "".join(WHOLE[:3])
+    assert message["status"] == "incomplete"
     assert reports == ["invalid_arguments"] and body["status"] == "incomplete"
     body, deltas, reports = json_call(WHOLE[:3], "length", streaming=True)
     [call] = body["output"]

@@ -214,7 +214,7 @@ class ResponseWriter:
         self._json_sent += len(fragment)
         return events + self._arguments(fragment)
 
-    def _json_call_end(self) -> list[Event]:
+    def _json_call_end(self, status: Status) -> list[Event]:
         """At the answer's end: its last characters join the arguments when the whole is the call;
         an answer that never named a function is message text (counted, as on chat)."""
         item = self._open
@@ -229,7 +229,8 @@ class ResponseWriter:
                 self._open = None
                 self.report_malformed("invalid_arguments")
                 message = _OpenItem("message", new_id("msg"), item.index, [self._json_text])
-                self.output[item.index] = self._item(message, "completed", empty=False)
+                shown = "completed" if status == "completed" else "incomplete"
+                self.output[item.index] = self._item(message, shown, empty=False)
             return []  # streamed: _close_call finds the arguments broken
         return self._arguments(self._json_text[self._json_sent :].rstrip()[:-1].rstrip())
 
@@ -313,7 +314,7 @@ class ResponseWriter:
     def done(self, done: StreamDone) -> list[Event]:
         self._output_tokens = done.usage.completion_tokens
         status, self._incomplete, self._error = status_of(done)
-        events = self._json_call_end() if self.json_call else []
+        events = self._json_call_end(status) if self.json_call else []
         events += self._close_item(status)
         self.status = status
         return events
