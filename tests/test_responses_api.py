@@ -245,9 +245,10 @@ def test_a_page_on_an_allowed_origin_may_delete(live: str) -> None:
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "not available yet"),
-        ({"tool_choice": "required"}, "tool_choice", "not available yet"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input", "not available yet"),
+        ({"tools": [{"type": "web_search"}]}, "tools", "only function tools"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input", "answers no earlier"),
+        ({"input": [{"type": "mcp_call", "id": "m"}]}, "input", "only function tools"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "text only"),
         ({"input": []}, "input", "at least one"),
         ({"previous_response_id": "resp_../../etc"}, "previous_response_id", "response id"),

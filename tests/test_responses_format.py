@@ -112,9 +112,10 @@ def test_items_become_messages_and_reasoning_stays_out_of_the_prompt() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        {"input": "x", "tools": [{"type": "function", "name": "f"}]},
-        {"input": "x", "tool_choice": {"type": "function", "name": "f"}},
-        {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]},
+        {"input": "x", "tools": [{"type": "file_search"}]},
+        {"input": "x", "tool_choice": {"type": "function", "name": "f"}},  # names no tool
+        {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},  # no call_id
+        {"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]},
         {"input": [{"role": "tool", "content": "x"}]},
         {"input": [{"type": "item_reference", "id": "msg_1"}]},
         {"input": [{"type": "reasoning", "content": [{"type": "summary_text", "text": "x"}]}]},
@@ -125,3 +126,48 @@ def test_items_become_messages_and_reasoning_stays_out_of_the_prompt() -> None:
 def test_refused_bodies(body: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         ResponsesRequest.model_validate(body)
+
+
+def json_call(
+    texts: list[str], finish: FinishReason, *, streaming: bool
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """A forced call on a model without Harmony: the body, the argument deltas, the reports."""
+    reports: list[str] = []
+    head = ResponseHead("resp_" + "a" * 32, 1, "m", {}, input_tokens=10, cached=False)
+    out = ResponseWriter(head, frozenset({"get_time"}), reports.append, streaming=streaming, json_call=True)
+    events = out.opening()
+    for index, text in enumerate(texts):
+        events += out.token(StreamToken(text, 1, index, None))
+    events += out.done(StreamDone("r", finish, Usage(10, len(texts)), TIMINGS))
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    return out.response(), deltas, reports
+
+
+WHOLE = ['{"name": "get', '_time", "argu', 'ments": {"zo', 'ne": "UTC"}', "}"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_json_call_is_a_function_call_item_streamed_but_for_its_closing_brace(streaming: bool) -> None:
+    body, deltas, reports = json_call(WHOLE, "stop", streaming=streaming)
+    [call] = body["output"]
+    assert call["type"] == "function_call" and call["name"] == "get_time" and call["status"] == "completed"
+    assert call["arguments"] == '{"zone": "UTC"}' == "".join(deltas) and not reports
+
+
+def test_a_json_call_cut_short_is_message_text_or_an_incomplete_item_and_counted() -> None:
+    body, _, reports = json_call(WHOLE[:3], "length", streaming=False)
+    [message] = body["output"]
+    assert message["type"] == "message" and message["content"][0]["text"] == "".join(WHOLE[:3])
+    assert message["status"] == "incomplete"
+    assert reports == ["invalid_arguments"] and body["status"] == "incomplete"
+    body, deltas, reports = json_call(WHOLE[:3], "length", streaming=True)
+    [call] = body["output"]
+    assert call["type"] == "function_call" and call["status"] == "incomplete" and call["arguments"] == "".join(deltas)
+    assert reports == ["invalid_arguments"]
+
+
+def test_a_json_answer_that_names_no_function_is_message_text_and_counted() -> None:
+    body, deltas, reports = json_call(['{"na', "me"], "length", streaming=True)
+    [message] = body["output"]
+    assert message["type"] == "message" and message["content"][0]["text"] == '{"name' and not deltas
+    assert reports == ["invalid_arguments"]

@@ -90,12 +90,63 @@ def test_a_named_function_streams_as_a_call(live: str) -> None:
     assert json.loads(arguments)["zone"] in ("UTC", "CET") and finish == "tool_calls"
 
 
+RESPONSE_TOOLS: list[Any] = [
+    {"type": "function", "name": t["function"]["name"], "parameters": t["function"].get("parameters")}
+    for t in (WEATHER, TIME)
+]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_required_on_the_responses_api_is_a_function_call_item(live: str, seed: int) -> None:
+    with client(live) as openai_client:
+        response = openai_client.responses.create(
+            model=MODEL,
+            input="What is the weather in Paris?",
+            tools=RESPONSE_TOOLS,
+            tool_choice="required",
+            temperature=1.0,
+            max_output_tokens=80,
+            extra_body={"seed": seed},
+        )
+    assert response.status == "completed"
+    [call] = response.output
+    assert call.type == "function_call" and call.status == "completed" and call.call_id.startswith("call_")
+    schema = WEATHER_SCHEMA if call.name == "get_weather" else TIME["function"]["parameters"]
+    jsonschema.validate(json.loads(call.arguments), schema)
+
+
+def test_a_named_function_streams_as_a_function_call_item(live: str) -> None:
+    with client(live) as openai_client:
+        stream = openai_client.responses.create(
+            model=MODEL,
+            input="What time is it?",
+            tools=RESPONSE_TOOLS,
+            tool_choice={"type": "function", "name": "get_time"},
+            temperature=0,
+            max_output_tokens=60,
+            stream=True,
+        )
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert deltas and "".join(deltas) == done.arguments and json.loads(done.arguments)["zone"] in ("UTC", "CET")
+    final = events[-1]
+    assert final.type == "response.completed"
+    [call] = final.response.output
+    assert call.type == "function_call" and call.name == "get_time" and call.arguments == done.arguments
+
+
 def test_auto_on_a_template_without_tools_is_a_400_that_says_so(live: str) -> None:
     with client(live) as openai_client, pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], tools=[WEATHER], max_tokens=5
         )
     assert caught.value.status_code == 400 and "tool_choice 'required'" in caught.value.message
+    with client(live) as openai_client, pytest.raises(openai.BadRequestError) as refused:
+        openai_client.responses.create(model=MODEL, input="Hi", tools=RESPONSE_TOOLS, max_output_tokens=5)
+    assert refused.value.status_code == 400 and refused.value.param == "tool_choice"
 
 
 @tool

@@ -21,6 +21,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from actors.messages import StreamDone, StreamError, StreamToken
+from actors.metrics_events import MalformedToolCall
 from app.http.body import parse_body
 from app.http.choice_streams import Choice, abort_all, collect, merged_events, open_choices, with_heartbeats
 from app.http.context import ServerState
@@ -112,6 +113,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             structured = body.structured()
         except ValueError as error:
             raise ApiError(400, str(error), param="text.format", code="invalid_value") from None
+        tools = body.tool_use()
         history: list[Item] = []
         if body.previous_response_id is not None:
             previous = await state.responses.get(g.get("tenant"), body.previous_response_id)
@@ -119,7 +121,10 @@ def register(app: QuartTrio, state: ServerState) -> None:
                 raise _not_found(body.previous_response_id, "previous_response_id")
             history = previous.conversation()
         turn = Turn(state, body, history)
-        messages = chat_messages([*history, *turn.input_items])
+        try:
+            messages = chat_messages([*history, *turn.input_items])
+        except ValueError as error:
+            raise ApiError(400, str(error), param="input", code="invalid_value") from None
         if not messages:
             raise ApiError(400, "input holds no message to answer", param="input", code="invalid_value")
         spec = PromptSpec(
@@ -127,6 +132,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             reasoning_effort=(body.reasoning.effort if body.reasoning else None) or "medium",
             conversation_date=body.conversation_date,
             instructions=body.instructions,
+            tools=tools.tools,
         )
 
         def build() -> Any:
@@ -141,6 +147,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
                 max_tokens_field="max_output_tokens",
                 tenant=turn.tenant,
                 structured=structured,
+                tools=tools,
             )
 
         job = await off_loop(state, build)
@@ -154,7 +161,12 @@ def register(app: QuartTrio, state: ServerState) -> None:
             input_tokens=len(job.prompt),
             cached=choice.started.cache == "HIT",
         )
-        writer = ResponseWriter(head)
+
+        def report_malformed(reason: str) -> None:
+            state.pipeline.metrics.report(MalformedToolCall(job.client_request_id or head.id, reason))
+
+        json_call = bool(tools.forced) and not model.harmony  # answered as {"name", "arguments"} JSON
+        writer = ResponseWriter(head, tools.names, report_malformed, streaming=body.stream, json_call=json_call)
         headers = stream_headers(choice.handle, job, choice.started)
         events = merged_events(state, choices)
         if body.stream:

@@ -1,9 +1,10 @@
 """The body of POST /v1/responses, validated: OpenAI's Responses fields that this server serves.
 
 ``input`` is a string or a list of items: messages (``type`` may be left out, as OpenAI allows;
-content a string or ``input_text`` / ``output_text`` parts) and ``reasoning`` items. Tool calling
-is not served on this endpoint yet: ``tools``, a forcing ``tool_choice`` and ``function_call`` /
-``function_call_output`` items are one clear 400 that says so.
+content a string or ``input_text`` / ``output_text`` parts), ``reasoning`` items, and a tool
+round trip's ``function_call`` / ``function_call_output`` items. ``tools`` (function tools in the
+Responses shape), ``tool_choice`` and ``parallel_tool_calls`` map onto chat's machinery
+(app.http.tool_fields' ToolUse): the same prompt, the same guaranteed call grammar, the same 400s.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from app.http.schemas import NOT_TEXT_PARTS, SamplingFields
 from app.http.structured import JsonSchemaFormat, ResponseFormat, StructuredFields
-from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage
+from app.http.tool_fields import MAX_TOOLS, FunctionName, ToolChoiceMode, ToolUse, canonical_schema
+from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, ToolCall, ToolSpec
 
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
-NO_TOOLS_YET = "tool calling on /v1/responses is not available yet (it is on /v1/chat/completions)"
-TOOL_ITEMS = frozenset(
+NOT_FUNCTION_TOOLS = "only function tools are served here (type 'function')"
+TOOL_ITEMS = frozenset(  # items of OpenAI's built-in tools, which this server does not run
     {
-        "function_call",
-        "function_call_output",
         "custom_tool_call",
         "custom_tool_call_output",
         "file_search_call",
@@ -95,7 +95,34 @@ def normalize_item(raw: Any, where: str) -> Item:
         raise ValueError(f"{where} must be an object")
     kind = raw.get("type", "message" if "role" in raw else None)
     if kind in TOOL_ITEMS:
-        raise ValueError(f"{where}: a {kind!r} item: {NO_TOOLS_YET}")
+        raise ValueError(f"{where}: a {kind!r} item: {NOT_FUNCTION_TOOLS}")
+    if kind == "function_call":
+        try:
+            call = InputFunctionCall.model_validate(raw)
+        except ValidationError:
+            needs = "call_id, name (a function's) and arguments (text)"
+            raise ValueError(f"{where}: a function_call item needs {needs}") from None
+        return {
+            "id": _item_id(raw.get("id"), "fc"),
+            "type": "function_call",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": call.arguments,
+            "status": "completed",
+        }
+    if kind == "function_call_output":
+        try:
+            result = InputFunctionCallOutput.model_validate(raw)
+        except ValidationError:
+            raise ValueError(f"{where}: a function_call_output item needs call_id and output (text)") from None
+        output = result.output if isinstance(result.output, str) else _text_of(result.output, where)
+        return {
+            "id": _item_id(raw.get("id"), "fco"),
+            "type": "function_call_output",
+            "call_id": result.call_id,
+            "output": output,
+            "status": "completed",
+        }
     if kind == "message":
         role = raw.get("role")
         if role not in ("user", "system", "developer", "assistant"):
@@ -129,6 +156,26 @@ def normalize_item(raw: Any, where: str) -> Item:
     raise ValueError(f"{where}: items of type {kind!r} are not served here (message or reasoning)")
 
 
+CallId = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class InputFunctionCall(BaseModel):
+    """A call the model made, sent back in (OpenAI's ``function_call`` item)."""
+
+    model_config = ConfigDict(extra="ignore")
+    call_id: CallId
+    name: FunctionName
+    arguments: str  # JSON text, as the model wrote it
+
+
+class InputFunctionCallOutput(BaseModel):
+    """A tool's result for an earlier call (``function_call_output``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    call_id: CallId
+    output: str | list[Any]
+
+
 def _item_id(given: Any, prefix: str) -> str:
     """A client's item id is kept for display when it is a plain short token; else one of ours."""
     if isinstance(given, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", given):
@@ -138,13 +185,55 @@ def _item_id(given: Any, prefix: str) -> str:
 
 def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
     """The conversation as prompt messages. Reasoning items are not rendered: Harmony drops an
-    earlier turn's reasoning from the prompt (gpt-oss was trained that way), other models have none."""
-    messages = []
+    earlier turn's reasoning from the prompt (gpt-oss was trained that way), other models have none.
+    Consecutive ``function_call`` items are one assistant message's calls; a ``function_call_output``
+    is the tool's message, named by its call. ValueError: an output that answers no earlier call."""
+    messages: list[ChatMessage] = []
+    called: dict[str, str] = {}  # call_id -> function name
+    calls: list[ToolCall] = []  # the assistant message being gathered from function_call items
+
+    def flush() -> None:
+        if calls:
+            messages.append(ChatMessage("assistant", "", tuple(calls)))
+            calls.clear()
+
     for item in items:
-        if item.get("type") == "message":
+        kind = item.get("type")
+        if kind == "function_call":
+            calls.append(ToolCall(item["call_id"], item["name"], item["arguments"]))
+            called[item["call_id"]] = item["name"]
+            continue
+        if kind not in ("message", "function_call_output"):
+            continue
+        flush()
+        if kind == "message":
             text = "".join(part.get("text", "") for part in item.get("content", []))
             messages.append(ChatMessage(item["role"], text))
+        elif item["call_id"] not in called:
+            shown = item["call_id"][:64]
+            raise ValueError(f"a function_call_output's call_id {shown!r} answers no earlier function_call")
+        else:
+            call_id = item["call_id"]
+            messages.append(ChatMessage("tool", item["output"], (), called[call_id], call_id))
+    flush()
     return tuple(messages)
+
+
+class FunctionTool(BaseModel):
+    """A function the model may call, in the Responses shape (name and schema beside ``type``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None  # a forced call always follows the schema here, strict or not
+
+
+class NamedFunctionChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: FunctionName
 
 
 class ResponsesRequest(SamplingFields):
@@ -160,8 +249,9 @@ class ResponsesRequest(SamplingFields):
     previous_response_id: str | None = None
     store: bool = True
     stream: bool = False
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoiceMode | NamedFunctionChoice | None = None  # validated after tools, which it names
+    parallel_tool_calls: bool = True
     conversation_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")] = DEFAULT_CONVERSATION_DATE
     cache: bool = True  # false: never served from (or stored in) the prompt cache
 
@@ -174,19 +264,46 @@ class ResponsesRequest(SamplingFields):
             return [normalize_item(item, f"input[{i}]") for i, item in enumerate(value)]
         return value
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools(cls, value: Any) -> Any:
+        for tool in value if isinstance(value, list) else ():
+            if isinstance(tool, dict) and tool.get("type") != "function":
+                raise ValueError(f"a {str(tool.get('type'))[:40]!r} tool: {NOT_FUNCTION_TOOLS}")
+        return value
+
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise ValueError(NO_TOOLS_YET)
+    def _unique_names(cls, value: list[FunctionTool] | None) -> list[FunctionTool] | None:
+        names = [tool.name for tool in value or ()]
+        if duplicated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"two tools are named {duplicated[0]!r}")
         return value
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none", "auto"):
-            raise ValueError(NO_TOOLS_YET)
+    def _names_a_tool(
+        cls, value: ToolChoiceMode | NamedFunctionChoice | None, info: ValidationInfo
+    ) -> ToolChoiceMode | NamedFunctionChoice | None:
+        tools: list[FunctionTool] = info.data.get("tools") or []
+        if isinstance(value, NamedFunctionChoice):
+            if value.name not in {t.name for t in tools}:
+                raise ValueError(f"tool_choice names {value.name!r}, which is not in tools")
+        elif value == "required" and not tools:
+            raise ValueError("tool_choice 'required' needs tools")
         return value
+
+    def tool_use(self) -> ToolUse:
+        """The same ToolUse chat's tool fields give: what the model is told of, what is forced."""
+        choice = self.tool_choice or "auto"
+        if not self.tools or choice == "none":
+            return ToolUse((), (), self.parallel_tool_calls)
+        tools = tuple(ToolSpec(t.name, t.description, canonical_schema(t.parameters)) for t in self.tools)
+        if isinstance(choice, NamedFunctionChoice):
+            forced: tuple[str, ...] = (choice.name,)
+        else:
+            forced = tuple(t.name for t in tools) if choice == "required" else ()
+        return ToolUse(tools, forced, self.parallel_tool_calls)
 
     @field_validator("metadata")
     @classmethod
@@ -225,6 +342,11 @@ class ResponsesRequest(SamplingFields):
         schema = JsonSchemaFormat(name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict)
         return StructuredFields(response_format=ResponseFormat(type="json_schema", json_schema=schema))
 
+    def _choice_echo(self) -> str | dict[str, str]:
+        if isinstance(self.tool_choice, NamedFunctionChoice):
+            return {"type": "function", "name": self.tool_choice.name}
+        return self.tool_choice or "auto"
+
     def echo(self) -> dict[str, Any]:
         """The request's fields that the response object repeats."""
         fmt = self.text.format if self.text is not None and self.text.format is not None else TextFormat()
@@ -243,8 +365,17 @@ class ResponsesRequest(SamplingFields):
             "reasoning": {"effort": self.reasoning.effort if self.reasoning else None, "summary": None},
             "text": {"format": text_format},
             "store": self.store,
-            "tools": [],
-            "tool_choice": self.tool_choice or "auto",
-            "parallel_tool_calls": True,
+            "tools": [
+                {
+                    "type": "function",
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                    "strict": bool(t.strict),
+                }
+                for t in self.tools or ()
+            ],
+            "tool_choice": self._choice_echo(),
+            "parallel_tool_calls": self.parallel_tool_calls,
             "truncation": "disabled",
         }
