@@ -46,7 +46,7 @@ from openai import AsyncOpenAI
 from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights
 from tests.conftest import RunningServer, running_server
-from tests.test_structured_outputs import scripted
+from tests.scripted_harmony import scripted
 from tests.test_tool_calls_live import tokens
 
 set_tracing_disabled(True)  # the SDK's traces would go to OpenAI's servers: none leave this machine

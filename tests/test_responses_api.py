@@ -21,12 +21,12 @@ import jsonschema
 import openai
 import pytest
 
-from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights
 from app.store.responses import MEMORY, ResponseStore, StoredResponse
 from tests.conftest import RunningServer, running_server, server_config, server_in_thread, wait_for_stats
 from tests.fakes import slow_steps
-from tests.test_structured_outputs import SCHEMA, Verdict, scripted
+from tests.scripted_harmony import THEN_FINAL, scripted_server
+from tests.test_structured_outputs import SCHEMA, Verdict
 
 MODEL = "smollm2-135m"
 ALICE, BOB = "alice-key-0001", "bob-key-00002"
@@ -337,21 +337,8 @@ async def test_dropping_a_response_stream_cancels_its_generation(tiny_weights: M
 # -- Harmony: the analysis channel is the reasoning item -----------------------------------------
 @pytest.fixture
 async def harmony_server(tiny_weights: ModelWeights) -> AsyncIterator[RunningServer]:
-    from app.prompts.harmony_encoding import harmony_encoding
-
-    script = "<|channel|>analysis<|message|>Thinking about colors.<|end|><|start|>assistant<|channel|>final<|message|>"
-    tokens = list(harmony_encoding().encode(script, allowed_special="all"))
-    handles = []
-
-    def hook_in(loaded: ServedModel) -> ServedModel:
-        model = loaded.runner.model  # type: ignore[attr-defined]
-        handles.append(model.get_output_embeddings().register_forward_hook(scripted(tokens)))
-        return loaded
-
-    async with running_server(tiny_weights, runner_hook=hook_in) as server:
+    async with scripted_server(tiny_weights, THEN_FINAL) as server:
         yield server
-    for handle in handles:
-        handle.remove()
 
 
 async def test_gpt_oss_answers_with_a_reasoning_item_then_a_message(harmony_server: RunningServer) -> None:

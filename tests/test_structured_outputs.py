@@ -17,15 +17,14 @@ import httpx
 import jsonschema
 import openai
 import pytest
-import torch
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 from pydantic import BaseModel
 
-from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights
 from app.prompts.builder import ChatMessage, PromptSpec, build_prompt_tokens
 from tests.conftest import RunningServer, running_server, server_config, server_in_thread, wait_for_stats
+from tests.scripted_harmony import THEN_FINAL, scripted_server
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # LiteLLM must not fetch it from the web
 
@@ -263,39 +262,10 @@ async def test_a_constrained_stream_that_is_dropped_frees_its_row(smollm2_weight
 
 
 # -- Harmony: the analysis runs free, the final answer follows the schema -------------------------
-def scripted(tokens: list[int]) -> Any:
-    """A forward hook on the LM head: the first ``len(tokens)`` logits it gives name the script's
-    next token outright (a batch of one), then the model's own logits go through untouched."""
-    pending = list(tokens)
-
-    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        if not pending:
-            return output
-        token = pending.pop(0)
-        forced = torch.full_like(output, -1e4)
-        forced[..., token] = 1e4
-        return forced
-
-    return hook
-
-
 @pytest.fixture
 async def harmony_server(tiny_weights: ModelWeights) -> AsyncIterator[RunningServer]:
-    from app.prompts.harmony_encoding import harmony_encoding
-
-    script = "<|channel|>analysis<|message|>Thinking about colors.<|end|><|start|>assistant<|channel|>final<|message|>"
-    tokens = list(harmony_encoding().encode(script, allowed_special="all"))
-    handles = []
-
-    def hook_in(loaded: ServedModel) -> ServedModel:
-        model = loaded.runner.model  # type: ignore[attr-defined]
-        handles.append(model.get_output_embeddings().register_forward_hook(scripted(tokens)))
-        return loaded
-
-    async with running_server(tiny_weights, runner_hook=hook_in) as server:
+    async with scripted_server(tiny_weights, THEN_FINAL) as server:
         yield server
-    for handle in handles:
-        handle.remove()
 
 
 async def test_harmony_reasons_freely_then_answers_in_the_schema(harmony_server: RunningServer) -> None:

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights
-from app.prompts.harmony_encoding import harmony_encoding
-from tests.conftest import RunningServer, running_server
-from tests.test_structured_outputs import scripted
+from tests.conftest import RunningServer
+from tests.scripted_harmony import scripted_server
 
 CALL_ID = re.compile(r"call_[0-9a-f]{24}")
 WEATHER: ChatCompletionToolParam = {
@@ -39,26 +35,6 @@ CALL = (
 ANSWER = (
     "<|channel|>analysis<|message|>It is sunny.<|end|><|start|>assistant<|channel|>final<|message|>Sunny.<|return|>"
 )
-
-
-def tokens(text: str) -> list[int]:
-    return list(harmony_encoding().encode(text, allowed_special="all"))
-
-
-@asynccontextmanager
-async def scripted_server(weights: ModelWeights, text: str) -> AsyncIterator[RunningServer]:
-    """A server whose model writes ``text`` (its forward passes, in order, from the first)."""
-    handles = []
-
-    def hook_in(loaded: ServedModel) -> ServedModel:
-        model = loaded.runner.model  # type: ignore[attr-defined]
-        handles.append(model.get_output_embeddings().register_forward_hook(scripted(tokens(text))))
-        return loaded
-
-    async with running_server(weights, runner_hook=hook_in) as server:
-        yield server
-    for handle in handles:
-        handle.remove()
 
 
 def client(server: RunningServer) -> openai.AsyncOpenAI:
