@@ -46,8 +46,7 @@ from openai import AsyncOpenAI
 from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights
 from tests.conftest import RunningServer, running_server
-from tests.scripted_harmony import scripted
-from tests.test_tool_calls_live import tokens
+from tests.scripted_harmony import harmony_tokens, scripted
 
 set_tracing_disabled(True)  # the SDK's traces would go to OpenAI's servers: none leave this machine
 MODEL = "tiny-gpt-oss"
@@ -64,7 +63,7 @@ class ArmedScript:
         self.script: Any = None
 
     def arm(self) -> None:
-        self.script = scripted(tokens(FINAL))
+        self.script = scripted(harmony_tokens(FINAL))
 
     def __call__(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         return output if self.script is None else self.script(module, args, output)

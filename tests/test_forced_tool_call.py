@@ -13,7 +13,7 @@ import torch
 from app.engine.loader import ModelWeights
 from app.prompts.harmony_encoding import harmony_encoding
 from tests.conftest import RunningServer
-from tests.test_tool_calls_live import scripted_server
+from tests.scripted_harmony import scripted_server
 
 PLAN: dict[str, Any] = {
     "type": "object",

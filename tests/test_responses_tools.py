@@ -19,8 +19,9 @@ from openai.types.responses import FunctionToolParam, ResponseFunctionToolCall, 
 from app.engine.loader import ModelWeights
 from app.http.responses_schemas import chat_messages, normalize_item
 from app.prompts.builder import ChatMessage, ToolCall
+from tests.scripted_harmony import scripted_server
 from tests.test_forced_tool_call import LOOKUP, PLAN
-from tests.test_tool_calls_live import ANSWER, CALL, WEATHER, client, scripted_server
+from tests.test_tool_calls_live import ANSWER, CALL, WEATHER, client
 
 MODEL = "tiny-gpt-oss"
 CALL_ID = re.compile(r"call_[0-9a-f]{24}")
