@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from app.http.schemas import NOT_TEXT_PARTS, SamplingFields
 from app.http.structured import JsonSchemaFormat, ResponseFormat, StructuredFields
-from app.http.tool_fields import MAX_TOOLS, FunctionName, ToolChoiceMode, ToolUse, canonical_schema
+from app.http.tool_fields import (
+    MAX_TOOLS,
+    FunctionDefinition,
+    FunctionName,
+    NamedFunction,
+    ToolChoiceMode,
+    ToolUse,
+    canonical_schema,
+)
 from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, ToolCall, ToolSpec
 
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
@@ -219,21 +227,15 @@ def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
     return tuple(messages)
 
 
-class FunctionTool(BaseModel):
-    """A function the model may call, in the Responses shape (name and schema beside ``type``)."""
+class FunctionTool(FunctionDefinition):
+    """A function the model may call, in the Responses shape: chat's function definition, flat
+    beside ``type`` instead of nested under ``function``."""
 
-    model_config = ConfigDict(extra="ignore")
     type: Literal["function"]
-    name: FunctionName
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
-    strict: bool | None = None  # a forced call always follows the schema here, strict or not
 
 
-class NamedFunctionChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class NamedFunctionChoice(NamedFunction):
     type: Literal["function"]
-    name: FunctionName
 
 
 class ResponsesRequest(SamplingFields):
