@@ -36,6 +36,8 @@ class GenerationJob:
     cache_key: str = ""  # reported to the client whether or not the cache is used
     cacheable: bool = False  # deterministic (greedy or seeded) and not opted out: the cache serves it
     prompt_version: str = ""
+    # parallel_tool_calls false: the output ends where a second tool call would begin.
+    single_call: bool = False
 
 
 # -- to the scheduler -------------------------------------------------------------------------

@@ -294,6 +294,7 @@ class Pipeline:
             token_bytes=model.token_bytes,
             stall_timeout=self.config.stall_timeout if self.config.stall_timeout > 0 else math.inf,
             stop_applies_to=_stop_applies_to(job.text_mode),
+            single_call=job.single_call,
         )
         nursery.start_soon(self._run_relay, relay)
         scheduler.submit(

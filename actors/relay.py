@@ -63,6 +63,7 @@ class TokenRelay:
         token_bytes: Callable[[int], bytes],
         stall_timeout: float = math.inf,
         stop_applies_to: Callable[[str | None], bool] = lambda channel: True,
+        single_call: bool = False,
     ) -> None:
         """``token_bytes``: the served model's (app.contract.model.ServedModel), to spell logprobs."""
         self.request_id = request_id
@@ -81,7 +82,9 @@ class TokenRelay:
         self._first_token_at: float | None = None
         self._prompt_tokens = prompt_tokens
         self._completion_tokens = 0
-        self._stopped = False  # a stop string ended the request here
+        self._stopped = False  # a stop string (or a second tool call) ended the request here
+        self._single_call = single_call
+        self._call_message: int | None = None  # the Harmony message of the first tool call
 
     async def run(self) -> None:
         async with self._in, self._out:
@@ -143,6 +146,11 @@ class TokenRelay:
         if event.logprobs is not None:
             own = self._unsettled[event.index] = self._speller.show(event.token_id, event.logprobs)
         settled = self._settle(piece.shown)
+        if piece.recipient is not None and self._second_call(piece.message):
+            # parallel_tool_calls false: the first call is whole; what would follow is not sent.
+            self._abort(self.request_id, "single_call")
+            self._stopped = True
+            return [self._done("stop", self._completion_tokens, event.at)]
         text = piece.text
         # A tool call's arguments are not the answer: stop strings do not cut them.
         if piece.recipient is None and self._stop_applies_to(piece.channel):
@@ -157,6 +165,14 @@ class TokenRelay:
             if event.finish_reason is not None:
                 text += self._stops.flush()
         return [self._token(text, event, piece, own, settled)]
+
+    def _second_call(self, message: int) -> bool:
+        """A tool-addressed message opens after another one, on a request that allows one call."""
+        if not self._single_call:
+            return False
+        if self._call_message is None:
+            self._call_message = message
+        return message != self._call_message
 
     @staticmethod
     def _token(

@@ -71,11 +71,15 @@ async def test_a_call_then_its_output_via_previous_response_id_then_the_answer(t
         )
         assert second.status == "completed" and second.output_text == "Sunny."
         assert [item.type for item in second.output] == ["reasoning", "message"]
-        # The same conversation on chat: its prompt is the same tokens, call and result included.
+        # The same conversation on chat: its prompt is the same tokens, call and result included,
+        # and the reasoning that led to the call (it is still pending), given back as chat returned it.
+        thought = "".join(part.text for part in reasoning.content or ())
+        assert thought == "I need the weather."
         history: list[Any] = [
             {"role": "user", "content": "Weather in Paris?"},
             {
                 "role": "assistant",
+                "reasoning": thought,
                 "content": None,
                 "tool_calls": [
                     {"id": call.call_id, "type": "function", "function": call.model_dump(include={"name", "arguments"})}
@@ -85,9 +89,14 @@ async def test_a_call_then_its_output_via_previous_response_id_then_the_answer(t
         ]
         chat = await api.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=1)
         asked = await api.chat.completions.create(model=MODEL, messages=history[:1], tools=[WEATHER], max_tokens=1)
-    assert first.usage and second.usage and chat.usage and asked.usage
+        history[1].pop("reasoning")
+        without_reasoning = await api.chat.completions.create(
+            model=MODEL, messages=history, tools=[WEATHER], max_tokens=1
+        )
+    assert first.usage and second.usage and chat.usage and asked.usage and without_reasoning.usage
     assert first.usage.input_tokens == asked.usage.prompt_tokens
     assert second.usage.input_tokens == chat.usage.prompt_tokens > first.usage.input_tokens
+    assert chat.usage.prompt_tokens > without_reasoning.usage.prompt_tokens
 
 
 async def test_a_streamed_call_is_typed_events_in_order(tiny_weights: ModelWeights) -> None:

@@ -58,7 +58,13 @@ def scheduler_events(tokens: list[int], finish: str, *, stops: frozenset[int]) -
 
 
 async def relayed(
-    tokens: list[int], finish: str = "stop", *, stops: frozenset[int] = STOPS, read: int | None = None
+    tokens: list[int],
+    finish: str = "stop",
+    *,
+    stops: frozenset[int] = STOPS,
+    read: int | None = None,
+    single_call: bool = False,
+    aborts: list[str] | None = None,
 ) -> list[StreamEvent]:
     """The relay's events for a scripted output; ``read``: the reader leaves after that many."""
     to_relay, relay_in = trio.open_memory_channel[SchedulerEvent](len(tokens) + 10)
@@ -71,9 +77,10 @@ async def relayed(
         relay_out,
         HarmonyTokenText(decode),
         ("Paris",),  # a stop string in the arguments: it must not cut a call
-        lambda rid, why: None,
+        lambda rid, why: None if aborts is None else aborts.append(why),
         token_bytes=lambda token: decode([token]).encode(),
         stop_applies_to=lambda channel: channel != "analysis",
+        single_call=single_call,
     )
     out: list[StreamEvent] = []
     async with trio.open_nursery() as nursery:
@@ -145,6 +152,21 @@ async def test_two_calls_in_a_row_stay_two_calls() -> None:
     deltas, _ = await chunks(tokens)
     opened = [d["delta"]["tool_calls"][0] for d in deltas if "id" in d["delta"].get("tool_calls", [{}])[0]]
     assert [o["index"] for o in opened] == [0, 1] and opened[0]["id"] != opened[1]["id"]
+
+
+async def test_parallel_tool_calls_false_ends_the_output_where_a_second_call_would_begin() -> None:
+    first = WEATHER_CALL.replace("<|call|>", "<|end|><|start|>assistant")
+    second = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Rome"}<|call|>'
+    aborts: list[str] = []
+    streamed, done = split(await relayed(encode(ANALYSIS + first + second), single_call=True, aborts=aborts))
+    assert aborts == ["single_call"] and done.finish_reason == "stop"
+    reports: list[str] = []
+    choice = full_response("chat", meta(reports), [(0, streamed, done)])["choices"][0]
+    assert [c["function"]["arguments"] for c in choice["message"]["tool_calls"]] == ['{"city":"Paris"}']
+    assert choice["finish_reason"] == "tool_calls" and not reports
+    # One call and nothing after it: the same output as with parallel calls allowed.
+    alone, _ = split(await relayed(encode(ANALYSIS + WEATHER_CALL), single_call=True, aborts=aborts))
+    assert aborts == ["single_call"] and "".join(t.text for t in alone).endswith('{"city":"Paris"}')
 
 
 async def test_streamed_arguments_arrive_as_fragments_after_an_opening_with_the_name() -> None:

@@ -119,6 +119,29 @@ async def test_a_cache_replay_of_a_call_gets_fresh_ids(tiny_weights: ModelWeight
     assert again.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
+TWO_CALLS = CALL.replace("<|call|>", "<|end|><|start|>assistant") + (
+    '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Rome"}<|call|>'
+)
+
+
+async def test_parallel_tool_calls_false_answers_the_first_call_alone(tiny_weights: ModelWeights) -> None:
+    async with scripted_server(tiny_weights, TWO_CALLS) as server, client(server) as openai_client:
+        create = openai_client.chat.completions.with_raw_response.create
+        one = await create(
+            model="tiny-gpt-oss", messages=ASK, tools=[WEATHER], temperature=0, max_tokens=99, parallel_tool_calls=False
+        )
+        # The script is spent: the same request with parallel calls is the model's own words,
+        # and it must not be served the single call from the cache.
+        both = await create(model="tiny-gpt-oss", messages=ASK, tools=[WEATHER], temperature=0, max_tokens=99)
+    choice = one.parse().choices[0]
+    assert [c.function.arguments for c in choice.message.tool_calls or () if c.type == "function"] == [
+        '{"city":"Paris","days":2}'
+    ]
+    assert choice.finish_reason == "tool_calls"
+    assert both.headers["X-Cache"] != "HIT" and both.headers["X-Cache-Key"] != one.headers["X-Cache-Key"]
+    assert not both.parse().choices[0].message.tool_calls
+
+
 async def test_tool_mistakes_are_400s_naming_the_field(tiny_weights: ModelWeights) -> None:
     async with scripted_server(tiny_weights, "") as server, client(server) as openai_client:
         with pytest.raises(openai.BadRequestError) as caught:

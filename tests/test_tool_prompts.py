@@ -74,6 +74,57 @@ def test_a_call_and_its_result_go_back_in_as_harmony_messages() -> None:
     )
 
 
+def with_reasoning(messages: list[Any], field: str = "reasoning") -> list[dict[str, Any]]:
+    """``messages`` with each assistant message's reasoning given back, as clients echo ours."""
+    return [m | {field: f"thought {i}"} if m["role"] == "assistant" else m for i, m in enumerate(messages)]
+
+
+def test_the_reasoning_that_led_to_a_pending_call_goes_back_in_before_it() -> None:
+    for field in ("reasoning", "reasoning_content"):
+        text = harmony_text({"messages": with_reasoning(CALLED, field), "tools": [WEATHER]})
+        assert (
+            "<|start|>user<|message|>Weather in Paris?<|end|>"
+            "<|start|>assistant<|channel|>analysis<|message|>thought 1<|end|>"
+            "<|start|>assistant to=functions.get_weather<|channel|>commentary"
+        ) in text
+
+
+def test_a_finished_turns_reasoning_is_dropped_calls_and_answer_alike() -> None:
+    answer = {"role": "assistant", "content": "It is 20 degrees."}
+    finished = [*CALLED, answer, {"role": "user", "content": "And Rome?"}]
+    text = harmony_text({"messages": with_reasoning(finished), "tools": [WEATHER]})
+    assert "<|channel|>analysis" not in text and "thought" not in text
+    assert text == harmony_text({"messages": finished, "tools": [WEATHER]})
+    # An answer, then a new call still pending: only the new call's reasoning is kept.
+    again = [
+        *finished,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c2", "content": '{"celsius":25}'},
+    ]
+    text = harmony_text({"messages": with_reasoning(again), "tools": [WEATHER]})
+    assert text.count("<|channel|>analysis") == 1 and "thought 5" in text
+
+
+def test_reasoning_items_before_a_function_call_are_kept_while_it_is_pending() -> None:
+    from app.http.responses_schemas import ResponsesRequest, chat_messages
+
+    items: list[dict[str, Any]] = [
+        {"type": "message", "role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "I should call it."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": '{"celsius":20}'},
+    ]
+    request = ResponsesRequest.model_validate({"input": items, "tools": [WEATHER | WEATHER["function"]]})
+    messages = chat_messages(request.input_items())
+    assert [m.reasoning for m in messages] == ["", "I should call it.", ""]
+
+
 def test_the_tool_fields_are_checked_with_a_400_that_names_them() -> None:
     unknown = {"type": "function", "function": {"name": "x"}}
     assert refused({"messages": ASK, "tools": [WEATHER], "tool_choice": unknown})[0] == "tool_choice"

@@ -9,13 +9,21 @@ from app.contract.sampling import SamplingParams
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "shutdown", "error"]
 # choice_failed: another choice of the same request failed or could not start; nobody reads this one.
 AbortReason = Literal[
-    "client_disconnect", "stop_string", "timeout", "shutdown", "stalled", "relay_error", "choice_failed"
+    "client_disconnect",
+    "stop_string",
+    "single_call",
+    "timeout",
+    "shutdown",
+    "stalled",
+    "relay_error",
+    "choice_failed",
 ]
 
 ABORT_FINISH: dict[AbortReason, FinishReason] = {
     "client_disconnect": "cancelled",
     "stalled": "cancelled",
     "stop_string": "stop",
+    "single_call": "stop",  # parallel_tool_calls false: the output ends once its first call is whole
     "timeout": "timeout",
     "shutdown": "shutdown",
     "relay_error": "error",

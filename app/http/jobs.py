@@ -262,7 +262,9 @@ def build_job(
     if forced_call:
         assert tools is not None
         params = dataclasses.replace(params, grammar=forced_call_grammar(model, tools, params.max_tokens, spec, fields))
-    key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode, tenant)
+    # parallel_tool_calls false: one call at most (a forced call is one call already).
+    single_call = tools is not None and bool(tools.tools) and not tools.parallel and not forced_call
+    key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode, tenant, single_call=single_call)
     return GenerationJob(
         prompt=tokens,
         params=params,
@@ -274,4 +276,5 @@ def build_job(
         # A request with a deadline could end a generation others share: it runs on its own.
         cacheable=use_cache and params.deterministic and job_deadline is None,
         prompt_version=PROMPT_VERSION,
+        single_call=single_call,
     )

@@ -192,18 +192,21 @@ def _item_id(given: Any, prefix: str) -> str:
 
 
 def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
-    """The conversation as prompt messages. Reasoning items are not rendered: Harmony drops an
-    earlier turn's reasoning from the prompt (gpt-oss was trained that way), other models have none.
+    """The conversation as prompt messages. A reasoning item goes with the assistant message that
+    follows it; the prompt builder keeps it only while that message's calls are pending (Harmony
+    drops a finished turn's reasoning; models without Harmony have none).
     Consecutive ``function_call`` items are one assistant message's calls; a ``function_call_output``
     is the tool's message, named by its call. ValueError: an output that answers no earlier call."""
     messages: list[ChatMessage] = []
     called: dict[str, str] = {}  # call_id -> function name
     calls: list[ToolCall] = []  # the assistant message being gathered from function_call items
+    reasoning: list[str] = []  # reasoning items since the last assistant message
 
     def flush() -> None:
         if calls:
-            messages.append(ChatMessage("assistant", "", tuple(calls)))
+            messages.append(ChatMessage("assistant", "", tuple(calls), reasoning="".join(reasoning)))
             calls.clear()
+            reasoning.clear()
 
     for item in items:
         kind = item.get("type")
@@ -211,12 +214,18 @@ def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
             calls.append(ToolCall(item["call_id"], item["name"], item["arguments"]))
             called[item["call_id"]] = item["name"]
             continue
+        if kind == "reasoning":
+            flush()  # reasoning after calls starts the next assistant message
+            reasoning.extend(part["text"] for part in item.get("content", []))
+            continue
         if kind not in ("message", "function_call_output"):
             continue
         flush()
         if kind == "message":
             text = "".join(part.get("text", "") for part in item.get("content", []))
-            messages.append(ChatMessage(item["role"], text))
+            said = "".join(reasoning) if item["role"] == "assistant" else ""
+            messages.append(ChatMessage(item["role"], text, reasoning=said))
+            reasoning.clear()
         elif item["call_id"] not in called:
             shown = item["call_id"][:64]
             raise ValueError(f"a function_call_output's call_id {shown!r} answers no earlier function_call")

@@ -44,6 +44,10 @@ class InputMessage(BaseModel):
     content: str | list[TextPart] | None = None
     tool_calls: list[InputToolCall] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this result answers
+    # assistant: the reasoning that led to it, as this server returns it (``reasoning``, and
+    # ``reasoning_content`` as older clients send it back)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -67,7 +71,8 @@ class InputMessage(BaseModel):
             text = "".join(part.text for part in self.content)
         calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
         name = (called or {}).get(self.tool_call_id or "") if self.role == "tool" else None
-        return ChatMessage(self.role, text, calls, name, self.tool_call_id if self.role == "tool" else None)
+        reasoning = (self.reasoning or self.reasoning_content or "") if self.role == "assistant" else ""
+        return ChatMessage(self.role, text, calls, name, self.tool_call_id if self.role == "tool" else None, reasoning)
 
 
 def chat_messages(messages: list[InputMessage]) -> tuple[ChatMessage, ...]:

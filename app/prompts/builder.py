@@ -39,6 +39,9 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls it made (its content may be "")
     name: str | None = None  # tool: the function whose result this is
     tool_call_id: str | None = None  # tool: the call it answers
+    # assistant: the reasoning (gpt-oss's analysis channel) that led to this message; rendered only
+    # while its calls are still pending (see pending_reasoning), as Harmony's rules say.
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,7 @@ def fewest_tokens(spec: PromptSpec, max_token_bytes: int) -> int:
     if spec.token_ids is not None:
         return len(spec.token_ids)
     texts = [spec.prompt or "", spec.instructions or "", *(m.content for m in spec.messages or ())]
+    texts += [m.reasoning for m in spec.messages or ()]
     texts += [t.parameters + (t.description or "") for t in spec.tools]
     texts += [c.arguments for m in spec.messages or () for c in m.tool_calls]
     size = sum(len(text.encode("utf-8", errors="replace")) for text in texts)
@@ -236,11 +240,16 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
     # Large user and assistant contents are rendered as markers, then spliced in as the fast
     # tokenizer's tokens (the same ids: a message's content is encoded on its own, as plain text).
     nonce = uuid.uuid4().hex
-    large = {
-        i: m.content
-        for i, m in enumerate(spec.messages or ())
-        if tokenizer is not None and m.role in ("user", "assistant", "tool") and len(m.content) >= LARGE_TEXT
-    }
+    messages = spec.messages or ()
+    kept_reasoning = pending_reasoning(messages)
+    large: dict[str, str] = {}  # marker -> the text it stands for
+
+    def text(index: int, content: str) -> str:
+        if tokenizer is None or len(content) < LARGE_TEXT:
+            return content
+        marker = _marker(nonce, index)
+        large[marker] = content
+        return marker
 
     effort = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
     system = (
@@ -266,8 +275,11 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
             # that calls go to the commentary channel (openai-harmony adds that line).
             developer = developer.with_function_tools([_harmony_tool(t) for t in spec.tools])
         conversation.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
-    for i, message in enumerate(spec.messages or ()):
-        content = _marker(nonce, i) if i in large else message.content
+    for i, message in enumerate(messages):
+        content = message.content if message.role in ("system", "developer") else text(i, message.content)
+        if i in kept_reasoning:
+            analysis = oh.Message.from_role_and_content(oh.Role.ASSISTANT, text(-1 - i, message.reasoning))
+            conversation.append(analysis.with_channel("analysis"))
         if message.role == "user":
             conversation.append(oh.Message.from_role_and_content(oh.Role.USER, content))
         elif message.role == "assistant" and message.tool_calls:
@@ -289,15 +301,34 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
             result = oh.Message.from_author_and_content(author, content).with_channel("commentary")
             conversation.append(result.with_recipient("assistant"))
     encoding = harmony_encoding()
+    # Which reasoning is kept was decided above (pending_reasoning); harmony's own dropping rule
+    # keeps some finished turns' analysis, so it is off.
+    config = oh.RenderConversationConfig(auto_drop_analysis=False)
     tokens = list(
-        encoding.render_conversation_for_completion(oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT)
+        encoding.render_conversation_for_completion(
+            oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT, config
+        )
     )
-    if tokenizer is not None:
-        for i, content in large.items():
-            marker = list(encoding.encode(_marker(nonce, i), allowed_special=set()))
-            at = _find(tokens, marker)
-            tokens[at : at + len(marker)] = _as_text(tokenizer, content)
+    for marker, content in large.items():
+        marker_tokens = list(encoding.encode(marker, allowed_special=set()))
+        at = _find(tokens, marker_tokens)
+        tokens[at : at + len(marker_tokens)] = _as_text(tokenizer, content)
     return tokens
+
+
+def pending_reasoning(messages: tuple[ChatMessage, ...]) -> frozenset[int]:
+    """The messages whose reasoning goes back into a Harmony prompt: assistant tool calls made
+    after the last user message and the last final answer, that is, calls still pending (their
+    results are being read). Every finished turn's reasoning is dropped, as gpt-oss was trained."""
+    start = 0
+    for i, message in enumerate(messages):
+        if message.role == "user" or (message.role == "assistant" and not message.tool_calls):
+            start = i + 1
+    return frozenset(
+        i
+        for i in range(start, len(messages))
+        if messages[i].role == "assistant" and messages[i].tool_calls and messages[i].reasoning
+    )
 
 
 def _harmony_tool(tool: ToolSpec) -> Any:

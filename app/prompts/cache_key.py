@@ -56,6 +56,8 @@ def cache_key(
     params: SamplingParams,
     text_mode: str,
     tenant: str | None = None,
+    *,
+    single_call: bool = False,
 ) -> str:
     """``tenant`` (the caller's API key, by name) keeps one tenant's cached answers from another;
     without API keys there is one tenant and the key is as it always was."""
@@ -68,5 +70,7 @@ def cache_key(
     }
     if tenant is not None:
         document["tenant"] = tenant
+    if single_call:  # only when set: other keys stay as they were
+        document["single_call"] = True
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
