@@ -411,9 +411,12 @@ def test_the_page_fits_a_phone(open_tab: OpenTab, tiny_app: ServedApp) -> None:
     playground = open_tab(tiny_app.url, **phone)
     playground.ask("A long answer with long words, please.", max_tokens=80)
     playground.page.wait_for_selector(".turn:last-of-type[data-status=done]")
+    playground.give_tools(json.dumps(WEATHER_TOOLS[:1]), "required")  # the open Tools fold, and a call
+    playground.ask("The weather?", max_tokens=60)
+    playground.page.wait_for_selector(".turn:last-of-type[data-status=done] .tool-call")
     width = playground.value("document.documentElement.clientWidth")
     assert playground.value("document.documentElement.scrollWidth") <= width, "no sideways scrolling"
-    for selector in ("#prompt", "#send", "#stop", "#new-chat", ".turn:last-of-type .reply"):
+    for selector in ("#prompt", "#send", "#stop", "#new-chat", ".turn:last-of-type .reply", "#tools", ".tool-call"):
         box = playground.page.locator(selector).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, selector
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -209,9 +209,11 @@ function showToolsError(text) {
 // One streamed tool call: its block, and the arguments text so far.
 function addCall(turn, index) {
   const element = ui.callTemplate.content.firstElementChild.cloneNode(true);
+  element.dataset.index = String(index);
+  const follow = nearEnd();
   turn.toolCalls.hidden = false;
   turn.toolCalls.append(element);
-  element.dataset.index = String(index);
+  scrollToEnd(follow);
   return {
     element,
     name: $(".tool-call-name", element),
@@ -262,6 +264,7 @@ function settleCall(call, whole) {
     call.state.textContent = "cut off before it ended";
     return;
   }
+  const follow = nearEnd(); // pretty JSON takes more lines: keep following the end
   try {
     call.arguments.textContent = JSON.stringify(JSON.parse(call.text), null, 2);
     call.element.dataset.status = "complete";
@@ -270,6 +273,7 @@ function settleCall(call, whole) {
     call.element.dataset.status = "invalid";
     call.state.textContent = "complete, but its arguments are not valid JSON";
   }
+  scrollToEnd(follow);
 }
 
 // -- one answer ------------------------------------------------------------------------------
