@@ -8,6 +8,7 @@ be a real one that closes when a tab does). Nothing here downloads a browser: wi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -95,6 +96,14 @@ class Playground:
             self.page.fill("#temperature", str(temperature))
         self.page.fill("#prompt", question)
         self.page.press("#prompt", "Enter")
+
+    def give_tools(self, tools: str, choice: str | None = None) -> None:
+        """Fill the Tools field (in its fold, opened first) and pick a tool_choice."""
+        if not self.value("document.querySelector('#tools-panel').open"):
+            self.page.click("#tools-panel summary")
+        self.page.fill("#tools", tools)
+        if choice is not None:
+            self.page.select_option("#tool-choice", choice)
 
     def value(self, expression: str) -> Any:
         return self.page.evaluate(expression)
@@ -232,6 +241,94 @@ new MutationObserver(() => {
 }).observe(document.querySelector("#conversation"), { childList: true, subtree: true, characterData: true });
 """
 
+# Records each tool call block's arguments text at every change while the answer streams.
+RECORD_CALL_ARGUMENTS = """
+window.callArguments = [];
+new MutationObserver(() => {
+  const turn = document.querySelector(".turn:last-of-type");
+  if (turn?.dataset.status === "streaming") {
+    window.callArguments.push([...turn.querySelectorAll(".tool-call-arguments")].map((block) => block.textContent));
+  }
+}).observe(document.querySelector("#conversation"), { childList: true, subtree: true, characterData: true });
+"""
+
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city now.",
+            "parameters": {
+                "type": "object",
+                "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The time in a time zone.",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}},
+        },
+    },
+]
+
+
+def chat_chunk(delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> bytes:
+    """One /v1/chat/completions streaming chunk, as the server frames it."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "tiny-gpt-oss"}
+    return sse_event(None, chunk | {"choices": choices} | extra)
+
+
+def call_opening(index: int, call_id: str, name: str) -> bytes:
+    opening = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+    return chat_chunk({"tool_calls": [opening]})
+
+
+def call_fragment(index: int, text: str) -> bytes:
+    return chat_chunk({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
+
+
+CHAT_OPENING = chat_chunk({"role": "assistant", "content": ""}, cached=False)
+CHAT_DONE = sse_event(None, "[DONE]")
+
+
+def chat_end(finish_reason: str, completion_tokens: int) -> bytes:
+    timings = {"queue_ms": 0.1, "prefill_ms": 10.0, "ttft_ms": 20.0, "e2e_ms": 1000.0}
+    usage = {"prompt_tokens": 9, "completion_tokens": completion_tokens, "total_tokens": 9 + completion_tokens}
+    return chat_chunk({}, finish_reason, timings=timings) + chat_chunk(None, usage=usage) + CHAT_DONE
+
+
+@dataclass
+class CannedServer:
+    """Answers the page's /generate and /v1/chat/completions with canned SSE bodies, in order,
+    and keeps what each request asked for (its path and JSON body)."""
+
+    answers: list[bytes]
+    asked: list[tuple[str, Any]] = field(default_factory=list)
+
+    def __call__(self, route: Route, request: Request) -> None:
+        self.asked.append((urlsplit(request.url).path, request.post_data_json))
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=self.answers.pop(0))
+
+    def serve(self, playground: Playground) -> CannedServer:
+        playground.page.route("**/generate", self)
+        playground.page.route("**/v1/chat/completions", self)
+        return self
+
+
+def distinct(states: list[str]) -> list[str]:
+    """The states in order, each once, leaving out the empty one."""
+    out: list[str] = []
+    for state in states:
+        if state and (not out or out[-1] != state):
+            out.append(state)
+    return out
+
 
 # -- the tests ---------------------------------------------------------------------------------
 
@@ -314,9 +411,12 @@ def test_the_page_fits_a_phone(open_tab: OpenTab, tiny_app: ServedApp) -> None:
     playground = open_tab(tiny_app.url, **phone)
     playground.ask("A long answer with long words, please.", max_tokens=80)
     playground.page.wait_for_selector(".turn:last-of-type[data-status=done]")
+    playground.give_tools(json.dumps(WEATHER_TOOLS[:1]), "required")  # the open Tools fold, and a call
+    playground.ask("The weather?", max_tokens=60)
+    playground.page.wait_for_selector(".turn:last-of-type[data-status=done] .tool-call")
     width = playground.value("document.documentElement.clientWidth")
     assert playground.value("document.documentElement.scrollWidth") <= width, "no sideways scrolling"
-    for selector in ("#prompt", "#send", "#stop", "#new-chat", ".turn:last-of-type .reply"):
+    for selector in ("#prompt", "#send", "#stop", "#new-chat", ".turn:last-of-type .reply", "#tools", ".tool-call"):
         box = playground.page.locator(selector).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, selector
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -409,3 +509,176 @@ def test_reasoning_is_shown_apart_and_stream_errors_in_words(open_tab: OpenTab, 
     playground.page.wait_for_selector(".turn:last-of-type[data-status=error]")
     assert playground.last_turn(".notice") == "The connection closed before the answer finished."
     assert playground.page.locator(".turn").count() == 3
+
+
+def test_tool_calls_stream_into_blocks_of_their_own(open_tab: OpenTab, tiny_app: ServedApp) -> None:
+    """Each call is a block with its name and id; its arguments grow fragment by fragment and are
+    pretty-printed once whole; the reasoning and the answer stay apart; no tool is run."""
+    first = ['{"unit"', ': "cel', 'sius"}']
+    second = ['{"zone":', ' "Europe/Paris"}']
+    streams = [
+        CHAT_OPENING
+        + chat_chunk({"reasoning": "Weather and time.", "reasoning_content": "Weather and time."})
+        + chat_chunk({"content": "Let me look."})
+        + call_opening(0, "call_w1", "get_weather")
+        + b"".join(call_fragment(0, text) for text in first)
+        + sse_comment("keep-alive")
+        + call_opening(1, "call_t1", "get_time")
+        + b"".join(call_fragment(1, text) for text in second)
+        + chat_end("tool_calls", 12),
+        # The next answers: a call max_tokens cuts off, then one the connection cuts off.
+        CHAT_OPENING + call_opening(0, "call_w2", "get_weather") + call_fragment(0, '{"un') + chat_end("length", 5),
+        CHAT_OPENING + call_opening(0, "call_w3", "get_weather") + call_fragment(0, '{"unit": "fahr'),
+    ]
+    playground = open_tab(tiny_app.url, viewport={"width": 900, "height": 1300})  # tall: all in one shot
+    server = CannedServer(streams).serve(playground)
+    playground.give_tools(json.dumps(WEATHER_TOOLS))
+    playground.value(RECORD_CALL_ARGUMENTS)
+
+    playground.ask("Weather and time in Paris?", max_tokens=50)
+    playground.page.wait_for_selector(".turn:last-of-type[data-status=done]")
+    states = playground.value("window.callArguments")
+    first_whole, second_whole = "".join(first), "".join(second)
+    pretty = [json.dumps(json.loads(first_whole), indent=2), json.dumps(json.loads(second_whole), indent=2)]
+    assert distinct([state[0] for state in states if state]) == [
+        first[0],
+        first[0] + first[1],
+        first_whole,
+        pretty[0],  # whole once the next call opens
+    ], "the first call's arguments grow fragment by fragment, then show as pretty JSON"
+    assert distinct([state[1] for state in states if len(state) > 1]) == [second[0], second_whole]
+
+    blocks = playground.page.locator(".turn:last-of-type .tool-call")
+    assert blocks.count() == 2
+    for i, (name, call_id) in enumerate([("get_weather", "call_w1"), ("get_time", "call_t1")]):
+        block = blocks.nth(i)
+        assert block.locator(".tool-call-name").text_content() == name
+        assert block.locator(".tool-call-id-value").text_content() == call_id
+        assert block.locator(".tool-call-state").text_content() == "complete"
+        assert block.locator(".tool-call-arguments").text_content() == pretty[i]
+        assert block.get_attribute("aria-label") == f"Tool call {name}"
+    assert playground.last_turn(".reasoning-text") == "Weather and time."
+    assert playground.last_turn(".answer") == "Let me look."
+    assert playground.page.is_visible(".turn:last-of-type .tool-note")
+    assert playground.last_turn(".stats") == (
+        "TTFT 20 ms · 12 tokens · 12.0 tokens/s · ended for tool calls (finish_reason tool_calls)"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    playground.page.screenshot(path=str(RESULTS / "playground-tool-calls.png"))
+
+    playground.ask("And tomorrow?", max_tokens=5)
+    playground.page.wait_for_selector(".turn:nth-of-type(2)[data-status=done]")
+    assert playground.last_turn(".tool-call-state") == "cut off before it ended"
+    assert playground.last_turn(".tool-call-arguments") == '{"un'
+    assert playground.last_turn(".stats").endswith(" · max tokens reached")
+
+    playground.ask("And the day after?", max_tokens=50)
+    playground.page.wait_for_selector(".turn:nth-of-type(3)[data-status=error]")
+    assert playground.last_turn(".tool-call-state") == "cut off before it ended"
+    assert playground.last_turn(".tool-call-arguments") == '{"unit": "fahr'
+    assert playground.last_turn(".notice") == "The connection closed before the answer finished."
+    # The whole calls went back as the assistant's message of the first answer (the page ran none,
+    # so no tool message answers them); a cut-off call is no call.
+    _, body = server.asked[2]
+    assert body["messages"][3] == {"role": "assistant", "content": ""}
+    assert body["messages"][1] == {
+        "role": "assistant",
+        "content": "Let me look.",
+        "tool_calls": [
+            {"id": "call_w1", "type": "function", "function": {"name": "get_weather", "arguments": first_whole}},
+            {"id": "call_t1", "type": "function", "function": {"name": "get_time", "arguments": second_whole}},
+        ],
+    }
+    playground.only_this_server(tiny_app.url)
+
+
+def test_the_request_carries_the_tools_only_when_given(open_tab: OpenTab, tiny_app: ServedApp) -> None:
+    generate_answer = (
+        sse_event("start", {"request_id": "req-2", "model": "tiny-gpt-oss", "created": 0, "prompt_tokens": 3})
+        + sse_event("token", {"text": "Hi", "token_id": 1, "index": 0})
+        + sse_event("done", {"request_id": "req-2", "finish_reason": "stop", "usage": {"completion_tokens": 1}})
+    )
+    chat_answer = CHAT_OPENING + chat_chunk({"content": "Hi"}) + chat_end("stop", 1)
+    playground = open_tab(tiny_app.url)
+    server = CannedServer([chat_answer, chat_answer, generate_answer]).serve(playground)
+
+    playground.give_tools(json.dumps(WEATHER_TOOLS), "required")
+    playground.ask("Weather?", max_tokens=20)
+    playground.page.wait_for_selector(".turn:last-of-type[data-status=done]")
+    playground.give_tools(json.dumps(WEATHER_TOOLS[:1]), "none")
+    playground.ask("Again?", max_tokens=20)
+    playground.page.wait_for_selector(".turn:nth-of-type(2)[data-status=done]")
+    playground.give_tools("  \n", "required")  # blank: no tools, and so no tool_choice
+    playground.ask("Plainly?", max_tokens=20)
+    playground.page.wait_for_selector(".turn:nth-of-type(3)[data-status=done]")
+
+    paths = [path for path, _ in server.asked]
+    assert paths == ["/v1/chat/completions", "/v1/chat/completions", "/generate"]
+    (_, forced), (_, none), (_, plain) = server.asked
+    assert forced["tools"] == WEATHER_TOOLS and forced["tool_choice"] == "required"
+    assert forced["stream"] is True and forced["stream_options"] == {"include_usage": True}
+    assert forced["max_tokens"] == 20 and forced["messages"] == [{"role": "user", "content": "Weather?"}]
+    assert none["tools"] == WEATHER_TOOLS[:1] and none["tool_choice"] == "none"
+    assert "tools" not in plain and "tool_choice" not in plain and "stream_options" not in plain
+    assert playground.last_turn(".answer") == "Hi"
+    assert playground.page.locator(".tool-call").count() == 0
+    assert playground.last_turn(".stats").endswith("complete")
+
+
+@pytest.mark.parametrize(
+    ("tools", "said"),
+    [
+        ('[{"type": "function"', "Tools is not valid JSON: "),
+        ('{"type": "function", "function": {"name": "f"}}', "Tools must be a JSON array of tools"),
+        ("[]", "Tools is an empty array"),
+        ('[{"name": "f"}]', "Tool 1 is not a function tool"),
+    ],
+)
+def test_tools_that_are_not_a_json_array_are_refused_before_sending(
+    open_tab: OpenTab, tiny_app: ServedApp, tools: str, said: str
+) -> None:
+    playground = open_tab(tiny_app.url)
+    server = CannedServer([CHAT_OPENING + chat_chunk({"content": "Hi"}) + chat_end("stop", 1)]).serve(playground)
+    playground.give_tools(tools)
+    playground.ask("Weather?", max_tokens=20)
+    playground.page.wait_for_selector("#tools-error:not([hidden])")
+    error = playground.page.text_content("#tools-error") or ""
+    assert error.startswith(said) and error.endswith("Nothing was sent."), error
+    assert playground.page.get_attribute("#tools", "aria-invalid") == "true"
+    assert playground.value("document.activeElement.id") == "tools"
+    assert server.asked == [] and playground.page.locator(".turn").count() == 0
+    assert playground.page.input_value("#prompt") == "Weather?", "the prompt waits for the tools to be mended"
+
+    playground.give_tools(json.dumps(WEATHER_TOOLS))
+    playground.page.click("#send")
+    playground.page.wait_for_selector(".turn:last-of-type[data-status=done]")
+    assert playground.page.is_hidden("#tools-error")
+    assert playground.page.get_attribute("#tools", "aria-invalid") is None
+    assert [path for path, _ in server.asked] == ["/v1/chat/completions"]
+    playground.only_this_server(tiny_app.url)
+
+
+def test_a_forced_call_from_the_model_shows_in_the_page(open_tab: OpenTab, tiny_app: ServedApp) -> None:
+    """tool_choice required: the server's grammar makes even random weights call a tool."""
+    playground = open_tab(tiny_app.url)
+    playground.give_tools(json.dumps(WEATHER_TOOLS[:1]), "required")
+    playground.ask("What is the weather?", max_tokens=100)
+    playground.page.wait_for_selector(".turn:last-of-type[data-status=done]")
+    block = playground.page.locator(".turn:last-of-type .tool-call")
+    assert block.count() == 1
+    assert block.locator(".tool-call-name").text_content() == "get_weather"
+    assert (block.locator(".tool-call-id-value").text_content() or "").startswith("call_")
+    assert block.locator(".tool-call-state").text_content() == "complete"
+    shown = block.locator(".tool-call-arguments").text_content() or ""
+    arguments = json.loads(shown)
+    assert arguments["unit"] in ("celsius", "fahrenheit")
+    assert shown == json.dumps(arguments, indent=2)
+    assert playground.last_turn(".stats").endswith(" · ended for tool calls (finish_reason tool_calls)")
+
+    # The call goes back as context; a plain question after it (no tools) is answered.
+    playground.give_tools("")
+    playground.ask("Thanks.", max_tokens=3)
+    playground.page.wait_for_selector(".turn:nth-of-type(2)[data-status=done]")
+    assert playground.page.locator(".turn:nth-of-type(2) .tool-call").count() == 0
+    playground.only_this_server(tiny_app.url)
+    assert playground.console_errors == []

@@ -1,5 +1,7 @@
-// The playground: one conversation with the server's model over POST /generate (named SSE events).
-// No framework and no build step; URLs are relative so the page also works behind a path prefix.
+// The playground: one conversation with the server's model over POST /generate (named SSE events),
+// or over POST /v1/chat/completions (OpenAI's chunks) when the person gives tools: their calls are
+// shown as they stream, and never run. No framework and no build step; URLs are relative so the
+// page also works behind a path prefix.
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -17,6 +19,11 @@ const ui = {
   newChat: $("#new-chat"),
   healthError: $("#health-error"),
   template: $("#turn-template"),
+  toolsPanel: $("#tools-panel"),
+  tools: $("#tools"),
+  toolChoice: $("#tool-choice"),
+  toolsError: $("#tools-error"),
+  callTemplate: $("#tool-call-template"),
 };
 
 // Finished exchanges, sent back as context with the next prompt.
@@ -25,6 +32,9 @@ let current = null; // {controller} while an answer streams
 
 // An error whose message is already worded for the person reading the page.
 class ShownError extends Error {}
+
+// The data of OpenAI's last event, `data: [DONE]`, which is not JSON.
+const DONE = Symbol("[DONE]");
 
 // -- /health ---------------------------------------------------------------------------------
 
@@ -111,6 +121,7 @@ function parseEvent(block) {
     else if (field === "data") data.push(value);
   }
   if (data.length === 0) return null;
+  if (data.join("\n") === "[DONE]") return { name, data: DONE };
   try {
     return { name, data: JSON.parse(data.join("\n")) };
   } catch {
@@ -145,10 +156,127 @@ function addTurn(question) {
     reasoning: $(".reasoning", turn),
     reasoningText: $(".reasoning-text", turn),
     answer: $(".answer", turn),
+    toolCalls: $(".tool-calls", turn),
     notice: $(".notice", turn),
     stats: $(".stats", turn),
   };
 }
+
+// -- tools -----------------------------------------------------------------------------------
+
+// The Tools field: null when empty, else the array it holds. Throws a ShownError that says what
+// is wrong when it is not a JSON array of function tools (the server checks the rest).
+function readTools() {
+  const text = ui.tools.value.trim();
+  if (!text) return null;
+  let tools;
+  try {
+    tools = JSON.parse(text);
+  } catch (error) {
+    throw new ShownError(`Tools is not valid JSON: ${error.message}. Nothing was sent.`);
+  }
+  if (!Array.isArray(tools)) {
+    const kind = tools === null ? "null" : typeof tools;
+    const shape = '[{"type": "function", "function": {"name": …}}]';
+    const not = kind === "object" ? "an object" : kind;
+    throw new ShownError(`Tools must be a JSON array of tools, ${shape}, not ${not}. Nothing was sent.`);
+  }
+  if (tools.length === 0) {
+    const why = "Tools is an empty array: give at least one tool, or leave the field empty.";
+    throw new ShownError(`${why} Nothing was sent.`);
+  }
+  tools.forEach((tool, i) => {
+    if (tool?.type !== "function" || typeof tool.function?.name !== "string") {
+      const needs = 'each needs "type": "function" and a "function" with a "name"';
+      throw new ShownError(`Tool ${i + 1} is not a function tool: ${needs}. Nothing was sent.`);
+    }
+  });
+  return tools;
+}
+
+function showToolsError(text) {
+  ui.toolsError.hidden = !text;
+  ui.toolsError.textContent = text ?? "";
+  if (text) {
+    ui.tools.setAttribute("aria-invalid", "true");
+    ui.toolsPanel.open = true;
+    ui.tools.focus();
+  } else {
+    ui.tools.removeAttribute("aria-invalid");
+  }
+}
+
+// One streamed tool call: its block, and the arguments text so far.
+function addCall(turn, index) {
+  const element = ui.callTemplate.content.firstElementChild.cloneNode(true);
+  element.dataset.index = String(index);
+  const follow = nearEnd();
+  turn.toolCalls.hidden = false;
+  turn.toolCalls.append(element);
+  scrollToEnd(follow);
+  return {
+    element,
+    name: $(".tool-call-name", element),
+    id: $(".tool-call-id-value", element),
+    state: $(".tool-call-state", element),
+    arguments: $(".tool-call-arguments", element),
+    text: "",
+    record: { id: "", type: "function", function: { name: "", arguments: "" } },
+    settled: false,
+  };
+}
+
+// A `delta.tool_calls` entry: the first of a call has its index, id, type and name; the later ones
+// add `function.arguments` fragments.
+function streamCall(turn, reply, delta) {
+  const index = delta.index ?? 0;
+  let call = reply.calls.get(index);
+  if (!call) {
+    // A call opens once the one before it has ended: those are whole.
+    for (const earlier of reply.calls.values()) settleCall(earlier, true);
+    call = addCall(turn, index);
+    reply.calls.set(index, call);
+  }
+  if (delta.id) {
+    call.record.id = delta.id;
+    call.id.textContent = delta.id;
+  }
+  const name = delta.function?.name;
+  if (name) {
+    call.record.function.name = name;
+    call.name.textContent = name;
+    call.element.setAttribute("aria-label", `Tool call ${name}`);
+  }
+  const fragment = delta.function?.arguments;
+  if (fragment) {
+    call.text += fragment;
+    append(call.arguments, fragment);
+  }
+}
+
+// A call is over: whole (pretty-printed when its arguments are JSON) or cut off.
+function settleCall(call, whole) {
+  if (call.settled) return;
+  call.settled = true;
+  call.record.function.arguments = call.text;
+  if (!whole) {
+    call.element.dataset.status = "cut";
+    call.state.textContent = "cut off before it ended";
+    return;
+  }
+  const follow = nearEnd(); // pretty JSON takes more lines: keep following the end
+  try {
+    call.arguments.textContent = JSON.stringify(JSON.parse(call.text), null, 2);
+    call.element.dataset.status = "complete";
+    call.state.textContent = "complete";
+  } catch {
+    call.element.dataset.status = "invalid";
+    call.state.textContent = "complete, but its arguments are not valid JSON";
+  }
+  scrollToEnd(follow);
+}
+
+// -- one answer ------------------------------------------------------------------------------
 
 function requestBody(messages) {
   const body = { messages, stream: true };
@@ -170,9 +298,9 @@ function authorization() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
-async function postGenerate(body, signal) {
+async function post(path, body, signal) {
   const send = () =>
-    fetch("generate", {
+    fetch(path, {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authorization() },
       body,
@@ -190,51 +318,120 @@ async function postGenerate(body, signal) {
   return response;
 }
 
-async function ask(question) {
+// What one answer has shown so far.
+function newReply() {
+  return { tokens: 0, answer: "", done: null, cached: false, calls: new Map() };
+}
+
+function countToken(turn, reply) {
+  reply.tokens += 1;
+  turn.element.dataset.tokens = String(reply.tokens);
+}
+
+// POST /generate's named events: start, token, done, error.
+async function readGenerate(response, turn, reply) {
+  for await (const event of sseEvents(response.body)) {
+    if (event.name === "start") {
+      turn.element.dataset.requestId = event.data.request_id ?? "";
+      reply.cached = event.data.cached === true;
+    } else if (event.name === "token") {
+      if (event.data.channel === "analysis") {
+        appendReasoning(turn, event.data.text);
+      } else {
+        reply.answer += event.data.text;
+        append(turn.answer, event.data.text);
+      }
+      countToken(turn, reply);
+    } else if (event.name === "done") {
+      reply.done = event.data;
+    } else if (event.name === "error") {
+      throw stoppedBy(event.data);
+    }
+  }
+}
+
+// POST /v1/chat/completions' chunks: deltas of reasoning, content and tool calls; the finish
+// chunk with its timings; the usage chunk; then `data: [DONE]`.
+async function readChat(response, turn, reply) {
+  let finishReason = null;
+  let timings = null;
+  let usage = null;
+  for await (const { data: chunk } of sseEvents(response.body)) {
+    if (chunk === DONE) break;
+    if (chunk.error) throw stoppedBy(chunk.error);
+    if (!turn.element.dataset.requestId) turn.element.dataset.requestId = chunk.id ?? "";
+    if (chunk.cached === true) reply.cached = true;
+    if (chunk.timings) timings = chunk.timings;
+    if (chunk.usage) usage = chunk.usage;
+    for (const choice of chunk.choices ?? []) {
+      const delta = choice.delta ?? {};
+      const reasoning = delta.reasoning ?? delta.reasoning_content;
+      if (reasoning) appendReasoning(turn, reasoning);
+      if (delta.content) {
+        reply.answer += delta.content;
+        append(turn.answer, delta.content);
+      }
+      for (const call of delta.tool_calls ?? []) streamCall(turn, reply, call);
+      if (reasoning || delta.content || delta.tool_calls?.length) countToken(turn, reply);
+      if (choice.finish_reason) finishReason = choice.finish_reason;
+    }
+  }
+  if (finishReason) {
+    reply.done = { finish_reason: finishReason, usage: usage ?? { completion_tokens: reply.tokens }, timings };
+  }
+}
+
+function stoppedBy(error) {
+  const kind = error.type ? ` (${error.type})` : "";
+  const message = String(error.message ?? "no reason given").replace(/\.$/, "");
+  return new ShownError(`The server stopped this answer: ${message}${kind}.`);
+}
+
+// The assistant's message for the history: its text, and the whole calls it asked for (one cut
+// off, or without JSON arguments or an id, is not a call the server would take back).
+function assistantMessage(reply, withCalls) {
+  const whole = [...reply.calls.values()].filter((call) => call.element.dataset.status === "complete");
+  const calls = withCalls ? whole.filter((call) => call.record.id).map((call) => call.record) : [];
+  if (calls.length === 0) return { role: "assistant", content: reply.answer };
+  return { role: "assistant", content: reply.answer || null, tool_calls: calls };
+}
+
+async function ask(question, tools) {
   const turn = addTurn(question);
   const messages = [...history, { role: "user", content: question }];
   const controller = new AbortController();
   current = { controller };
   setBusy(true);
   const startedAt = performance.now();
-  let tokens = 0;
-  let answer = "";
-  let done = null;
-  let cached = false;
+  const reply = newReply();
   try {
-    const response = await postGenerate(JSON.stringify(requestBody(messages)), controller.signal);
-    if (!response.ok) throw new ShownError(await refusal(response));
-    for await (const event of sseEvents(response.body)) {
-      if (event.name === "start") {
-        turn.element.dataset.requestId = event.data.request_id ?? "";
-        cached = event.data.cached === true;
-      } else if (event.name === "token") {
-        tokens += 1;
-        if (event.data.channel === "analysis") {
-          appendReasoning(turn, event.data.text);
-        } else {
-          answer += event.data.text;
-          append(turn.answer, event.data.text);
-        }
-        turn.element.dataset.tokens = String(tokens);
-      } else if (event.name === "done") {
-        done = event.data;
-      } else if (event.name === "error") {
-        const kind = event.data.type ? ` (${event.data.type})` : "";
-        const message = String(event.data.message ?? "no reason given").replace(/\.$/, "");
-        throw new ShownError(`The server stopped this answer: ${message}${kind}.`);
-      }
+    const body = requestBody(messages);
+    let path = "generate";
+    let read = readGenerate;
+    if (tools) {
+      Object.assign(body, { tools, tool_choice: ui.toolChoice.value, stream_options: { include_usage: true } });
+      path = "v1/chat/completions";
+      read = readChat;
     }
+    const response = await post(path, JSON.stringify(body), controller.signal);
+    if (!response.ok) throw new ShownError(await refusal(response));
+    await read(response, turn, reply);
+    const done = reply.done;
     if (!done) throw new ShownError("The connection closed before the answer finished.");
-    finish(turn, "done", doneStats(done, cached));
+    // At max tokens the last call may be cut off; else the model ended it.
+    for (const call of reply.calls.values()) settleCall(call, done.finish_reason !== "length");
+    finish(turn, "done", doneStats(done, reply.cached));
     const ending = ENDINGS[done.finish_reason];
     if (ending) showNotice(turn, ending);
-    history = [...messages, { role: "assistant", content: answer }];
+    history = [...messages, assistantMessage(reply, true)];
   } catch (error) {
+    for (const call of reply.calls.values()) settleCall(call, false);
+    const tokens = reply.tokens;
     if (controller.signal.aborted) {
       const seconds = ((performance.now() - startedAt) / 1000).toFixed(1);
       finish(turn, "stopped", `Stopped after ${tokens} ${plural(tokens, "token")} and ${seconds} s.`);
-      if (answer) history = [...messages, { role: "assistant", content: answer }];
+      // A call cut off is no call: only the text goes back as context.
+      if (reply.answer) history = [...messages, assistantMessage(reply, false)];
     } else {
       finish(turn, "error", tokens ? `${tokens} ${plural(tokens, "token")} before the error.` : "");
       showNotice(turn, describe(error));
@@ -253,7 +450,11 @@ const ENDINGS = {
   error: "The server ended this answer with an error.",
 };
 
-const FINISH_WORDS = { stop: "complete", length: "max tokens reached" };
+const FINISH_WORDS = {
+  stop: "complete",
+  length: "max tokens reached",
+  tool_calls: "ended for tool calls (finish_reason tool_calls)",
+};
 
 function describe(error) {
   if (error instanceof ShownError) return error.message;
@@ -333,8 +534,16 @@ ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const question = ui.prompt.value.trim();
   if (!question || current) return;
+  let tools;
+  try {
+    tools = readTools();
+  } catch (error) {
+    showToolsError(describe(error));
+    return; // the prompt stays in its field, to send once the tools are mended
+  }
+  showToolsError(null);
   ui.prompt.value = "";
-  ask(question);
+  ask(question, tools);
 });
 
 ui.prompt.addEventListener("keydown", (event) => {
