@@ -13,6 +13,7 @@ dynamic and the static path; a running stream that waits out a long prompt's pre
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
@@ -35,6 +36,7 @@ from tests.fakes import FakeBackend, inline_steps
 from tests.test_batch_policy import request
 from tests.test_engine import GREEDY, drive, random_prompts, reference_greedy
 from tests.test_static_decode import static_runner
+from tools import bench_mixed_steps as bench
 from tools.gpu_check.frozen_capture import FrozenCapture
 
 MIXING = Profile("test", 4, 8, prefill_chunk_tokens=8, max_consecutive_prefills=2, step_token_budget=6)
@@ -363,3 +365,21 @@ async def until_token(channel: trio.MemoryReceiveChannel[SchedulerEvent]) -> lis
     while not events or not isinstance(events[-1], TokenOut):
         events.append(await channel.receive())
     return events
+
+
+# -- the benchmark tool --------------------------------------------------------------------------------
+def test_the_benchmark_runs_both_modes_over_the_same_workload(tiny_weights: ModelWeights) -> None:
+    """Its figures are timings (not checked here); what each mode ran is behaviour."""
+    args = argparse.Namespace(
+        seed=0, streams=1, arrivals=1, prompt_tokens=40, arrival_tokens=2, arrival_every=1, warmup_steps=1
+    )
+    work = bench.Workload(args, vocab=199_000)
+    runner = ModelRunner(tiny_weights.model, max_batch_size=2, max_context=512, stop_token_ids=[])
+    on = dataclasses.replace(PROFILES["latency_first"], max_batch_size=2, step_token_budget=16)
+    off = dataclasses.replace(on, step_token_budget=0)
+    without = bench.run_phase(runner, off, work, 512)
+    assert runner.sequence_ids() == []
+    with_mixing = bench.run_phase(runner, on, work, 512)
+    assert without.steps["prefill"] == 1 and "mixed" not in without.steps
+    assert with_mixing.steps["mixed"] == 3 and "prefill" not in with_mixing.steps, "40 tokens, 15 a step"
+    assert len(without.ttft) == len(with_mixing.ttft) == 1 and with_mixing.gaps
