@@ -221,6 +221,32 @@ def test_mixed_steps_on_the_static_path_next_to_replayed_decode_graphs(tiny_weig
     assert runner.graphs.captured > 0 and runner.graphs.failure is None, "decode steps still replay graphs"
 
 
+def test_one_choice_over_every_row_of_a_mixed_step_seeds_logprobs_and_min_tokens(tiny_weights: ModelWeights) -> None:
+    """The decoding row and the chunk that ends its prompt are sampled in one call: each with its
+    own generator and logprobs, as in separate steps; and a row that must continue gets no stop."""
+    prompts = random_prompts(2, 199_000, seed=11)
+    a, b = prompts["s0"], prompts["s1"]  # 3 and 45 tokens
+    sampled = SamplingParams(max_tokens=8, temperature=0.9, top_k=50, seed=3, logprobs=2)
+
+    def started(stop: list[int]) -> ModelRunner:
+        runner = ModelRunner(tiny_weights.model, max_batch_size=2, max_context=512, stop_token_ids=stop)
+        runner.add("a", a, sampled)
+        runner.prefill([PrefillChunk("a", len(a))])
+        runner.add("b", b, dataclasses.replace(sampled, seed=4))
+        return runner
+
+    apart = started([])
+    decoded, prefilled = apart.decode(["a"]), apart.prefill([PrefillChunk("b", len(b))])
+    mixed = started([]).mixed(["a"], [PrefillChunk("b", len(b))])
+    assert mixed.tokens == {**decoded.tokens, **prefilled.tokens}
+    for seq_id, separate in (("a", decoded), ("b", prefilled)):
+        together = mixed.logprobs[seq_id]
+        assert together.logprob == pytest.approx(separate.logprobs[seq_id].logprob, abs=1e-4)
+        assert [token for token, _ in together.top] == [token for token, _ in separate.logprobs[seq_id].top]
+    held = started(stop=[decoded.tokens["a"]]).mixed(["a"], [PrefillChunk("b", len(b))], must_continue={"a"})
+    assert held.tokens["a"] != decoded.tokens["a"], "min_tokens: its stop token is masked in a mixed step too"
+
+
 def test_a_mixed_step_refuses_a_row_still_prefilling(tiny_weights: ModelWeights) -> None:
     runner = ModelRunner(tiny_weights.model, max_batch_size=2, max_context=512, stop_token_ids=[])
     runner.add("a", [5, 6, 7], GREEDY)
