@@ -24,9 +24,11 @@ from actors.messages import Finished, SchedulerEvent, Submit, TokenOut
 from actors.metrics import MetricsBook
 from actors.metrics_events import MetricsEvent, StepCompleted
 from actors.scheduler import GpuScheduler
+from app.asgi import config_from_env
 from app.batching.batch import Batch
 from app.batching.oom import retry_in_halves
 from app.batching.plan import DecodePlan, MixedPlan, PrefillPlan, SequenceView, StepPlan, halves, plan_step
+from app.cli import build_parser, config_from_args
 from app.config import PROFILES, ConfigError, Profile
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk, StepOutOfMemory, StepResult
@@ -74,6 +76,19 @@ def test_the_budget_is_checked_and_the_shipped_profiles_mix() -> None:
     with pytest.raises(ConfigError, match="step_token_budget"):
         dataclasses.replace(MIXING, step_token_budget=-1)
     assert all(profile.step_token_budget > profile.max_batch_size for profile in PROFILES.values())
+
+
+def test_the_budget_flag_and_variable_reach_the_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    def budget(*argv: str) -> int:
+        return config_from_args(build_parser().parse_args(list(argv))).profile.step_token_budget
+
+    assert budget() == PROFILES["latency_first"].step_token_budget
+    assert budget("--profile", "throughput_first") == PROFILES["throughput_first"].step_token_budget
+    assert budget("--step-token-budget", "0") == 0 and budget("--step-token-budget", "64") == 64
+    with pytest.raises(ConfigError, match="step_token_budget"):
+        budget("--step-token-budget", "-5")
+    monkeypatch.setenv("GPTOSS_STEP_TOKEN_BUDGET", "0")
+    assert config_from_env().profile.step_token_budget == 0
 
 
 # -- the batch -----------------------------------------------------------------------------------------
