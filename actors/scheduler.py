@@ -1,8 +1,8 @@
 """GpuScheduler: the actor that applies the batch policy and drives the model runner.
 
 Loop: take Submit/Abort messages, let the batch (app/batching, pure) decide what joins and what
-the next step is, run that ONE prefill, decode or mixed step in a worker thread, and send what came of it
-to each request's relay with ``send_nowait``. Only this actor touches the runner, and only from
+the next step is, run that ONE prefill, decode or mixed step in a worker thread, and send what
+came of it to each request's relay with ``send_nowait``. Only this actor touches the runner, and only from
 that thread, one trip at a time, so no lock is needed; aborts that arrive during a step are applied
 before its tokens are delivered, and their rows are freed before the next step.
 """
