@@ -144,8 +144,7 @@ class MetricsBook:
                 self.windows["queue"].add(event.queue_seconds)
                 p.queue.labels(*labels).observe(event.queue_seconds)
             case StepCompleted():
-                if event.kind == "prefill":
-                    self.prefilled_tokens += event.new_tokens
+                self.prefilled_tokens += event.prompt_tokens
                 for gap in event.inter_token_seconds:
                     self.windows["itl"].add(gap)
                     p.itl.labels(*labels).observe(gap)

@@ -76,12 +76,13 @@ class FirstToken:
 
 @dataclass(frozen=True, slots=True)
 class StepCompleted:
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" | "mixed"
     batch_size: int
     new_tokens: int  # tokens that went through the model (prompt tokens for a prefill)
     generated_tokens: int  # tokens chosen this step
     seconds: float
     inter_token_seconds: tuple[float, ...]  # one per decoded sequence: time since its last token
+    prompt_tokens: int = 0  # prompt tokens among new_tokens (a mixed step's chunks; all of a prefill's)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """GpuScheduler: the actor that applies the batch policy and drives the model runner.
 
 Loop: take Submit/Abort messages, let the batch (app/batching, pure) decide what joins and what
-the next step is, run that ONE prefill or decode step in a worker thread, and send what came of it
-to each request's relay with ``send_nowait``. Only this actor touches the runner, and only from
+the next step is, run that ONE prefill, decode or mixed step in a worker thread, and send what
+came of it to each request's relay with ``send_nowait``. Only this actor touches the runner, and only from
 that thread, one trip at a time, so no lock is needed; aborts that arrive during a step are applied
 before its tokens are delivered, and their rows are freed before the next step.
 """
@@ -47,7 +47,7 @@ from app.batching.admission import arrival_wait
 from app.batching.batch import Batch, Ended, Refused, SchedulerStats, Tracked, Work
 from app.batching.finish import AbortReason
 from app.batching.oom import retry_in_halves
-from app.batching.plan import PrefillPlan, StepPlan
+from app.batching.plan import MixedPlan, PrefillPlan, StepPlan, plan_kind
 from app.config import Profile
 from app.contract.failures import FAILURE_MESSAGES, FailureCode
 from app.contract.step import PrefillChunk, StepBackend, StepOutOfMemory, StepResult
@@ -209,8 +209,7 @@ class GpuScheduler:
             try:
                 return run(plan)
             except StepOutOfMemory:
-                kind = "prefill" if isinstance(plan, PrefillPlan) else "decode"
-                log.warning("step_out_of_memory", kind=kind, sequences=len(plan.seq_ids))
+                log.warning("step_out_of_memory", kind=plan_kind(plan), sequences=len(plan.seq_ids))
                 self._backend.free_cached_memory()
                 return retry_in_halves(plan, run, self._backend.split)
 
@@ -238,6 +237,9 @@ class GpuScheduler:
         if isinstance(plan, PrefillPlan):
             chunks = [PrefillChunk(seq_id, n) for seq_id, n in plan.chunks]
             return self._backend.prefill(chunks, must_continue)
+        if isinstance(plan, MixedPlan):
+            chunks = [PrefillChunk(seq_id, n) for seq_id, n in plan.chunks]
+            return self._backend.mixed(list(plan.decode), chunks, must_continue)
         return self._backend.decode(list(plan.seq_ids), must_continue)
 
     def _deliver(self, plan: StepPlan, result: StepResult) -> None:
@@ -254,7 +256,13 @@ class GpuScheduler:
             if d.finish is not None:
                 self._finish(Ended(request, d.finish, now))
         step = StepCompleted(
-            result.kind, result.batch, result.new_tokens, len(result.tokens), result.seconds, tuple(outcome.gaps)
+            result.kind,
+            result.batch,
+            result.new_tokens,
+            len(result.tokens),
+            result.seconds,
+            tuple(outcome.gaps),
+            prompt_tokens=result.prefilled,
         )
         self._metric(step)
 

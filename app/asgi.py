@@ -4,7 +4,7 @@ Hypercorn imports this module and takes ``app``; the model and settings come fro
 variables (the CLI has no flags of ours):
 
     GPTOSS_MODEL (default 20b), GPTOSS_PROFILE (latency_first), GPTOSS_DTYPE (auto),
-    GPTOSS_DEVICE (auto), GPTOSS_MAX_BATCH_SIZE, GPTOSS_MAX_QUEUE, GPTOSS_PREFILL_CHUNK,
+    GPTOSS_DEVICE (auto), GPTOSS_MAX_BATCH_SIZE, GPTOSS_MAX_QUEUE, GPTOSS_PREFILL_CHUNK, GPTOSS_STEP_TOKEN_BUDGET,
     GPTOSS_ARRIVAL_WINDOW_MS,
     GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json),
     GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN, GPTOSS_MAX_STREAMS, GPTOSS_STEP_TIMEOUT,
@@ -46,6 +46,7 @@ def config_from_env() -> ServerConfig:
         max_batch_size=_int("GPTOSS_MAX_BATCH_SIZE"),
         max_queue=_int("GPTOSS_MAX_QUEUE"),
         prefill_chunk_tokens=_int("GPTOSS_PREFILL_CHUNK"),
+        step_token_budget=_int("GPTOSS_STEP_TOKEN_BUDGET"),
         arrival_window_ms=_int("GPTOSS_ARRIVAL_WINDOW_MS"),
     )
     return ServerConfig(

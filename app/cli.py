@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-chunk", type=int, default=None, help="most prompt tokens per prefill step (overrides the profile)"
     )
     parser.add_argument(
+        "--step-token-budget",
+        type=int,
+        default=None,
+        help="tokens per mixed step, decoding rows and prompt chunks together: a prompt arriving "
+        "while others decode is prefilled alongside them; 0 alternates prefill and decode steps "
+        "(overrides the profile)",
+    )
+    parser.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="static decode path: a KV cache of --max-batch-size slots allocated at start-up and "
@@ -174,6 +182,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         prefill_chunk_tokens=args.prefill_chunk,
+        step_token_budget=args.step_token_budget,
         arrival_window_ms=args.arrival_window_ms,
     )
     return ServerConfig(

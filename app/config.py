@@ -32,6 +32,11 @@ class Profile:
     # prefill: clients that were answered in the same step come back together, and one prefill
     # of all of them beats a lone one that the others then wait behind (p95 TTFT).
     arrival_window_ms: int = 2
+    # Tokens one mixed step carries, decoding rows and prompt chunks together: a prompt that
+    # arrives while others decode is prefilled in the room the decoding rows leave, in the same
+    # forward as their tokens (chunked prefill), so the running streams are not stalled by it.
+    # 0: no mixed steps (prefill steps and decode steps alternate, max_consecutive_prefills).
+    step_token_budget: int = 0
 
     def __post_init__(self) -> None:
         for field in ("max_batch_size", "max_queue", "prefill_chunk_tokens", "max_consecutive_prefills"):
@@ -41,13 +46,22 @@ class Profile:
         window = self.arrival_window_ms
         if not isinstance(window, int) or isinstance(window, bool) or not 0 <= window <= 1000:
             raise ConfigError(f"profile {self.name}: arrival_window_ms must be 0..1000, got {window!r}")
+        budget = self.step_token_budget
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise ConfigError(f"profile {self.name}: step_token_budget must be 0 or more, got {budget!r}")
 
 
 PROFILES = {
     # The seed's: new prompts are prefilled first and in small chunks, batches stay moderate, the
     # queue is short so overload is refused early rather than answered late.
+    # A prompt that arrives while others decode rides along in mixed steps of 256 tokens.
     "latency_first": Profile(
-        "latency_first", max_batch_size=16, max_queue=64, prefill_chunk_tokens=512, max_consecutive_prefills=2
+        "latency_first",
+        max_batch_size=16,
+        max_queue=64,
+        prefill_chunk_tokens=512,
+        max_consecutive_prefills=2,
+        step_token_budget=256,
     ),
     # Fill the batch: more rows, longer prefill chunks, a deeper queue.
     "throughput_first": Profile(
@@ -57,6 +71,7 @@ PROFILES = {
         prefill_chunk_tokens=2048,
         max_consecutive_prefills=4,
         arrival_window_ms=5,
+        step_token_budget=2048,
     ),
 }
 

@@ -91,6 +91,25 @@ class FakeBackend:
             assert self.seqs[seq_id].pending == 0, "decode before prefill finished"
         return StepResult({s: self._next(s) for s in ids}, "decode", len(ids), len(ids), 0.001)
 
+    def mixed(
+        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
+    ) -> StepResult:
+        ids = [*seq_ids, *(c.seq_id for c in chunks)]
+        self.log.append(("mixed", tuple(ids)))
+        if (error := self.fail("mixed", ids)) is not None:
+            raise error
+        for seq_id in seq_ids:
+            assert self.seqs[seq_id].pending == 0, "decode before prefill finished"
+        tokens = {s: self._next(s) for s in seq_ids}
+        for chunk in chunks:
+            seq = self.seqs[chunk.seq_id]
+            seq.pending -= chunk.tokens
+            assert seq.pending >= 0
+            if seq.pending == 0:
+                tokens[chunk.seq_id] = self._next(chunk.seq_id)
+        prompt = sum(c.tokens for c in chunks)
+        return StepResult(tokens, "mixed", len(ids), len(seq_ids) + prompt, 0.001, prompt_tokens=prompt)
+
     def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         middle = len(seq_ids) // 2
         return list(seq_ids[:middle]), list(seq_ids[middle:])
@@ -173,6 +192,12 @@ class FaultInjectingRunner:
         ids = list(seq_ids)
         self._check(ids)
         return self._runner.decode(ids, must_continue)
+
+    def mixed(
+        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
+    ) -> StepResult:
+        self._check([*seq_ids, *(c.seq_id for c in chunks)])
+        return self._runner.mixed(seq_ids, chunks, must_continue)
 
 
 def with_faults(

@@ -55,6 +55,11 @@ class ForkedChildrenFail:
     def decode(self, seq_ids: Sequence[str], must_continue: Collection[str] = ()) -> StepResult:
         return self._fail(self._runner.decode(seq_ids, must_continue))
 
+    def mixed(
+        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
+    ) -> StepResult:
+        return self._fail(self._runner.mixed(seq_ids, chunks, must_continue))
+
     def _fail(self, result: StepResult) -> StepResult:
         failing = self._failing.intersection(result.tokens)
         tokens = {seq_id: token for seq_id, token in result.tokens.items() if seq_id not in failing}

@@ -59,7 +59,9 @@ def test_every_flag_is_in_the_table_with_the_parsers_default() -> None:
 
 def test_the_profile_table_is_the_profiles() -> None:
     for name, profile in PROFILES.items():
-        match = re.search(rf"^\| `{name}` \| (\d+) \| (\d+) \| (\d+) tokens \| (\d+) \| (\d+) ms \|", README, re.M)
+        match = re.search(
+            rf"^\| `{name}` \| (\d+) \| (\d+) \| (\d+) tokens \| (\d+) \| (\d+) ms \| (\d+) tokens \|", README, re.M
+        )
         assert match, f"no row for profile {name}"
         written = tuple(int(v) for v in match.groups())
         assert written == (
@@ -68,6 +70,7 @@ def test_the_profile_table_is_the_profiles() -> None:
             profile.prefill_chunk_tokens,
             profile.max_consecutive_prefills,
             profile.arrival_window_ms,
+            profile.step_token_budget,
         ), name
 
 

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 from app.batching.admission import DrainRate, queue_is_full
 from app.batching.finish import ABORT_FINISH, AbortReason, FinishReason, finish_reason, must_continue
-from app.batching.plan import DecodePlan, PrefillPlan, SequenceView, StepPlan, admit_count, plan_step
+from app.batching.plan import DecodePlan, MixedPlan, PrefillPlan, SequenceView, StepPlan, admit_count, plan_step
 from app.config import Profile
 from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
@@ -249,13 +249,12 @@ class Batch(Generic[R]):
         self.steps += 1
         self.failing_steps = 0 if result.tokens or not result.failed else self.failing_steps + 1
         outcome: StepOutcome[R] = StepOutcome()
-        if isinstance(plan, PrefillPlan):
-            self._consecutive_prefills += 1
+        # A mixed step decodes too: the decoders are not waiting, so it counts as no prefill.
+        self._consecutive_prefills = self._consecutive_prefills + 1 if isinstance(plan, PrefillPlan) else 0
+        if isinstance(plan, PrefillPlan | MixedPlan):
             for seq_id, n in plan.chunks:
                 if (request := self.running.get(seq_id)) is not None and seq_id not in result.failed:
                     request.prompt_remaining -= n
-        else:
-            self._consecutive_prefills = 0
         for seq_id, why in result.failed.items():
             if (failed := self.running.pop(seq_id, None)) is not None:
                 self._releases.append(seq_id)
@@ -283,7 +282,7 @@ class Batch(Generic[R]):
             if finish is not None:
                 del self.running[seq_id]
                 self._releases.append(seq_id)
-        if isinstance(plan, DecodePlan):
+        if isinstance(plan, DecodePlan | MixedPlan):
             self._drain.observe_decode(result.seconds, result.batch, len(self.running))
         return outcome
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from app.batching.plan import PrefillPlan, StepPlan, halves
+from app.batching.plan import StepPlan, halves, plan_kind
 from app.contract.failures import FailureCode
 from app.contract.step import StepOutOfMemory, StepResult
 
@@ -16,13 +16,13 @@ def retry_in_halves(
 ) -> StepResult:
     """One result for the whole plan, from its halves (``run`` is the step itself, ``split_rows``
     the runner's split of a decode). A lone sequence that did not fit fails at once."""
-    kind = "prefill" if isinstance(plan, PrefillPlan) else "decode"
+    kind = plan_kind(plan)
     ids = plan.seq_ids
     if len(ids) < 2:
         return StepResult({}, kind, 0, 0, 0.0, dict.fromkeys(ids, "out_of_memory"))
     tokens: dict[str, int] = {}
     failed: dict[str, FailureCode] = {}
-    seconds, new_tokens = 0.0, 0
+    seconds, new_tokens, prompt_tokens = 0.0, 0, 0
     for half in halves(plan, split_rows):
         try:
             result = run(half)
@@ -33,4 +33,5 @@ def retry_in_halves(
         failed.update(result.failed)
         seconds += result.seconds
         new_tokens += result.new_tokens
-    return StepResult(tokens, kind, len(ids) - len(failed), new_tokens, seconds, failed)
+        prompt_tokens += result.prefilled
+    return StepResult(tokens, kind, len(ids) - len(failed), new_tokens, seconds, failed, prompt_tokens=prompt_tokens)

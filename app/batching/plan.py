@@ -1,9 +1,16 @@
 """What the next model step does.
 
-Each step is one of: a packed prefill of prompt chunks, or one decode token for every sequence
-whose prompt is in. New prompts go first (time to first token), but after
-``max_consecutive_prefills`` prefill steps the decoders get a step, so a stream of arrivals cannot
-starve the sequences already running.
+Each step is one of: a packed prefill of prompt chunks, one decode token for every sequence whose
+prompt is in, or both in one forward (a mixed step, chunked prefill as vLLM does it).
+
+With a ``step_token_budget`` (the profile's), a prompt that arrives while others decode is
+prefilled in mixed steps: every decoding row and, in what is left of the budget, chunks of the
+waiting prompts, so the running streams keep getting a token every step. A step mixes only when
+a prompt is waiting: a decode-only step over the cache's rows is cheaper than the packed forward.
+
+Without a budget (0), or when the decoding rows alone fill it, prefill and decode steps alternate:
+new prompts go first (time to first token), but after ``max_consecutive_prefills`` prefill steps
+the decoders get a step, so a stream of arrivals cannot starve the sequences already running.
 """
 
 from __future__ import annotations
@@ -36,7 +43,24 @@ class DecodePlan:
     seq_ids: tuple[str, ...]
 
 
-StepPlan = PrefillPlan | DecodePlan
+@dataclass(frozen=True, slots=True)
+class MixedPlan:
+    """One forward that decodes ``decode`` and prefills ``chunks`` (within the step's budget)."""
+
+    decode: tuple[str, ...]
+    chunks: tuple[tuple[str, int], ...]
+
+    @property
+    def seq_ids(self) -> tuple[str, ...]:
+        return (*self.decode, *(seq_id for seq_id, _ in self.chunks))
+
+
+StepPlan = PrefillPlan | DecodePlan | MixedPlan
+
+
+def plan_kind(plan: StepPlan) -> str:
+    """The kind of step a plan runs as (a StepResult's ``kind``)."""
+    return "mixed" if isinstance(plan, MixedPlan) else "prefill" if isinstance(plan, PrefillPlan) else "decode"
 
 
 def admit_count(waiting: int, running: int, profile: Profile) -> int:
@@ -47,30 +71,40 @@ def admit_count(waiting: int, running: int, profile: Profile) -> int:
 def plan_step(running: Sequence[SequenceView], consecutive_prefills: int, profile: Profile) -> StepPlan | None:
     prefilling = [seq for seq in running if seq.prompt_remaining > 0]
     decoding = tuple(seq.seq_id for seq in running if seq.prompt_remaining == 0)
+    room = profile.step_token_budget - len(decoding)  # prompt tokens a mixed step may carry
+    if prefilling and decoding and profile.step_token_budget and room > 0:
+        return MixedPlan(decoding, _chunks(prefilling, room))
     if prefilling and (not decoding or consecutive_prefills < profile.max_consecutive_prefills):
-        budget = profile.prefill_chunk_tokens
-        chunks: list[tuple[str, int]] = []
-        for seq in prefilling:
-            if budget <= 0:
-                break
-            take = min(seq.prompt_remaining, budget)
-            chunks.append((seq.seq_id, take))
-            budget -= take
-        return PrefillPlan(tuple(chunks))
+        return PrefillPlan(_chunks(prefilling, profile.prefill_chunk_tokens))
     if decoding:
         return DecodePlan(decoding)
     return None
+
+
+def _chunks(prefilling: Sequence[SequenceView], budget: int) -> tuple[tuple[str, int], ...]:
+    """Prompt chunks in admission order, ``budget`` tokens in all."""
+    chunks: list[tuple[str, int]] = []
+    for seq in prefilling:
+        if budget <= 0:
+            break
+        take = min(seq.prompt_remaining, budget)
+        chunks.append((seq.seq_id, take))
+        budget -= take
+    return tuple(chunks)
 
 
 def halves(plan: StepPlan, split_rows: Callable[[Sequence[str]], tuple[list[str], list[str]]]) -> list[StepPlan]:
     """The two smaller steps an out-of-memory step is retried as (empty ones left out).
 
     A prefill splits its chunks in admission order; a decode splits as the runner says, so that
-    each half really spans fewer rows of its cache.
+    each half really spans fewer rows of its cache; a mixed step becomes its decode and its
+    prefill, each a step of its own.
     """
-    if isinstance(plan, PrefillPlan):
+    if isinstance(plan, MixedPlan):
+        parts: list[StepPlan] = [DecodePlan(plan.decode), PrefillPlan(plan.chunks)]
+    elif isinstance(plan, PrefillPlan):
         middle = len(plan.chunks) // 2
-        parts: list[StepPlan] = [PrefillPlan(plan.chunks[:middle]), PrefillPlan(plan.chunks[middle:])]
+        parts = [PrefillPlan(plan.chunks[:middle]), PrefillPlan(plan.chunks[middle:])]
     else:
         first, second = split_rows(plan.seq_ids)
         parts = [DecodePlan(tuple(first)), DecodePlan(tuple(second))]

@@ -34,12 +34,20 @@ class TokenLogprobs:
 @dataclass(frozen=True, slots=True)
 class StepResult:
     tokens: dict[str, int]  # seq_id -> the token chosen this step (prefills that finished, decodes)
-    kind: str  # "prefill" | "decode" | "idle"
+    kind: str  # "prefill" | "decode" | "mixed" (decode rows and prompt chunks in one forward) | "idle"
     batch: int
     new_tokens: int  # tokens that went through the model
     seconds: float
     failed: dict[str, FailureCode] = field(default_factory=dict)  # seq_id -> why it alone got no token
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # for the sequences that asked
+    # Prompt tokens among new_tokens; None: all of a prefill's, none of a decode's.
+    prompt_tokens: int | None = None
+
+    @property
+    def prefilled(self) -> int:
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        return self.new_tokens if self.kind == "prefill" else 0
 
 
 class StepOutOfMemory(RuntimeError):
@@ -71,6 +79,12 @@ class StepBackend(Protocol):
     def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult: ...
 
     def decode(self, seq_ids: Sequence[str], must_continue: Collection[str] = ()) -> StepResult: ...
+
+    def mixed(
+        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
+    ) -> StepResult:
+        """One step that decodes ``seq_ids`` and prefills ``chunks`` together (kind "mixed")."""
+        ...
 
     def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Two halves of a decode batch that each need less memory than the whole."""

@@ -2,8 +2,8 @@
 
 The scheduler owns the policy (who joins, what each step does, when a request may end); the
 runner owns the tensors. It implements app.contract.step.StepBackend: between steps sequences are
-added and released; a step is either a packed prefill of prompt chunks or one decode token for
-every sequence that has finished its prompt.
+added and released; a step is a packed prefill of prompt chunks, one decode token for every
+sequence that has finished its prompt, or both in one packed forward (a mixed step).
 
 ``ModelRunner`` is the dynamic path (a row cache that grows and stays compact, any shapes);
 ``app.engine.static_runner.StaticModelRunner`` is the static path behind ``--cuda-graphs``. Both
@@ -182,11 +182,36 @@ class BaseRunner(ABC):
     # -- steps -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
+        return self._packed_step((), chunks, must_continue)
+
+    @torch.inference_mode()
+    def mixed(
+        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
+    ) -> StepResult:
+        """One forward that decodes a token for each of ``seq_ids`` and prefills ``chunks``: a
+        decode row is a packed segment of one token (its last one, at its next position), so a new
+        prompt's chunk rides along with the running streams instead of stalling them."""
+        return self._packed_step(seq_ids, chunks, must_continue)
+
+    def _packed_step(
+        self, decode_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str]
+    ) -> StepResult:
+        """A packed forward over decode rows (segments of one token) and prompt chunks; logits are
+        kept for every decode row and for each chunk that ends its prompt, and one ``_choose``
+        picks all of their tokens."""
         started = time.perf_counter()
         segments: list[Segment] = []
         input_ids: list[int] = []
         positions: list[int] = []
-        finishing: list[tuple[SequenceState, int]] = []  # (sequence, index of its last new token)
+        producing: list[tuple[SequenceState, int]] = []  # (sequence, index of its last new token)
+        for seq_id in decode_ids:
+            seq = self._seqs[seq_id]
+            if seq.pending or seq.last_token < 0:
+                raise ValueError(f"sequence {seq_id} has not finished its prefill")
+            segments.append(Segment(seq.row, seq.length, 1))
+            input_ids.append(seq.last_token)
+            positions.append(seq.length)
+            producing.append((seq, len(input_ids) - 1))
         for chunk in chunks:
             seq = self._seqs[chunk.seq_id]
             take = seq.pending[: chunk.tokens]
@@ -196,8 +221,10 @@ class BaseRunner(ABC):
             input_ids.extend(take)
             positions.extend(range(seq.length, seq.length + len(take)))
             if len(take) == len(seq.pending):
-                finishing.append((seq, len(input_ids) - 1))
-        keep = torch.tensor([index for _, index in finishing] or [len(input_ids) - 1], device=self.device)
+                producing.append((seq, len(input_ids) - 1))
+        if not segments:
+            return StepResult({}, "idle", 0, 0, 0.0)
+        keep = torch.tensor([index for _, index in producing] or [len(input_ids) - 1], device=self.device)
         try:
             # Growing the cache for this step can run out of memory too: the same split-and-retry.
             self._cache.reserve(len(self._seqs), max(s.start + s.length for s in segments) + 1)
@@ -214,12 +241,16 @@ class BaseRunner(ABC):
             raise StepOutOfMemory(str(error)) from error
         finally:
             self._cache.clear_plan()
-        for chunk, seg in zip(chunks, segments, strict=True):
-            self._seqs[chunk.seq_id].length += seg.length
-        finished = [seq for seq, _ in finishing]
-        tokens, failed, logprobs = self._choose(finished, logits, must_continue) if finishing else ({}, {}, {})
+        for seg, seq_id in zip(segments, [*decode_ids, *(chunk.seq_id for chunk in chunks)], strict=True):
+            self._seqs[seq_id].length += seg.length
+        chosen = [seq for seq, _ in producing]
+        tokens, failed, logprobs = self._choose(chosen, logits, must_continue) if producing else ({}, {}, {})
         seconds = time.perf_counter() - started
-        return StepResult(tokens, "prefill", len(chunks), len(input_ids), seconds, failed, logprobs)
+        prompt_tokens = len(input_ids) - len(decode_ids)
+        kind = "mixed" if decode_ids else "prefill"
+        return StepResult(
+            tokens, kind, len(segments), len(input_ids), seconds, failed, logprobs, prompt_tokens=prompt_tokens
+        )
 
     @torch.inference_mode()
     def decode(self, seq_ids: Iterable[str], must_continue: Collection[str] = ()) -> StepResult:

@@ -5,7 +5,10 @@ memory: a slot cache allocated once at start-up (``max_batch_size`` slots of ``m
 positions) instead of a row cache that grows and compacts. Sequences join by taking the lowest
 free slot and leave by freeing theirs; nothing is copied. Prefill is the shared packed, chunked
 prefill (eager); decode is ``StaticDecoder``'s fixed-shape step, replayed from CUDA graphs on a
-GPU and run eagerly elsewhere.
+GPU and run eagerly elsewhere. A mixed step (decode rows and a prompt chunk in one forward) is the
+shared packed forward too, eager: its shapes change with every chunk and each decode row's keys
+are gathered for it, so it cannot be one of the captured buckets. The captured graphs stay
+decode-only and serve every step in which no prompt waits.
 """
 
 from __future__ import annotations
