@@ -139,6 +139,18 @@ def test_sliding_layers_keep_only_the_window_before_each_end() -> None:
     assert torch.equal(rows.keys[1][1, :, BLOCK : 3 * BLOCK], rows.keys[1][0, :, BLOCK : 3 * BLOCK])
 
 
+def test_a_branch_keeps_the_window_before_it_for_the_next_prompt_that_shares_it() -> None:
+    layout = LayerLayout(full=(0,), sliding=(1,), window=2 * BLOCK)
+    cache = PrefixKVCache(layout, max_bytes=MiB, block_tokens=BLOCK)
+    rows = Rows()
+    system = tokens(1, 3 * BLOCK)
+    first, second, third = (system + tokens(seed, 2 * BLOCK) for seed in (2, 3, 4))
+    cache.store(first, len(first), rows, 0)
+    assert cache.lookup(second).length == 0  # the window before the shared start was not kept
+    cache.store(second, len(second), rows, 1)  # it leaves first's chain after the system prompt
+    assert cache.lookup(third).length == 3 * BLOCK
+
+
 def test_a_prefix_the_row_does_not_really_hold_is_not_kept() -> None:
     layout = LayerLayout(full=(0,), sliding=(1,), window=2 * BLOCK)
     cache = PrefixKVCache(layout, max_bytes=MiB, block_tokens=BLOCK)

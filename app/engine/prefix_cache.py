@@ -6,7 +6,8 @@ Storage is in blocks of ``block_tokens`` positions, keyed by a hash chain (BLAKE
 block's key and the block's token ids: our own keys, never a client's value); each block keeps its
 token ids and parent too, so a lookup is exact even if two keys ever collided. A block holds, for
 positions ``[i*B, (i+1)*B)``, the keys and values of every full-attention layer, and those of the
-sliding-window layers only when it lies in the window before an end point a sequence stored:
+sliding-window layers only when it lies in the window before an end point a sequence stored (its
+end, or where it left a chain already cached: a branch, such as the end of a shared system prompt):
 a sliding layer of window ``w`` never looks further back than ``w - 1`` positions, so a sequence
 that resumes at ``L`` needs its sliding layers' keys for ``[L - w, L)`` only (the earlier
 positions of its row may hold anything: the attention mask hides them). A match at ``L`` is valid
@@ -218,11 +219,14 @@ class PrefixKVCache:
         if not keys:
             return 0
         whole = len(keys) * size
-        first_sliding = self._first_sliding_block(whole) if self.layout.sliding else len(keys)
         need_full = [i for i, key in enumerate(keys) if key not in self._blocks]
+        # The sliding layers' window before the end, and before the point where this sequence leaves
+        # a chain already cached (a branch: the next prompt that shares that start resumes there).
+        ends = [len(keys)] + ([need_full[0]] if need_full and need_full[0] > 0 else [])
+        windows = sorted({i for end in ends for i in self._sliding_blocks(end)})
         need_sliding = [
             i
-            for i in range(first_sliding, len(keys))
+            for i in windows
             if i * size >= sliding_from and (keys[i] not in self._blocks or self._blocks[keys[i]].sliding is None)
         ]
         if not need_full and not need_sliding:
@@ -264,6 +268,12 @@ class PrefixKVCache:
         return added
 
     # -- inside -----------------------------------------------------------------------------------
+    def _sliding_blocks(self, blocks: int) -> range:
+        """The blocks whose sliding part a sequence resuming after ``blocks`` blocks needs."""
+        if not self.layout.sliding:
+            return range(0)
+        return range(self._first_sliding_block(blocks * self.block_tokens), blocks)
+
     def _first_sliding_block(self, length: int) -> int:
         """The first block a sequence resuming at ``length`` needs the sliding layers' keys of."""
         assert self.layout.window is not None
