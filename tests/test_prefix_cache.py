@@ -5,7 +5,8 @@ block a running sequence holds evicted; a cancelled request that leaves its bloc
 whose sliding-window layers lack keys in the window before it (the tiny gpt-oss slides 32
 positions: its prompts here are longer), or a copy that misses a layer or a position (greedy tokens
 then differ from a run without the cache); a scheduler that prefills a prompt the runner already
-had the start of (the fake runner asserts it); usage that does not say how many tokens were reused.
+had the start of (the fake runner asserts it); usage that does not say how many tokens were reused;
+a prompt kept only when its sequence ends (requests running meanwhile would not share it).
 """
 
 from __future__ import annotations
@@ -234,6 +235,15 @@ def test_a_sequence_holds_its_blocks_until_it_is_released(tiny_weights: ModelWei
     assert runner.prefix_cache is not None and runner.prefix_cache.pinned_blocks == 3
     runner.release("b")  # cancelled before its prefill: nothing pinned is left behind
     assert runner.prefix_cache.pinned_blocks == 0
+
+
+def test_a_prompt_is_shared_as_soon_as_it_is_prefilled(tiny_weights: ModelWeights) -> None:
+    runner, plain = row_runner(tiny_weights, 64 * MiB), row_runner(tiny_weights, 0)
+    prompt = list(range(3000, 3100))
+    runner.add("a", prompt, GREEDY)
+    runner.prefill([PrefillChunk("a", len(prompt))])  # a still runs: its prompt is in the cache already
+    start, tokens = generate(runner, "b", [*prompt, 11, 12])
+    assert start == 96 and tokens == generate(plain, "b", [*prompt, 11, 12])[1]
 
 
 # -- the scheduler ----------------------------------------------------------------------------------
