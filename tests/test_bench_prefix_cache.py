@@ -3,18 +3,20 @@ cache on, and the summary's arithmetic."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from app.engine.loader import ModelWeights
-from tests.conftest import server_config, server_in_thread
+from tests.conftest import server_config, server_in_thread, weights
 from tools.bench_prefix_cache import Summary, Turn, phase, speedup, summarize, system_prompt
 
 
-def test_later_turns_reuse_the_earlier_ones_only_with_the_cache_on(tiny_weights: ModelWeights) -> None:
-    workload = (2, 2, 200, 3, "tiny-gpt-oss")  # 2 chats x 2 turns, a ~200-token system prompt
-    with server_in_thread(tiny_weights, server_config(prefix_cache_bytes=0)) as url:
+@pytest.mark.parametrize("name", ["tiny-gpt-oss", "smollm2-135m"])
+def test_later_turns_reuse_the_earlier_ones_only_with_the_cache_on(name: str) -> None:
+    model = weights(name)
+    workload = (2, 2, 200, 3, name)  # 2 chats x 2 turns, a ~200-token system prompt
+    with server_in_thread(model, server_config(model=name, prefix_cache_bytes=0)) as url:
         off = trio.run(phase, url, *workload)
-    with server_in_thread(tiny_weights, server_config()) as url:
+    with server_in_thread(model, server_config(model=name)) as url:
         on = trio.run(phase, url, *workload)
     assert [(t.conversation, t.turn) for t in off] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     assert all(t.cached_tokens == 0 for t in off)
@@ -22,7 +24,9 @@ def test_later_turns_reuse_the_earlier_ones_only_with_the_cache_on(tiny_weights:
     # A second turn resumes where its first turn's prompt ended (block-aligned, 32 tokens each).
     first = {t.conversation: t.prompt_tokens for t in on if t.turn == 1}
     assert all(first[t.conversation] - 32 < t.cached_tokens < t.prompt_tokens for t in later)
-    assert [t.prompt_tokens for t in on] == [t.prompt_tokens for t in off]
+    # Greedy: the same answers, so the same next prompts, with the cache as without it.
+    assert [(t.prompt_tokens, t.answer) for t in on] == [(t.prompt_tokens, t.answer) for t in off]
+    assert any(t.answer for t in on)
 
 
 def test_the_summary_is_turn_one_apart_and_the_speedup_is_p50_against_p50() -> None:

@@ -38,6 +38,7 @@ class Turn:
     ttft_ms: float
     prompt_tokens: int
     cached_tokens: int
+    answer: str = ""
 
 
 def system_prompt(tokens: int) -> str:
@@ -95,7 +96,7 @@ async def conversation(
         messages.append({"role": "user", "content": f"Question {turn} of chat {index}: tell me about {topic}."})
         answer, ttft, prompt, cached = await ask(client, chat_body(messages, model, tokens))
         messages.append({"role": "assistant", "content": answer or "(no answer)"})
-        done.append(Turn(index, turn, ttft, prompt, cached))
+        done.append(Turn(index, turn, ttft, prompt, cached, answer))
     return done
 
 
