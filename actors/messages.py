@@ -125,13 +125,23 @@ class Finished:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptReused:
+    """The sequence joined with the keys of its prompt's first ``tokens`` tokens already in its row
+    (the prefix KV cache's, or a forked choice's parent's): it prefills only the rest."""
+
+    request_id: str
+    tokens: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     request_id: str
     code: FailureCode  # what its client is told (app.contract.failures); the exception is logged
     at: float
 
 
-SchedulerEvent = Queued | Rejected | Admitted | TokenOut | Finished | Failed
+SchedulerEvent = Queued | Rejected | Admitted | PromptReused | TokenOut | Finished | Failed
 
 
 # -- from a relay to its HTTP response ----------------------------------------------------------
@@ -139,6 +149,7 @@ SchedulerEvent = Queued | Rejected | Admitted | TokenOut | Finished | Failed
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those whose keys were reused, not prefilled
 
     @property
     def total_tokens(self) -> int:

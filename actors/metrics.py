@@ -8,6 +8,7 @@ anyone wait; readers take the book's ``snapshot()`` or scrape its registry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections import OrderedDict, deque
@@ -25,6 +26,7 @@ from actors.metrics_events import (
     MalformedToolCall,
     MetricsEvent,
     ModelLoaded,
+    PrefixCacheState,
     QueueState,
     RequestAdmitted,
     RequestFailed,
@@ -36,6 +38,7 @@ from actors.metrics_events import (
     StepCompleted,
 )
 from actors.prometheus_series import PrometheusSeries
+from app.contract.step import PrefixCacheStats
 
 log = structlog.get_logger("requests")
 # Requests whose cache_key and prompt_version are remembered for their later log lines.
@@ -107,6 +110,7 @@ class MetricsBook:
     cache_misses: int = 0
     running: int = 0
     waiting: int = 0
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     windows: dict[str, RollingWindow] = field(default_factory=dict)
     contexts: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
 
@@ -175,8 +179,25 @@ class MetricsBook:
             case MalformedToolCall():
                 self.malformed_tool_calls += 1
                 p.malformed_tool_calls.labels(*labels, event.reason).inc()
+            case PrefixCacheState():
+                self._on_prefix_cache(event.stats, labels)
             case RequestRejected() | FirstToken() | RequestFailed():
                 pass  # logged; counted through the request's outcome
+
+    def _on_prefix_cache(self, now: PrefixCacheStats, labels: tuple[str, str]) -> None:
+        """The runner's counters are cumulative: the Prometheus counters grow by what is new."""
+        p, before = self.prometheus, self.prefix_cache
+        for counter, grew in (
+            (p.prefix_lookups, now.lookups - before.lookups),
+            (p.prefix_hits, now.hits - before.hits),
+            (p.prefix_hit_tokens, now.hit_tokens - before.hit_tokens),
+            (p.prefix_evictions, now.evictions - before.evictions),
+        ):
+            if grew > 0:
+                counter.labels(*labels).inc(grew)
+        p.prefix_bytes.labels(*labels).set(now.bytes)
+        p.prefix_blocks.labels(*labels).set(now.blocks)
+        self.prefix_cache = now
 
     def _on_outcome(self, event: RequestOutcome, labels: tuple[str, str]) -> None:
         self.requests[event.status] += 1
@@ -227,6 +248,7 @@ class MetricsBook:
             "generation_tokens_per_second": round(self.windows["tokens"].rate(), 3),
             "error_rate": round(self.requests["error"] / finished, 6) if finished else 0.0,
             "cache_hit_rate": round(self.cache_hits / lookups, 6) if lookups else 0.0,
+            "prefix_cache": dataclasses.asdict(self.prefix_cache),
         }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from app.batching.finish import AbortReason, FinishReason
+from app.contract.step import PrefixCacheStats
 
 RequestStatus = Literal["ok", "error", "cancelled", "rejected"]
 
@@ -137,6 +138,13 @@ class MalformedToolCall:
     reason: str  # "unknown_function" | "invalid_arguments"
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixCacheState:
+    """The prefix KV cache's counters and size, sent by the scheduler when they change."""
+
+    stats: PrefixCacheStats
+
+
 MetricsEvent = (
     ModelLoaded
     | RequestReceived
@@ -152,4 +160,5 @@ MetricsEvent = (
     | ClientDisconnected
     | CacheLookup
     | MalformedToolCall
+    | PrefixCacheState
 )

@@ -111,6 +111,23 @@ class PrometheusSeries:
             (*LABELS, "reason"),
             registry=r,
         )
+        self.prefix_lookups = Counter(
+            "gptoss_prefix_cache_lookups_total", "Sequences that looked up the prefix KV cache", LABELS, registry=r
+        )
+        self.prefix_hits = Counter(
+            "gptoss_prefix_cache_hits_total", "Sequences that started from a cached prefix", LABELS, registry=r
+        )
+        self.prefix_hit_tokens = Counter(
+            "gptoss_prefix_cache_hit_tokens_total",
+            "Prompt tokens not prefilled: their keys came from the prefix KV cache",
+            LABELS,
+            registry=r,
+        )
+        self.prefix_evictions = Counter(
+            "gptoss_prefix_cache_evictions_total", "Prefix KV cache blocks evicted to make room", LABELS, registry=r
+        )
+        self.prefix_bytes = Gauge("gptoss_prefix_cache_bytes", "Bytes the prefix KV cache holds", LABELS, registry=r)
+        self.prefix_blocks = Gauge("gptoss_prefix_cache_blocks", "Blocks the prefix KV cache holds", LABELS, registry=r)
         self.running = Gauge("gptoss_requests_running", "Sequences in the running batch", LABELS, registry=r)
         self.waiting = Gauge("gptoss_requests_waiting", "Requests waiting for the batch", LABELS, registry=r)
         self.info = Gauge("gptoss_model_info", "The served model", (*LABELS, "dtype", "device", "profile"), registry=r)

@@ -24,6 +24,7 @@ from actors.messages import (
     Admitted,
     Failed,
     Finished,
+    PromptReused,
     Queued,
     Rejected,
     SchedulerEvent,
@@ -81,6 +82,7 @@ class TokenRelay:
         self._admitted_at: float | None = None
         self._first_token_at: float | None = None
         self._prompt_tokens = prompt_tokens
+        self._cached_tokens = 0  # of them, those whose keys were reused (PromptReused)
         self._completion_tokens = 0
         self._stopped = False  # a stop string (or a second tool call) ended the request here
         self._single_call = single_call
@@ -124,6 +126,9 @@ class TokenRelay:
                 return [StreamRejected(self.request_id, event.status, event.message, event.retry_after)]
             case Admitted():
                 self._admitted_at = event.at
+                return []
+            case PromptReused():
+                self._cached_tokens = event.tokens
                 return []
             case TokenOut():
                 return self._on_token(event)
@@ -201,7 +206,7 @@ class TokenRelay:
             ttft_ms=None if first is None else _ms(first - self._received_at),
             e2e_ms=_ms(at - self._received_at),
         )
-        usage = Usage(self._prompt_tokens, completion_tokens)
+        usage = Usage(self._prompt_tokens, completion_tokens, self._cached_tokens)
         return StreamDone(self.request_id, reason, usage, timings)  # type: ignore[arg-type]
 
 

@@ -24,6 +24,7 @@ from actors.messages import (
     Admitted,
     Failed,
     Finished,
+    PromptReused,
     Queued,
     Rejected,
     SchedulerEvent,
@@ -34,6 +35,7 @@ from actors.messages import (
 from actors.metrics_events import (
     FirstToken,
     MetricsEvent,
+    PrefixCacheState,
     QueueState,
     RequestAdmitted,
     RequestFailed,
@@ -50,7 +52,7 @@ from app.batching.oom import retry_in_halves
 from app.batching.plan import MixedPlan, PrefillPlan, StepPlan, plan_kind
 from app.config import Profile
 from app.contract.failures import FAILURE_MESSAGES, FailureCode
-from app.contract.step import PrefillChunk, StepBackend, StepOutOfMemory, StepResult
+from app.contract.step import PrefillChunk, PrefixCacheStats, StepBackend, StepOutOfMemory, StepResult
 
 log = structlog.get_logger("scheduler")
 Events = trio.MemorySendChannel[SchedulerEvent]
@@ -76,6 +78,7 @@ class GpuScheduler:
         self._batch: Batch[Events] = Batch(profile, max_context)
         self._closed = False
         self.stats = SchedulerStats()
+        self._prefix_stats: PrefixCacheStats | None = None  # as last sent to the metrics
         # For the watchdog and /health: since when the worker thread has been on this trip (None
         # between trips), and when the last step finished.
         self.busy_since: float | None = None
@@ -188,6 +191,8 @@ class GpuScheduler:
             self._emit(request.reply, Admitted(request.request_id, now))
             self._metric(RequestAdmitted(request.request_id, now - request.received_at))
         plan = work.plan
+        started: dict[str, int] = {}  # joiner -> prompt tokens it starts with (prefix cache, fork)
+        prefix_stats: list[PrefixCacheStats | None] = []
 
         def in_thread() -> StepResult | None:
             for seq_id in work.releases:
@@ -196,13 +201,15 @@ class GpuScheduler:
                 except Exception:  # the other releases must still happen, or their rows leak
                     log.exception("release_failed", request_id=seq_id)
             for request in work.joins:
-                self._backend.add(
+                started[request.request_id] = self._backend.add(
                     request.request_id,
                     request.prompt,
                     request.params,
                     request.stop_token_ids,
                     fork_from=request.fork_from,
                 )
+            if work.joins or work.releases:
+                prefix_stats.append(self._backend.prefix_cache_stats())
             if plan is None:
                 return None
             run = functools.partial(self._run_plan, must_continue=work.must_continue)
@@ -227,6 +234,8 @@ class GpuScheduler:
             self.busy_since = None
             if plan is not None:
                 self.last_step_at = self._clock()
+        self._started_with(work.joins, started)
+        self._publish_prefix_cache(prefix_stats)
         self._report_freed(work.releases)
         if result is None or plan is None:
             return
@@ -315,6 +324,20 @@ class GpuScheduler:
     def _fail_everything(self) -> None:
         for request in self._batch.clear():
             self._fail(request, "scheduler_stopped")
+
+    def _started_with(self, joins: list[Tracked[Events]], started: dict[str, int]) -> None:
+        """The joiners' prompt tokens already in their rows: only the rest is prefilled, and their
+        usage says how many were reused."""
+        self._batch.started_with(started)
+        now = self._clock()
+        for request in joins:
+            if cached := started.get(request.request_id, 0):
+                self._emit(request.reply, PromptReused(request.request_id, cached, now))
+
+    def _publish_prefix_cache(self, stats: list[PrefixCacheStats | None]) -> None:
+        if stats and (now := stats[-1]) is not None and now != self._prefix_stats:
+            self._prefix_stats = now
+            self._metric(PrefixCacheState(now))
 
     def _publish_stats(self) -> None:
         stats = self._batch.stats()

@@ -7,7 +7,8 @@ variables (the CLI has no flags of ours):
     GPTOSS_DEVICE (auto), GPTOSS_MAX_BATCH_SIZE, GPTOSS_MAX_QUEUE, GPTOSS_PREFILL_CHUNK, GPTOSS_STEP_TOKEN_BUDGET,
     GPTOSS_ARRIVAL_WINDOW_MS,
     GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json),
-    GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN, GPTOSS_MAX_STREAMS, GPTOSS_STEP_TIMEOUT,
+    GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN, GPTOSS_MAX_STREAMS,
+    GPTOSS_STEP_TIMEOUT, GPTOSS_PREFIX_CACHE_MB (1024; 0 turns the prefix KV cache off),
     GPTOSS_MAX_CONNECTIONS, GPTOSS_API_KEY (comma-separated keys), GPTOSS_ALLOWED_ORIGINS
 
 The model loads during start-up: Hypercorn accepts connections once it is ready, and a model that
@@ -26,6 +27,7 @@ from app.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MODEL,
+    DEFAULT_PREFIX_CACHE_MB,
     ServerConfig,
     keys_from_env,
     profile_with,
@@ -59,6 +61,7 @@ def config_from_env() -> ServerConfig:
         log_format=os.environ.get("GPTOSS_LOG_FORMAT", "json"),  # type: ignore[arg-type]
         cuda_graphs=os.environ.get("GPTOSS_CUDA_GRAPHS", "0").lower() in ("1", "true", "yes", "on"),
         max_seq_len=_int("GPTOSS_MAX_SEQ_LEN"),
+        prefix_cache_bytes=int(float(os.environ.get("GPTOSS_PREFIX_CACHE_MB", DEFAULT_PREFIX_CACHE_MB)) * 1024 * 1024),
         max_streams=_int("GPTOSS_MAX_STREAMS") or DEFAULT_MAX_STREAMS,
         step_timeout=float(os.environ.get("GPTOSS_STEP_TIMEOUT", "300")),
         max_connections=_int("GPTOSS_MAX_CONNECTIONS") or DEFAULT_MAX_CONNECTIONS,

@@ -18,6 +18,7 @@ from app.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_STREAMS,
     DEFAULT_MODEL,
+    DEFAULT_PREFIX_CACHE_MB,
     LOG_LEVELS,
     PROFILES,
     ConfigError,
@@ -94,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="most tokens (prompt + generated) per sequence; default: the model's context, or 4096 "
         "with --cuda-graphs (every slot holds that many positions)",
+    )
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=DEFAULT_PREFIX_CACHE_MB,
+        help="megabytes of the prefix KV cache on the model's device: prompts that start like an "
+        "earlier sequence (a shared system prompt, a chat's earlier turns) prefill only the rest; "
+        "least recently used out first; 0 turns it off",
     )
     parser.add_argument(
         "--arrival-window-ms",
@@ -206,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=split_list(args.allowed_origins),
         cuda_graphs=args.cuda_graphs,
         max_seq_len=args.max_seq_len,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 1024 * 1024),
         responses_db=args.responses_db,
         responses_max_count=args.responses_max_count,
         responses_max_bytes=int(args.responses_max_mb * 1024 * 1024),

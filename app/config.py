@@ -12,6 +12,9 @@ LogFormat = Literal["json", "console"]
 DEFAULT_MODEL = "20b"
 DEFAULT_MAX_STREAMS = 256
 DEFAULT_MAX_CONNECTIONS = 512
+# About 40,000 tokens of gpt-oss-20b prefixes in bfloat16 (its full-attention layers' keys; the
+# sliding layers keep only the window before each stored end), about 22,000 of SmolLM2 in fp32.
+DEFAULT_PREFIX_CACHE_MB = 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -121,6 +124,10 @@ class ServerConfig:
     # graphs (eager without CUDA). Off by default until it has been measured on a GPU.
     cuda_graphs: bool = False
     max_seq_len: int | None = None  # prompt + generated tokens per sequence; None: the model's context
+    # The prefix KV cache: keys and values that finished and running sequences leave behind, reused
+    # by prompts that start with the same tokens (a shared system prompt, a chat's earlier turns);
+    # bytes it may hold on the model's device, least recently used out first. 0 turns it off.
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_MB * 1024 * 1024
     # The /v1/responses store: a SQLite file (None: responses.db under the user's cache folder;
     # ":memory:": nothing on disk), bounded by count, bytes and age (seconds), oldest out first.
     responses_db: str | None = None
@@ -148,6 +155,8 @@ class ServerConfig:
             raise ConfigError(f"max_seq_len must be at least 2 tokens, got {self.max_seq_len!r}")
         if self.responses_max_count < 1 or self.responses_max_bytes < 1 or not self.responses_ttl > 0:
             raise ConfigError("the response store's limits (count, megabytes, ttl) must be positive")
+        if self.prefix_cache_bytes < 0:
+            raise ConfigError(f"prefix_cache_bytes must not be negative, got {self.prefix_cache_bytes}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
 

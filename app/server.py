@@ -52,6 +52,7 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             max_batch_size=config.profile.max_batch_size,
             cuda_graphs=config.cuda_graphs,
             max_seq_len=config.max_seq_len,
+            prefix_cache_bytes=config.prefix_cache_bytes,
         )
 
     return load

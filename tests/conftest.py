@@ -95,6 +95,7 @@ async def running_server(
             max_batch_size=config.profile.max_batch_size,
             cuda_graphs=config.cuda_graphs,
             max_seq_len=config.max_seq_len,
+            prefix_cache_bytes=config.prefix_cache_bytes,
         )
         return runner_hook(loaded) if runner_hook else loaded
 
@@ -123,7 +124,9 @@ def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = 
     state: dict[str, Any] = {}
 
     async def main() -> None:
-        loaded = serve_weights(model_weights, max_batch_size=config.profile.max_batch_size)
+        loaded = serve_weights(
+            model_weights, max_batch_size=config.profile.max_batch_size, prefix_cache_bytes=config.prefix_cache_bytes
+        )
         server = create_server(config, loader=lambda: loaded)
         shutdown = trio.Event()
         state["stop"] = shutdown.set

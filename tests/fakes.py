@@ -11,7 +11,7 @@ import trio
 
 from actors.step_thread import StepCaller
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, StepResult
+from app.contract.step import PrefillChunk, PrefixCacheStats, StepResult
 
 T = TypeVar("T")
 
@@ -39,6 +39,8 @@ class FakeBackend:
     log: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     forks: list[tuple[str, str]] = field(default_factory=list)  # (child, parent), as added
+    # Prompt tokens a new sequence finds in a prefix cache (a real runner's lookup), by prompt.
+    cached_prefix: Callable[[Sequence[int]], int] = lambda prompt: 0
 
     def add(
         self,
@@ -47,15 +49,16 @@ class FakeBackend:
         params: SamplingParams,
         stop_token_ids: Iterable[int] | None = None,
         fork_from: str | None = None,
-    ) -> None:
+    ) -> int:
         assert seq_id not in self.seqs, f"{seq_id} added twice"
-        pending = len(prompt)
+        pending = len(prompt) - min(self.cached_prefix(prompt), len(prompt) - 1)
         if fork_from is not None:  # a real runner copies the parent's keys: only the last token is left
             parent = self.seqs[fork_from]
             assert parent.prompt == list(prompt) and parent.pending == 0, "forked from a parent not prefilled"
             self.forks.append((seq_id, fork_from))
             pending = 1
         self.seqs[seq_id] = FakeSequence(list(prompt), pending)
+        return len(prompt) - pending
 
     def release(self, seq_id: str) -> None:
         if self.seqs.pop(seq_id, None) is not None:
@@ -76,8 +79,8 @@ class FakeBackend:
         tokens = {}
         for chunk in chunks:
             seq = self.seqs[chunk.seq_id]
-            seq.pending -= chunk.tokens
-            assert seq.pending >= 0
+            assert seq.pending > 0, "prefill of a sequence whose prompt is in"
+            seq.pending -= min(chunk.tokens, seq.pending)  # a real runner takes what is left too
             if seq.pending == 0:
                 tokens[chunk.seq_id] = self._next(chunk.seq_id)
         return StepResult(tokens, "prefill", len(chunks), sum(c.tokens for c in chunks), 0.001)
@@ -116,6 +119,9 @@ class FakeBackend:
 
     def free_cached_memory(self) -> None:
         self.log.append(("free_cached_memory", ()))
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return None
 
 
 def inline_steps(seconds: float = 0.01) -> StepCaller:
@@ -164,11 +170,11 @@ class FaultInjectingRunner:
         params: SamplingParams,
         stop_token_ids: Iterable[int] | None = None,
         fork_from: str | None = None,
-    ) -> None:
+    ) -> int:
         tokens, m = list(prompt), self._marker
         if any(tokens[i : i + len(m)] == m for i in range(len(tokens) - len(m) + 1)):
             self._faulty.add(seq_id)
-        self._runner.add(seq_id, prompt, params, stop_token_ids, fork_from)
+        return int(self._runner.add(seq_id, prompt, params, stop_token_ids, fork_from))
 
     def release(self, seq_id: str) -> None:
         self._faulty.discard(seq_id)

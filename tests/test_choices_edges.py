@@ -40,10 +40,10 @@ class ForkedChildrenFail:
         params: SamplingParams,
         stop_token_ids: Iterable[int] | None = None,
         fork_from: str | None = None,
-    ) -> None:
+    ) -> int:
         if fork_from is not None and MARKER in prompt:
             self._failing.add(seq_id)
-        self._runner.add(seq_id, prompt, params, stop_token_ids, fork_from)
+        return int(self._runner.add(seq_id, prompt, params, stop_token_ids, fork_from))
 
     def release(self, seq_id: str) -> None:
         self._failing.discard(seq_id)

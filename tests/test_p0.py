@@ -227,14 +227,14 @@ class LeakingRunner:
         params: SamplingParams,
         stop_token_ids: Iterable[int] | None = None,
         fork_from: str | None = None,
-    ) -> None:
+    ) -> int:
         # Fresh pages from the kernel, each one written so that it is resident: bytes from malloc
         # could reuse what earlier tests in this process freed, and leave the RSS where it was.
         kept = mmap.mmap(-1, self._bytes)
         for offset in range(0, self._bytes, mmap.PAGESIZE):
             kept[offset] = 1
         self.kept.append(kept)
-        self._runner.add(seq_id, prompt, params, stop_token_ids, fork_from)
+        return int(self._runner.add(seq_id, prompt, params, stop_token_ids, fork_from))
 
 
 async def test_a_server_that_leaks_memory_fails_load_and_memory(tiny_weights: ModelWeights) -> None:

@@ -203,6 +203,8 @@ def test_a_three_turn_chain_holds_every_earlier_item(live: str) -> None:
     chat = api.chat.completions.create(model=MODEL, messages=messages[:-1], max_tokens=1)  # type: ignore[arg-type]
     assert turns[2].usage is not None and chat.usage is not None
     assert turns[2].usage.input_tokens == chat.usage.prompt_tokens
+    # Its prompt starts with turn 2's: the prefix KV cache had those keys (32-token blocks).
+    assert 32 <= turns[2].usage.input_tokens_details.cached_tokens < turns[2].usage.input_tokens
     assert turns[2].previous_response_id == turns[1].id
     # Its input items are its own input; the chain is rebuilt from the store, not from the client.
     items = [item.model_dump() for item in api.responses.input_items.list(turns[2].id).data]

@@ -42,6 +42,7 @@ class Tracked(Generic[R]):
     # it joins, the parent it forked from, or None if it joined with a full prefill of its own.
     fork_from: str | None = None
     prompt_remaining: int = field(init=False)  # prompt tokens not yet prefilled
+    cached_tokens: int = 0  # prompt tokens it started with, not prefilled (a fork's, the prefix cache's)
     generated: int = 0
     last_token_at: float | None = None
 
@@ -233,6 +234,14 @@ class Batch(Generic[R]):
             return parent.prompt_remaining > 0
         return request.fork_from in waiting_ids
 
+    def started_with(self, started: dict[str, int]) -> None:
+        """What the runner said each joiner starts with (prompt tokens already in its row): only the
+        rest is left to prefill. Applied before the trip's step is (its plan was made before)."""
+        for request_id, cached in started.items():
+            if (request := self.running.get(request_id)) is not None and cached:
+                request.cached_tokens = cached
+                request.prompt_remaining = len(request.prompt) - cached
+
     def freed(self, released: list[str], now: float) -> list[Ended[R]]:
         """The rows of ``released`` are free now: the aborted requests among them, each with its
         teardown (the steps counted are those that ran since the abort, before this trip's step)."""
@@ -254,7 +263,8 @@ class Batch(Generic[R]):
         if isinstance(plan, PrefillPlan | MixedPlan):
             for seq_id, n in plan.chunks:
                 if (request := self.running.get(seq_id)) is not None and seq_id not in result.failed:
-                    request.prompt_remaining -= n
+                    # A joiner that started from a cached prefix took less than its chunk.
+                    request.prompt_remaining -= min(n, request.prompt_remaining)
         for seq_id, why in result.failed.items():
             if (failed := self.running.pop(seq_id, None)) is not None:
                 self._releases.append(seq_id)

@@ -50,6 +50,18 @@ class StepResult:
         return self.new_tokens if self.kind == "prefill" else 0
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixCacheStats:
+    """The prefix KV cache's counters (cumulative) and its size now."""
+
+    lookups: int = 0  # sequences that looked for a cached prefix of their prompt
+    hits: int = 0  # of which found one
+    hit_tokens: int = 0  # prompt tokens they did not prefill
+    bytes: int = 0
+    blocks: int = 0
+    evictions: int = 0  # blocks evicted to make room
+
+
 class StepOutOfMemory(RuntimeError):
     """The accelerator ran out of memory in a step: the scheduler retries it once, split in two."""
 
@@ -62,7 +74,10 @@ class StepBackend(Protocol):
 
     ``add`` with ``fork_from`` (a sequence in the runner whose prompt, the same, is prefilled):
     the new sequence starts with a copy of that one's keys for all but the last prompt token, so
-    its prefill is that one token (its own logits, its own first token).
+    its prefill is that one token (its own logits, its own first token). Without it, a runner with
+    a prefix cache may start the sequence from the longest cached prefix of its prompt. ``add``
+    returns the prompt tokens the sequence starts with: its prefill is the rest (the scheduler's
+    plan for this trip may offer more; the runner takes what is left).
     """
 
     def add(
@@ -72,9 +87,15 @@ class StepBackend(Protocol):
         params: SamplingParams,
         stop_token_ids: Iterable[int] | None,
         fork_from: str | None = None,
-    ) -> None: ...
+    ) -> int: ...
 
-    def release(self, seq_id: str) -> None: ...
+    def release(self, seq_id: str) -> None:
+        """Free a sequence's row (idempotent); what its row holds may stay in the prefix cache."""
+        ...
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counters; None without one."""
+        ...
 
     def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult: ...
 

@@ -155,6 +155,28 @@ class RowKVCache(PlannedCache):
                 if tensor is not None:
                     tensor[target, :, :length] = tensor[source, :, :length]
 
+    # -- the prefix cache's access -----------------------------------------------------------
+    def read_keys(self, row: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        keys, values = self._keys[layer], self._values[layer]
+        if keys is None or values is None or row >= keys.shape[0]:
+            return None
+        return keys[row, :, start:end], values[row, :, start:end]
+
+    @torch.inference_mode()
+    def write_keys(self, row: int, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A cached prefix into ``row`` (grown to hold it; a layer not made yet is made now, shaped
+        like what it is given)."""
+        end = start + keys.shape[1]
+        self.reserve(max(self._rows, row + 1), max(self._positions, end))
+        if self._keys[layer] is None:
+            shape = (self._rows, keys.shape[0], self._positions, keys.shape[2])
+            self._keys[layer] = keys.new_zeros(shape)
+            self._values[layer] = values.new_zeros(shape)
+        stored_keys, stored_values = self._keys[layer], self._values[layer]
+        assert stored_keys is not None and stored_values is not None
+        stored_keys[row, :, start:end] = keys
+        stored_values[row, :, start:end] = values
+
     # -- per-forward plans -------------------------------------------------------------------
     def plan_decode(self, positions: torch.Tensor, kv_length: int, first_row: int = 0) -> None:
         self._plan = _DecodePlan(positions, kv_length, first_row)

@@ -193,6 +193,7 @@ def serve_weights(
     max_seq_len: int | None = None,
     precapture_positions: int = PRECAPTURE_POSITIONS,
     capture: Capture | None = None,
+    prefix_cache_bytes: int = 0,
 ) -> LoadedModel:
     """A fresh runner (and KV cache) over loaded weights, warmed up.
 
@@ -201,6 +202,7 @@ def serve_weights(
     sequence (the static path's default is STATIC_DEFAULT_SEQ_LEN: every slot holds that many).
     ``capture``: what captures the static path's decode steps instead of CUDA graphs, on any
     device (the GPU check's CPU run serves through a stand-in, so its replays are what it measures).
+    ``prefix_cache_bytes``: what the prefix KV cache may hold (0: none).
     """
     max_context = weights.max_context
     if max_seq_len is not None:
@@ -209,10 +211,14 @@ def serve_weights(
         max_context = min(max_context, STATIC_DEFAULT_SEQ_LEN)
     runner: BaseRunner
     if cuda_graphs:
-        runner = _static_runner(weights, max_batch_size, max_context, capture)
+        runner = _static_runner(weights, max_batch_size, max_context, capture, prefix_cache_bytes)
     else:
         runner = ModelRunner(
-            weights.model, max_batch_size=max_batch_size, max_context=max_context, stop_token_ids=weights.stop_token_ids
+            weights.model,
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+            stop_token_ids=weights.stop_token_ids,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
     runner.grammars = grammar_compiler(weights, runner.vocab_size)
     _warm_up(runner, weights.tokenizer)
@@ -258,7 +264,7 @@ def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
 
 
 def _static_runner(
-    weights: ModelWeights, max_batch_size: int, max_context: int, capture: Capture | None
+    weights: ModelWeights, max_batch_size: int, max_context: int, capture: Capture | None, prefix_cache_bytes: int
 ) -> StaticModelRunner:
     shape = SlotShape.for_config(weights.model.config.get_text_config())
     needed = SlotKVCache.bytes_needed(shape, max_batch_size, max_context, weights.dtype)
@@ -271,6 +277,7 @@ def _static_runner(
             stop_token_ids=weights.stop_token_ids,
             cuda_graphs=True,
             graphs=StepGraphs(capture) if capture is not None else None,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
     except torch.cuda.OutOfMemoryError as error:
         raise ModelLoadError(
@@ -287,12 +294,14 @@ def load_model(
     max_batch_size: int,
     cuda_graphs: bool = False,
     max_seq_len: int | None = None,
+    prefix_cache_bytes: int = 0,
 ) -> LoadedModel:
     return serve_weights(
         load_weights(source, dtype=dtype, device=device),
         max_batch_size=max_batch_size,
         cuda_graphs=cuda_graphs,
         max_seq_len=max_seq_len,
+        prefix_cache_bytes=prefix_cache_bytes,
     )
 
 

@@ -17,7 +17,7 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
@@ -26,11 +26,12 @@ from transformers import PreTrainedModel
 
 from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, StepOutOfMemory, StepResult, TokenLogprobs
+from app.contract.step import PrefillChunk, PrefixCacheStats, StepOutOfMemory, StepResult, TokenLogprobs
 from app.engine.attention_masks import MaskShapes
 from app.engine.grammar import GrammarCompiler, GrammarMasks, SequenceGrammar
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.logprobs import RawLogprobs
+from app.engine.prefix_cache import LayerLayout, PrefixKVCache, PrefixMatch
 from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
 from app.engine.tool_call_grammar import ToolCallGrammar
 
@@ -51,6 +52,13 @@ class SequenceState:
     last_token: int = -1  # the newest token, not yet in the cache
     history: TokenHistory | None = None  # kept only when the request has penalties
     grammar: SequenceGrammar | ToolCallGrammar | None = None  # when the request constrains its output
+    generated: list[int] = field(default_factory=list)  # its tokens, for the prefix cache to key
+    # The prefix cache: the blocks this sequence matched (pinned until it leaves), the first
+    # position whose sliding-window keys in its row are real (before it: whatever the row held,
+    # hidden by the mask), and whether a failure makes its keys unfit to keep.
+    prefix_blocks: tuple[bytes, ...] = ()
+    sliding_from: int = 0
+    unfit: bool = False
 
     @property
     def pending(self) -> tuple[int, ...]:
@@ -69,6 +77,10 @@ class PrefillCache(Protocol):
     def plan_prefill(self, segments: tuple[Segment, ...]) -> None: ...
 
     def clear_plan(self) -> None: ...
+
+    def read_keys(self, row: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def write_keys(self, row: int, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None: ...
 
 
 def cache_argument(model: PreTrainedModel) -> str:
@@ -97,7 +109,9 @@ class BaseRunner(ABC):
         max_context: int,
         stop_token_ids: Iterable[int],
         grammars: GrammarCompiler | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
+        """``prefix_cache_bytes``: what the prefix KV cache may hold (0: no prefix cache)."""
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
@@ -111,6 +125,8 @@ class BaseRunner(ABC):
         self._seqs: dict[str, SequenceState] = {}
         self.grammars = grammars
         self._grammar_masks: GrammarMasks | None = None
+        layout = LayerLayout.for_config(model.config.get_text_config())
+        self.prefix_cache = PrefixKVCache(layout, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     # -- membership ----------------------------------------------------------------------------
     @property
@@ -147,9 +163,11 @@ class BaseRunner(ABC):
         params: SamplingParams,
         stop_token_ids: Iterable[int] | None = None,
         fork_from: str | None = None,
-    ) -> None:
+    ) -> int:
         """A new sequence; with ``fork_from`` (a prefilled sequence with the same prompt) it starts
-        with that one's keys for all but its last prompt token, which its own prefill computes."""
+        with that one's keys for all but its last prompt token, which its own prefill computes;
+        otherwise with the longest prefix the prefix cache holds of its prompt, if any. Returns the
+        prompt tokens it starts with (its prefill is the rest)."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already in the runner")
         if not self.free_rows:
@@ -175,6 +193,45 @@ class BaseRunner(ABC):
             # Its first len - 1 positions hold the prompt's keys, whatever it has generated since.
             self._copy_keys(parent.row, seq.row, len(prompt) - 1)
             seq.length = len(prompt) - 1
+            seq.sliding_from = parent.sliding_from
+        elif self.prefix_cache is not None:
+            self._start_from_prefix(seq, self.prefix_cache.lookup(seq.prompt))
+        return seq.length
+
+    def _start_from_prefix(self, seq: SequenceState, match: PrefixMatch) -> None:
+        if not match.blocks or self.prefix_cache is None:
+            return
+        try:
+            seq.sliding_from = self.prefix_cache.load(match, self._cache, seq.row)
+        except Exception:  # the sequence just prefills its whole prompt
+            log.exception("prefix_cache_load_failed", request_id=seq.seq_id)
+            return
+        self.prefix_cache.pin(match.blocks)
+        seq.prefix_blocks = match.blocks
+        seq.length = match.length
+
+    def _leave(self, seq: SequenceState) -> None:
+        """A sequence is leaving (before its row is freed): what is in its row goes to the prefix
+        cache, and the blocks it matched are unpinned."""
+        if self.prefix_cache is None:
+            return
+        self.prefix_cache.unpin(seq.prefix_blocks)
+        seq.prefix_blocks = ()
+        if not seq.unfit:
+            self._keep_prefix(seq, seq.length)
+
+    def _keep_prefix(self, seq: SequenceState, end: int) -> None:
+        """Its first ``end`` positions into the prefix cache (those really in its row)."""
+        if self.prefix_cache is None:
+            return
+        tokens = (*seq.prompt, *seq.generated)[:end]
+        try:
+            self.prefix_cache.store(tokens, min(end, seq.length), self._cache, seq.row, seq.sliding_from)
+        except Exception:  # a cache that cannot keep this prefix must not fail the request
+            log.exception("prefix_cache_store_failed", request_id=seq.seq_id)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return None if self.prefix_cache is None else self.prefix_cache.stats()
 
     def pending_prompt(self, seq_id: str) -> int:
         return len(self._seqs[seq_id].pending)
@@ -245,6 +302,9 @@ class BaseRunner(ABC):
             self._seqs[seq_id].length += seg.length
         chosen = [seq for seq, _ in producing]
         tokens, failed, logprobs = self._choose(chosen, logits, must_continue) if producing else ({}, {}, {})
+        for seq in chosen[len(decode_ids) :]:  # the prompts now in: for requests that start the same way
+            if not seq.unfit:
+                self._keep_prefix(seq, len(seq.prompt))
         seconds = time.perf_counter() - started
         prompt_tokens = len(input_ids) - len(decode_ids)
         kind = "mixed" if decode_ids else "prefill"
@@ -293,6 +353,9 @@ class BaseRunner(ABC):
         failed: dict[str, FailureCode] = {
             seq.seq_id: "non_finite_logits" for seq, bad in zip(seqs, broken, strict=True) if bad
         }
+        for seq in seqs:
+            if seq.seq_id in failed:
+                seq.unfit = True  # its keys may hold what made its logits non-finite
         if failed:
             keep = [i for i, bad in enumerate(broken) if not bad]
             seqs, logits = [seqs[i] for i in keep], logits[keep]
@@ -322,6 +385,7 @@ class BaseRunner(ABC):
                 failed[seq.seq_id] = "grammar_failed"
                 continue
             seq.last_token = token
+            seq.generated.append(token)
             if seq.history is not None:
                 seq.history.add(token)
             tokens[seq.seq_id] = token
@@ -360,6 +424,7 @@ class ModelRunner(BaseRunner):
         max_context: int,
         stop_token_ids: Iterable[int],
         grammars: GrammarCompiler | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         layers = model.config.get_text_config().num_hidden_layers
         self._rows = RowKVCache(layers, max_batch_size, max_context)
@@ -370,6 +435,7 @@ class ModelRunner(BaseRunner):
             max_context=max_context,
             stop_token_ids=stop_token_ids,
             grammars=grammars,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
 
     def _in_row_order(self) -> list[SequenceState]:
@@ -384,6 +450,7 @@ class ModelRunner(BaseRunner):
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
+        self._leave(seq)
         last_row = len(self._seqs)
         if seq.row != last_row:
             last = next(other for other in self._seqs.values() if other.row == last_row)

@@ -90,6 +90,19 @@ class SlotKVCache(PlannedCache):
         for tensor in (*self._keys, *self._values):
             tensor[target, :, :length] = tensor[source, :, :length]
 
+    # -- the prefix cache's access ---------------------------------------------------------------
+    def read_keys(self, row: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._keys[layer][row, :, start:end], self._values[layer][row, :, start:end]
+
+    @torch.inference_mode()
+    def write_keys(self, row: int, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A cached prefix into a slot, in place (a captured graph reads these same tensors)."""
+        end = start + keys.shape[1]
+        if end > self.positions:
+            raise ValueError(f"cannot write {end} positions into a {self.positions}-position slot")
+        self._keys[layer][row, :, start:end] = keys
+        self._values[layer][row, :, start:end] = values
+
     def reserve(self, rows: int, positions: int) -> None:
         """Nothing to grow: only check the bounds (the runners' common interface)."""
         if rows > self.slots or positions > self.positions:

@@ -39,6 +39,7 @@ class StaticModelRunner(BaseRunner):
         cuda_graphs: bool = True,
         graphs: StepGraphs | None = None,
         smallest_kv_bucket: int = SMALLEST_KV_BUCKET,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         """``cuda_graphs``: capture decode steps when the model is on CUDA (``graphs`` overrides:
         a capture of the caller's, such as a stand-in off CUDA). ``smallest_kv_bucket``: the
@@ -46,7 +47,12 @@ class StaticModelRunner(BaseRunner):
         shape = SlotShape.for_config(model.config.get_text_config())
         self._slots = SlotKVCache(shape, max_batch_size, max_context, dtype=model.dtype, device=model.device)
         super().__init__(
-            model, self._slots, max_batch_size=max_batch_size, max_context=max_context, stop_token_ids=stop_token_ids
+            model,
+            self._slots,
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+            stop_token_ids=stop_token_ids,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
         self.graphs = graphs if graphs is not None else StepGraphs.for_device(model.device, cuda_graphs)
         self._decoder = StaticDecoder(
@@ -68,6 +74,7 @@ class StaticModelRunner(BaseRunner):
         """Free the sequence's slot (idempotent). Nothing moves: the other slots keep their keys."""
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
+            self._leave(seq)
             self._slots.free_slot(seq.row)
 
     def _copy_keys(self, source_row: int, target_row: int, length: int) -> None:

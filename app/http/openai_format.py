@@ -27,12 +27,20 @@ from app.http.tool_calls import (
 Kind = Literal["chat", "completion"]
 
 
-def usage_body(usage: Usage) -> dict[str, int]:
+def usage_body(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        # OpenAI's field: prompt tokens whose keys were reused (the prefix KV cache), not prefilled.
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+
+
+def cached_tokens(meta: ResponseMeta, per_choice: dict[int, int]) -> int:
+    """A request's reused prompt tokens: each prompt's first choice's (its other choices fork from
+    it, and the prompt is counted once, as in prompt_tokens)."""
+    return min(meta.prompt_tokens, sum(n for index, n in per_choice.items() if index % meta.n == 0))
 
 
 def is_reasoning(event: StreamToken) -> bool:
@@ -55,6 +63,7 @@ class ResponseMeta:
     tool_names: frozenset[str] = frozenset()  # the functions the model may call (tools)
     report_malformed: MalformedReport = lambda why: None  # a call the request cannot take (counted)
     json_call: bool = False  # a forced call on a model without Harmony: the answer is its JSON
+    n: int = 1  # choices per prompt: choice i is choice i % n of prompt i // n
 
     def extensions(self) -> dict[str, Any]:
         return {"prompt_version": self.prompt_version, "cache_key": self.cache_key, "cached": self.cached}
@@ -80,9 +89,11 @@ class ChunkWriter:
         self._logprobs: dict[int, ChatLogprobs | LegacyLogprobs | None] = {}  # choice index -> its collector
         self._calls: dict[int, CallStream] = {}  # choice index -> its tool calls so far
         self._json_calls: dict[int, JsonCallStream] = {}  # choice index -> its forced JSON call
+        self._cached_tokens: dict[int, int] = {}  # choice index -> its reused prompt tokens (at its end)
 
     def _usage(self) -> Usage:
-        return Usage(self._meta.prompt_tokens, sum(self._completion_tokens.values()))
+        cached = cached_tokens(self._meta, self._cached_tokens)
+        return Usage(self._meta.prompt_tokens, sum(self._completion_tokens.values()), cached)
 
     def _collector(self, index: int) -> ChatLogprobs | LegacyLogprobs | None:
         if index not in self._logprobs:
@@ -144,6 +155,7 @@ class ChunkWriter:
     def closing(self, done: StreamDone, index: int = 0) -> list[dict[str, Any]]:
         """A choice's finish chunk, with its timings."""
         self._completion_tokens[index] = done.usage.completion_tokens
+        self._cached_tokens[index] = done.usage.cached_tokens
         calls = self._calls.get(index) or self._json_calls.get(index)
         reason = done.finish_reason if calls is None else calls.finish_reason(done.finish_reason)
         choice: dict[str, Any] = {"index": index, "finish_reason": reason}
@@ -171,13 +183,14 @@ def full_response(
     """The non-streaming response object: ``choices`` (index, tokens, end), by index. The
     timings are the first choice's, as the response headers are."""
     completion_tokens = sum(done.usage.completion_tokens for _, _, done in choices)
+    cached = cached_tokens(meta, {index: done.usage.cached_tokens for index, _, done in choices})
     return {
         "id": meta.id,
         "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": meta.created,
         "model": meta.model,
         "choices": [choice_body(kind, meta, index, tokens, done) for index, tokens, done in choices],
-        "usage": usage_body(Usage(meta.prompt_tokens, completion_tokens)),
+        "usage": usage_body(Usage(meta.prompt_tokens, completion_tokens, cached)),
         "timings": dataclasses.asdict(choices[0][2].timings),
         **meta.extensions(),
     }

@@ -83,6 +83,7 @@ async def _respond(
         created=created_timestamp(),
         model=model.model_id,
         prompt_tokens=sum(len(jobs[0].prompt) for jobs in groups),
+        n=len(groups[0]),
         prompt_version=PROMPT_VERSION,
         cache_key=first.job.cache_key,
         cached=first.started.cache == "HIT",

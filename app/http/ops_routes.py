@@ -97,6 +97,8 @@ def stats_body(state: ServerState) -> dict[str, Any]:
             "cache": cache_body(pipeline),
         }
     )
+    prefix_max = state.config.prefix_cache_bytes
+    figures["prefix_cache"] = {"enabled": prefix_max > 0, "max_bytes": prefix_max, **figures["prefix_cache"]}
     model_id = pipeline.model.model_id if pipeline.model else state.config.model
     return {
         "model_metrics": {model_id: figures},

@@ -106,6 +106,7 @@ class ResponseWriter:
         self._open: _OpenItem | None = None
         self._sequence = 0
         self._output_tokens = 0
+        self._cached_tokens = 0  # input tokens the prefix KV cache reused (from the stream's end)
         self._reasoning_tokens = 0
         self._incomplete: dict[str, Any] | None = None
         self._error: dict[str, Any] | None = None
@@ -135,7 +136,8 @@ class ResponseWriter:
         return {
             "input_tokens": self.head.input_tokens,
             "input_tokens_details": {
-                "cached_tokens": self.head.input_tokens if self.head.cached else 0,
+                # A prompt-cache replay reused everything; otherwise what the prefix KV cache reused.
+                "cached_tokens": self.head.input_tokens if self.head.cached else self._cached_tokens,
                 "cache_write_tokens": 0,
             },
             "output_tokens": self._output_tokens,
@@ -313,6 +315,7 @@ class ResponseWriter:
 
     def done(self, done: StreamDone) -> list[Event]:
         self._output_tokens = done.usage.completion_tokens
+        self._cached_tokens = min(done.usage.cached_tokens, self.head.input_tokens)
         status, self._incomplete, self._error = status_of(done)
         events = self._json_call_end(status) if self.json_call else []
         events += self._close_item(status)

@@ -70,8 +70,7 @@ async def load_and_memory(client: httpx.AsyncClient, plan: PlanSettings) -> Chec
     async def sample_memory(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            memory = model_figures(await read_stats(client)).get("memory", {})
-            samples.append((finished, int(memory.get("rss_bytes", 0)), int(memory.get("gpu_allocated_bytes", 0))))
+            samples.append((finished, *memory_of(await read_stats(client))))
             await trio.sleep(plan.sample_every_s)
 
     progress = Progress("PR-LOAD01", settings.requests) if plan.progress else None
