@@ -52,6 +52,8 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             max_batch_size=config.profile.max_batch_size,
             cuda_graphs=config.cuda_graphs,
             max_seq_len=config.max_seq_len,
+            chat_template=config.chat_template,
+            tool_call_parser=config.tool_call_parser,
         )
 
     return load

@@ -24,7 +24,7 @@ from actors.step_thread import StepCaller
 from app.cli import hypercorn_config
 from app.config import PROFILES, ServerConfig
 from app.contract.model import ServedModel
-from app.engine.loader import ModelWeights, load_weights, serve_weights
+from app.engine.loader import ModelWeights, load_weights, read_chat_template, serve_weights
 from app.logging_setup import configure_logging
 from app.models.registry import resolve
 from app.server import Server, create_server
@@ -95,6 +95,8 @@ async def running_server(
             max_batch_size=config.profile.max_batch_size,
             cuda_graphs=config.cuda_graphs,
             max_seq_len=config.max_seq_len,
+            chat_template=read_chat_template(config.chat_template),
+            tool_call_parser=config.tool_call_parser,
         )
         return runner_hook(loaded) if runner_hook else loaded
 
@@ -123,7 +125,12 @@ def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = 
     state: dict[str, Any] = {}
 
     async def main() -> None:
-        loaded = serve_weights(model_weights, max_batch_size=config.profile.max_batch_size)
+        loaded = serve_weights(
+            model_weights,
+            max_batch_size=config.profile.max_batch_size,
+            chat_template=read_chat_template(config.chat_template),
+            tool_call_parser=config.tool_call_parser,
+        )
         server = create_server(config, loader=lambda: loaded)
         shutdown = trio.Event()
         state["stop"] = shutdown.set
