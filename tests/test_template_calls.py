@@ -110,6 +110,9 @@ def test_text_that_mentions_the_tag_is_words() -> None:
 def test_name_after_arguments_and_an_unclosed_call_are_still_calls() -> None:
     swapped = '<tool_call>{"arguments": {"zone": "CET"}, "name": "get_time"}</tool_call>'
     assert read(swapped)[1] == [("get_time", {"zone": "CET"})]
+    events, _ = parsed(list(swapped))  # read as it comes: scanned once, whole at its close
+    assert next(e for e in events if isinstance(e, CallEnded | CallOpened)) == CallOpened(0, "get_time")
+    assert "".join(e.text for e in events if isinstance(e, CallArguments)) == '{"zone": "CET"}'
     unclosed = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}'  # the output ended
     assert read(unclosed)[1:] == ([("get_time", {"zone": "UTC"})], [])
     cut = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "U'  # max_tokens ran out

@@ -132,6 +132,9 @@ class CallParser:
     arguments: list[str] = field(default_factory=list)  # the open call's arguments, as handed out
     depth: _JsonDepth = field(default_factory=_JsonDepth)
     opened: int = 0  # calls opened
+    # A head read whole (_whole): where its object closes is scanned once, as the text comes.
+    head_depth: _JsonDepth | None = None
+    head_scanned: int = 0  # characters of the head's object scanned so far
     said_words: bool = False  # words went out (llama3_json reads calls only at the start)
 
     def feed(self, text: str) -> list[Event]:
@@ -228,11 +231,16 @@ class CallParser:
     def _whole(self, events: list[Event], body: str, final: bool) -> bool:
         """A head this module does not stream (``arguments`` before ``name``, odd spacing): the
         whole call, once its object has closed (or the call has, or the text has ended)."""
-        end = _JsonDepth().closes_at(body[1:])
+        if self.head_depth is None:  # the head's object opened at body[0]
+            self.head_depth, self.head_scanned = _JsonDepth(), 1
+        closes = self.head_depth.closes_at(body[self.head_scanned :])
+        end = None if closes is None else self.head_scanned + closes  # just past the closing brace
+        self.head_scanned = len(body) if end is None else end
         limit = body.find(CLOSE) if self.syntax == "hermes" else -1
         if end is None and limit < 0 and not final:
             return False
-        cut = end + 1 if end is not None and (limit < 0 or end + 1 <= limit) else (limit if limit >= 0 else len(body))
+        self.head_depth = None
+        cut = end if end is not None and (limit < 0 or end <= limit) else (limit if limit >= 0 else len(body))
         call = body[:cut]
         self.call_text += self.pending[: len(self.pending) - len(body) + cut]
         self.pending = body[cut:]
