@@ -117,6 +117,8 @@ def test_name_after_arguments_and_an_unclosed_call_are_still_calls() -> None:
     assert read(unclosed)[1:] == ([("get_time", {"zone": "UTC"})], [])
     cut = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "U'  # max_tokens ran out
     assert read(cut) == (cut, [], ["invalid_arguments"])
+    # Words after a call that never closed are still words.
+    assert read('<tool_call>{"name": "get_time", "arguments": {}}\nDone.') == ("\nDone.", [("get_time", {})], [])
 
 
 def test_braces_and_tags_inside_strings_do_not_end_the_arguments() -> None:
@@ -132,6 +134,11 @@ def test_llama3_json_calls_are_the_whole_answer() -> None:
     assert read(prose, "llama3_json") == (prose, [], [])
     events, _ = parsed(list('{"name": "get_time", "parameters": {"zone": "CET"}}'), "llama3_json")
     assert "".join(e.text for e in events if isinstance(e, CallArguments)) == '{"zone": "CET"}'
+    swapped = '{"parameters": {}, "name": "get_time"}; {"name": "get_weather", "parameters": {"city": "x"}}'
+    for pieces in ([swapped], list(swapped)):  # the ";" between calls, whole or on its own
+        events, reports = parsed(pieces, "llama3_json")
+        assert [e.name for e in events if isinstance(e, CallOpened)] == ["get_time", "get_weather"]
+        assert words_of(events) == "" and reports == []
 
 
 def stream_deltas(pieces: list[str], reason: str = "stop") -> tuple[list[dict[str, Any]], str, list[str]]:

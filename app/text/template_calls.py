@@ -136,6 +136,7 @@ class CallParser:
     head_depth: _JsonDepth | None = None
     head_scanned: int = 0  # characters of the head's object scanned so far
     said_words: bool = False  # words went out (llama3_json reads calls only at the start)
+    outer_open: bool = False  # the call's own closing brace is still to come (after its arguments)
 
     def feed(self, text: str) -> list[Event]:
         self.pending += text
@@ -182,7 +183,7 @@ class CallParser:
         at = self.pending.find(OPEN)
         if at >= 0:
             self._say(events, self.pending[:at])
-            self.call_text, self.pending, self.mode = OPEN, self.pending[at + len(OPEN) :], "head"
+            self._open_head(OPEN, self.pending[at + len(OPEN) :])
             return True
         keep = 0 if final else _held_prefix(self.pending, OPEN)
         self._say(events, self.pending[: len(self.pending) - keep])
@@ -193,15 +194,21 @@ class CallParser:
         """Llama 3 answers with calls or with words: a call only where the answer (or the last
         call) left off."""
         stripped = self.pending.lstrip()
+        if self.opened and not self.said_words:  # calls are joined by ";"
+            stripped = stripped.removeprefix(";").lstrip()
         if stripped.startswith(PYTHON_TAG):
             stripped = stripped[len(PYTHON_TAG) :].lstrip()
         if stripped.startswith("{") and not self.said_words:
-            self.call_text, self.pending, self.mode = "", stripped, "head"
+            self._open_head("", stripped)
             return True
         if not final and (not stripped or PYTHON_TAG.startswith(stripped)):
             return False  # whitespace, or maybe the tag: wait
         self.mode = "text"
         return True
+
+    def _open_head(self, call_text: str, pending: str) -> None:
+        self.call_text, self.pending, self.mode = call_text, pending, "head"
+        self.head_depth, self.head_scanned = None, 0  # a new call's head: nothing of it scanned
 
     def _head(self, events: list[Event], final: bool) -> bool:
         body = self.pending.lstrip()
@@ -224,7 +231,7 @@ class CallParser:
         self.call_text += self.pending[: len(self.pending) - len(body) + head.end()]
         self.pending = body[head.end() :]
         self._open(events, name)
-        self.arguments, self.depth, self.mode = ["{"], _JsonDepth(), "arguments"
+        self.arguments, self.depth, self.mode, self.outer_open = ["{"], _JsonDepth(), "arguments", True
         events.append(CallArguments(self.opened, "{"))
         return True
 
@@ -255,7 +262,7 @@ class CallParser:
             self._open(events, name)
             events.append(CallArguments(self.opened, text))
             self.arguments = [text]
-            self.mode = "tail"
+            self.mode, self.outer_open = "tail", False
             return True
         self.report("unknown_function" if isinstance(name, str) and name not in self.names else "invalid_arguments")
         self._say(events, self.call_text)
@@ -290,17 +297,21 @@ class CallParser:
         """After the arguments: the call object's brace, then (hermes) the closing tag."""
         if self.syntax == "llama3_json":
             rest = self.pending.lstrip()
-            if rest.startswith("}"):
+            if self.outer_open and not rest and not final:
+                return False
+            if self.outer_open and rest.startswith("}"):
                 self.call_text += self.pending[: len(self.pending) - len(rest) + 1]
                 self.pending = rest[1:]
-            elif not rest and not final:
-                return False
             self._close(events)
-            rest = self.pending.lstrip()
-            if rest.startswith(";"):
-                self.pending = rest[1:]
             return True
         at = self.pending.find(CLOSE)
+        if at < 0 and final:  # the text ended unclosed: the call's brace, and the rest is words
+            rest = self.pending.lstrip()
+            at = len(self.pending) - len(rest) + (1 if rest.startswith("}") else 0)
+            self.call_text += self.pending[:at]
+            self.pending = self.pending[at:]
+            self._close(events)
+            return True
         if at < 0:
             return False
         self.call_text += self.pending[: at + len(CLOSE)]
