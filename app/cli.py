@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from app.config import (
     DEFAULT_PREFIX_CACHE_MB,
     LOG_LEVELS,
     PROFILES,
+    TOOL_CALL_PARSERS,
     ConfigError,
     ServerConfig,
     keys_from_env,
@@ -181,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=30 * 24 * 3600,
         help="seconds a stored response is kept (30 days)",
     )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="PATH",
+        help="a Jinja chat template file that replaces the model's own (for instance one that renders "
+        "tools and <tool_call> calls, so that tool_choice auto is served)",
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=TOOL_CALL_PARSERS,
+        help="how a model without Harmony writes tool calls (tool_choice auto): auto reads the syntax "
+        "its chat template teaches (hermes <tool_call> JSON, llama3_json), none refuses auto",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -220,6 +236,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         responses_max_count=args.responses_max_count,
         responses_max_bytes=int(args.responses_max_mb * 1024 * 1024),
         responses_ttl=args.responses_ttl,
+        chat_template=args.chat_template,
+        tool_call_parser=args.tool_call_parser,
     )
 
 
@@ -281,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    if config.chat_template is not None and not os.path.isfile(config.chat_template):
+        print(f"error: --chat-template {config.chat_template}: no such file", file=sys.stderr)
+        return 2
     try:
         resolve(config.model, config.served_model_name)
     except ModelNotFoundError as error:

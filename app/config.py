@@ -16,6 +16,10 @@ DEFAULT_MAX_CONNECTIONS = 512
 # sliding layers keep only the window before each stored end), about 22,000 of SmolLM2 in fp32.
 DEFAULT_PREFIX_CACHE_MB = 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# How tool calls in a chat template's own syntax are read back (app.text.template_calls): auto
+# picks the syntax the template teaches; none reads none (tool_choice "auto" is then refused).
+ToolCallParser = Literal["auto", "hermes", "llama3_json", "none"]
+TOOL_CALL_PARSERS: tuple[ToolCallParser, ...] = ("auto", "hermes", "llama3_json", "none")
 
 
 class ConfigError(ValueError):
@@ -134,6 +138,10 @@ class ServerConfig:
     responses_max_count: int = 10_000
     responses_max_bytes: int = 256 * 1024 * 1024
     responses_ttl: float = 30 * 24 * 3600.0
+    # A Jinja chat template file that replaces the tokenizer's (None: the model's own), and how
+    # tool calls in its syntax are read back from the output.
+    chat_template: str | None = None
+    tool_call_parser: ToolCallParser = "auto"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -157,6 +165,9 @@ class ServerConfig:
             raise ConfigError("the response store's limits (count, megabytes, ttl) must be positive")
         if self.prefix_cache_bytes < 0:
             raise ConfigError(f"prefix_cache_bytes must not be negative, got {self.prefix_cache_bytes}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            choices = ", ".join(TOOL_CALL_PARSERS)
+            raise ConfigError(f"tool_call_parser must be one of {choices}, got {self.tool_call_parser!r}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
 

@@ -53,6 +53,8 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             cuda_graphs=config.cuda_graphs,
             max_seq_len=config.max_seq_len,
             prefix_cache_bytes=config.prefix_cache_bytes,
+            chat_template=config.chat_template,
+            tool_call_parser=config.tool_call_parser,
         )
 
     return load

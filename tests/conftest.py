@@ -24,7 +24,7 @@ from actors.step_thread import StepCaller
 from app.cli import hypercorn_config
 from app.config import PROFILES, ServerConfig
 from app.contract.model import ServedModel
-from app.engine.loader import ModelWeights, load_weights, serve_weights
+from app.engine.loader import ModelWeights, load_weights, read_chat_template, serve_weights
 from app.logging_setup import configure_logging
 from app.models.registry import resolve
 from app.server import Server, create_server
@@ -96,6 +96,8 @@ async def running_server(
             cuda_graphs=config.cuda_graphs,
             max_seq_len=config.max_seq_len,
             prefix_cache_bytes=config.prefix_cache_bytes,
+            chat_template=read_chat_template(config.chat_template),
+            tool_call_parser=config.tool_call_parser,
         )
         return runner_hook(loaded) if runner_hook else loaded
 
@@ -125,7 +127,11 @@ def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = 
 
     async def main() -> None:
         loaded = serve_weights(
-            model_weights, max_batch_size=config.profile.max_batch_size, prefix_cache_bytes=config.prefix_cache_bytes
+            model_weights,
+            max_batch_size=config.profile.max_batch_size,
+            chat_template=read_chat_template(config.chat_template),
+            tool_call_parser=config.tool_call_parser,
+            prefix_cache_bytes=config.prefix_cache_bytes,
         )
         server = create_server(config, loader=lambda: loaded)
         shutdown = trio.Event()

@@ -85,6 +85,22 @@ def test_cuda_graphs_flag_reaches_the_config() -> None:
         config_from_args(build_parser().parse_args(["--max-seq-len", "1"]))
 
 
+def test_chat_template_and_tool_call_parser_reach_the_config() -> None:
+    template = str(ROOT / "tests" / "data" / "hermes_tools.jinja")
+    args = ["--chat-template", template, "--tool-call-parser", "hermes"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert config.chat_template == template and config.tool_call_parser == "hermes"
+    assert config_from_args(build_parser().parse_args([])).tool_call_parser == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--tool-call-parser", "mistral"])
+
+
+def test_a_missing_chat_template_is_refused_at_once() -> None:
+    result = run_cli("--model", "tiny-gpt-oss", "--chat-template", "/tmp/no/such/template.jinja", "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --chat-template /tmp/no/such/template.jinja: no such file"
+
+
 async def test_serves_then_exits_zero_on_sigterm() -> None:
     async with app_process("--model", "tiny-gpt-oss") as (process, url):
         with trio.fail_after(120):

@@ -12,6 +12,7 @@ import trio
 from actors.messages import GenerationJob, StreamError, StreamEvent, StreamToken
 from actors.pipeline import Pipeline
 from app.config import ServerConfig
+from app.contract.model import CallSyntax
 from app.contract.sampling import SamplingParams
 from tests.fakes import FakeBackend, inline_steps
 
@@ -31,6 +32,7 @@ class FakeModel:
     decode_path: str = "dynamic"
     grammars: None = None
     max_token_bytes: int = 16
+    tool_call_syntax: CallSyntax | None = None
     vocab_size: int = 1000
 
     def decode(self, token_ids: Sequence[int]) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from app.contract.grammar import GrammarService
 from app.contract.step import StepBackend
+
+# How a chat template writes tool calls, read back by app.text.template_calls.
+CallSyntax = Literal["hermes", "llama3_json"]
 
 
 class ServedModel(Protocol):
@@ -36,6 +39,12 @@ class ServedModel(Protocol):
     @property
     def harmony(self) -> bool:
         """gpt-oss: prompts are Harmony conversations and the output has channels."""
+        ...
+
+    @property
+    def tool_call_syntax(self) -> CallSyntax | None:
+        """How the model's chat template writes tool calls ("hermes", "llama3_json"), read back
+        for tool_choice auto; None: no syntax is read (gpt-oss's calls are Harmony messages)."""
         ...
 
     @property

@@ -7,14 +7,18 @@ The runner is chosen here, once: ``ModelRunner`` (the dynamic row cache) by defa
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from app.config import ToolCallParser
+from app.contract.model import CallSyntax
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine import moe_loading
@@ -25,6 +29,7 @@ from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_runner import StaticModelRunner
 from app.models.registry import GPT_OSS_SIZES, ModelSource
 from app.models.token_bytes import TokenBytes
+from app.text.template_calls import syntax_for
 
 log = structlog.get_logger("engine.loader")
 
@@ -57,6 +62,7 @@ class LoadedModel:
     grammars: GrammarCompiler | None = None  # structured outputs (xgrammar), over this tokenizer
     decode_path: str = "dynamic"  # "dynamic", "static" (eager) or "static+cuda_graphs"
     max_token_bytes: int = 4096  # no token is longer: a prompt's size bounds its length in tokens
+    tool_call_syntax: CallSyntax | None = None  # how its chat template writes tool calls (None: unread)
     _token_bytes: TokenBytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +200,8 @@ def serve_weights(
     precapture_positions: int = PRECAPTURE_POSITIONS,
     capture: Capture | None = None,
     prefix_cache_bytes: int = 0,
+    chat_template: str | None = None,
+    tool_call_parser: ToolCallParser = "auto",
 ) -> LoadedModel:
     """A fresh runner (and KV cache) over loaded weights, warmed up.
 
@@ -203,6 +211,8 @@ def serve_weights(
     ``capture``: what captures the static path's decode steps instead of CUDA graphs, on any
     device (the GPU check's CPU run serves through a stand-in, so its replays are what it measures).
     ``prefix_cache_bytes``: what the prefix KV cache may hold (0: none).
+    ``chat_template``: a template's text that replaces the tokenizer's (--chat-template), and
+    ``tool_call_parser`` how tool calls in a template's syntax are read back (--tool-call-parser).
     """
     max_context = weights.max_context
     if max_seq_len is not None:
@@ -222,6 +232,11 @@ def serve_weights(
         )
     runner.grammars = grammar_compiler(weights, runner.vocab_size)
     _warm_up(runner, weights.tokenizer)
+    tokenizer = weights.tokenizer
+    if chat_template is not None:
+        # A copy: the weights (and their tokenizer) may be shared by other servers.
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = chat_template
     decode_path = "dynamic"
     if isinstance(runner, StaticModelRunner):
         if runner.graphs.enabled:
@@ -236,7 +251,7 @@ def serve_weights(
         device=str(weights.device),
         max_context=max_context,
         harmony=weights.harmony,
-        tokenizer=weights.tokenizer,
+        tokenizer=tokenizer,
         runner=runner,
         stop_token_ids=weights.stop_token_ids,
         parameters=weights.parameters,
@@ -244,7 +259,19 @@ def serve_weights(
         vocab_size=runner.vocab_size,
         decode_path=decode_path,
         max_token_bytes=longest_token_bytes(weights.tokenizer),
+        # gpt-oss's calls are Harmony messages (app.text.harmony_text), whatever the template.
+        tool_call_syntax=None if weights.harmony else syntax_for(tokenizer.chat_template, tool_call_parser),
     )
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """--chat-template's file, read (None: the model's own template is kept)."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"cannot read the chat template {path}: {_first_line(error)}") from error
 
 
 def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
@@ -295,13 +322,18 @@ def load_model(
     cuda_graphs: bool = False,
     max_seq_len: int | None = None,
     prefix_cache_bytes: int = 0,
+    chat_template: str | None = None,
+    tool_call_parser: ToolCallParser = "auto",
 ) -> LoadedModel:
+    template = read_chat_template(chat_template)  # before the weights: a wrong path fails at once
     return serve_weights(
         load_weights(source, dtype=dtype, device=device),
         max_batch_size=max_batch_size,
         cuda_graphs=cuda_graphs,
         max_seq_len=max_seq_len,
         prefix_cache_bytes=prefix_cache_bytes,
+        chat_template=template,
+        tool_call_parser=tool_call_parser,
     )
 
 

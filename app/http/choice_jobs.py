@@ -65,6 +65,7 @@ def build_choice_jobs(
     tenant: str | None = None,
     structured: StructuredFields | None = None,
     tools: ToolUse | None = None,
+    reads_template_calls: bool = False,
 ) -> list[tuple[GenerationJob, ...]]:
     """Per prompt, its n choices' jobs. Each prompt is tokenized and checked against the context
     on its own (build_job), once: its choices differ only in their seeds."""
@@ -83,6 +84,7 @@ def build_choice_jobs(
             tenant=tenant,
             structured=structured,
             tools=tools,
+            reads_template_calls=reads_template_calls,
         )
         groups.append(tuple(choice_job(job, j, model.model_id, tenant) for j in range(n)))
     return groups

@@ -28,12 +28,16 @@ MAX_TIMEOUT_SECONDS = 24 * 3600.0
 # leaves CALL_ROOM tokens of max_tokens for the call (its header is about 15, the rest arguments).
 REASONING_BUDGET = {"low": 256, "medium": 1024, "high": 4096}
 CALL_ROOM = 128
-# tool_choice auto on a model without Harmony would need its chat template's own call syntax read
-# back from its output, which is not served: its calls can be forced instead.
+# tool_choice auto on a model without Harmony: its calls are read back in its chat template's own
+# syntax (app.text.template_calls), where the template has one this server knows; else refused,
+# and the calls can be forced instead.
+FORCE_INSTEAD = "use tool_choice 'required' or a named function (answered through constrained JSON), or 'none'"
 AUTO_TOOLS_REFUSED = (
-    "tool_choice 'auto' is served on gpt-oss only: on this model use tool_choice 'required' or a named "
-    "function (answered through constrained JSON), or 'none'"
+    "tool_choice 'auto' needs a chat template whose tool-call syntax this server reads (Hermes <tool_call> "
+    "JSON, Llama 3 JSON), and this model's has none: serve it with --chat-template (or --tool-call-parser), "
+    "or " + FORCE_INSTEAD
 )
+AUTO_TOOLS_REFUSED_HERE = "tool_choice 'auto' is served here on gpt-oss only: on this model " + FORCE_INSTEAD
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding
 OVER = "context_length_exceeded"
 # What an X-Request-Id may be: the ids proxies and clients make (UUIDs, base64, "req-42", ...).
@@ -234,12 +238,15 @@ def build_job(
     tenant: str | None = None,
     structured: StructuredFields | None = None,
     tools: ToolUse | None = None,
+    reads_template_calls: bool = False,
 ) -> GenerationJob:
     """Everything an endpoint needs to start a generation: tokens, sampling, deadline, cache key.
 
     ``request_id`` and ``timeout_header`` are the request's ``X-Request-Id`` and
     ``X-Request-Timeout`` headers (the latter may set the deadline). The cheap checks come first;
     tokenizing and the cache key run in a worker thread (see app.http.streams.off_loop).
+    ``reads_template_calls``: the endpoint reads calls in the chat template's syntax back (chat
+    completions), so tool_choice auto is served on a model whose template has one.
     """
     shown_id = client_request_id(request_id)
     job_deadline = deadline(received_at, fields.timeout, timeout_header)
@@ -248,7 +255,10 @@ def build_job(
     constraint = output_constraint(model, fields, structured, harmony_chat=text_mode == "harmony")
     forced_call = tools is not None and bool(tools.forced)
     if tools is not None and tools.tools and not forced_call and text_mode != "harmony":
-        raise ApiError(400, AUTO_TOOLS_REFUSED, param="tool_choice", code="invalid_value")
+        if model.tool_call_syntax is None:
+            raise ApiError(400, AUTO_TOOLS_REFUSED, param="tool_choice", code="invalid_value")
+        if not reads_template_calls:
+            raise ApiError(400, AUTO_TOOLS_REFUSED_HERE, param="tool_choice", code="invalid_value")
     if forced_call and constraint is not None:
         message = "a forced tool call cannot be combined with a response format"
         raise ApiError(400, message, param="tool_choice", code="invalid_value")

@@ -13,16 +13,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from actors.messages import StreamDone, StreamToken, Usage
+from app.contract.model import CallSyntax
 from app.http.logprobs_format import ChatLogprobs, LegacyLogprobs
 from app.http.tool_calls import (
     CallStream,
     JsonCallStream,
     MalformedReport,
+    TemplateCallStream,
     is_call_text,
     parse_json_call,
     split_calls,
+    template_answer,
     tool_calls_body,
 )
+from app.text.template_calls import CallParser
 
 Kind = Literal["chat", "completion"]
 
@@ -64,6 +68,8 @@ class ResponseMeta:
     report_malformed: MalformedReport = lambda why: None  # a call the request cannot take (counted)
     json_call: bool = False  # a forced call on a model without Harmony: the answer is its JSON
     n: int = 1  # choices per prompt: choice i is choice i % n of prompt i // n
+    # tool_choice auto on a model without Harmony: calls in its chat template's syntax
+    call_syntax: CallSyntax | None = None
 
     def extensions(self) -> dict[str, Any]:
         return {"prompt_version": self.prompt_version, "cache_key": self.cache_key, "cached": self.cached}
@@ -90,6 +96,7 @@ class ChunkWriter:
         self._calls: dict[int, CallStream] = {}  # choice index -> its tool calls so far
         self._json_calls: dict[int, JsonCallStream] = {}  # choice index -> its forced JSON call
         self._cached_tokens: dict[int, int] = {}  # choice index -> its reused prompt tokens (at its end)
+        self._template_calls: dict[int, TemplateCallStream] = {}  # choice index -> its template's calls
 
     def _usage(self) -> Usage:
         cached = cached_tokens(self._meta, self._cached_tokens)
@@ -142,6 +149,8 @@ class ChunkWriter:
                 return []
             logprobs = None if collector is None else collector.take()
             return [self._chunk({"index": index, "delta": json_delta, "logprobs": logprobs, "finish_reason": None})]
+        if self._kind == "chat" and self._meta.call_syntax is not None:
+            return self._template_chunks(index, self._template_stream(index).delta(event.text))
         logprobs = None if collector is None else collector.take()
         if self._kind == "completion":
             return [self._chunk({"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": None})]
@@ -152,11 +161,30 @@ class ChunkWriter:
         )
         return [self._chunk({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})]
 
+    def _template_stream(self, index: int) -> TemplateCallStream:
+        if index not in self._template_calls:
+            assert self._meta.call_syntax is not None
+            parser = CallParser(self._meta.call_syntax, self._meta.tool_names, self._meta.report_malformed)
+            self._template_calls[index] = TemplateCallStream(parser)
+        return self._template_calls[index]
+
+    def _template_chunks(self, index: int, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One chunk per delta; the tokens' logprobs ride with the first (held text: the next)."""
+        chunks: list[dict[str, Any]] = []
+        collector = self._collector(index)
+        for delta in deltas:
+            logprobs = collector.take() if collector is not None and not chunks else None
+            chunks.append(self._chunk({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}))
+        return chunks
+
     def closing(self, done: StreamDone, index: int = 0) -> list[dict[str, Any]]:
-        """A choice's finish chunk, with its timings."""
+        """A choice's finish chunk, with its timings (after what a template's calls held back)."""
         self._completion_tokens[index] = done.usage.completion_tokens
         self._cached_tokens[index] = done.usage.cached_tokens
-        calls = self._calls.get(index) or self._json_calls.get(index)
+        held: list[dict[str, Any]] = []
+        if self._kind == "chat" and self._meta.call_syntax is not None:
+            held = self._template_chunks(index, self._template_stream(index).flush())
+        calls = self._calls.get(index) or self._json_calls.get(index) or self._template_calls.get(index)
         reason = done.finish_reason if calls is None else calls.finish_reason(done.finish_reason)
         choice: dict[str, Any] = {"index": index, "finish_reason": reason}
         # Entries of tokens whose text never came (a stop string cut it) close the stream.
@@ -166,7 +194,7 @@ class ChunkWriter:
             choice |= {"delta": {}, "logprobs": left}
         else:
             choice |= {"text": "", "logprobs": left}
-        return [self._chunk(choice) | {"timings": dataclasses.asdict(done.timings)}]
+        return [*held, self._chunk(choice) | {"timings": dataclasses.asdict(done.timings)}]
 
     def usage(self) -> list[dict[str, Any]]:
         """After every choice's finish chunk: the usage chunk, if the client asked for it."""
@@ -213,6 +241,13 @@ def choice_body(
             if found.calls:
                 message["content"] = message["content"] or None  # only calls: content is null
                 message["tool_calls"] = tool_calls_body(found.calls)
+                if done.finish_reason == "stop":
+                    choice["finish_reason"] = "tool_calls"
+        if meta.call_syntax is not None:
+            words, calls = template_answer(content, meta.call_syntax, meta.tool_names, meta.report_malformed)
+            message["content"] = (words or None) if calls else words
+            if calls:
+                message["tool_calls"] = tool_calls_body(calls)
                 if done.finish_reason == "stop":
                     choice["finish_reason"] = "tool_calls"
         if meta.json_call and (call := parse_json_call(content)) is not None:

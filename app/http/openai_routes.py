@@ -15,6 +15,7 @@ from quart_trio import QuartTrio
 
 from actors.messages import GenerationJob, StreamDone, StreamError, StreamToken
 from actors.metrics_events import MalformedToolCall
+from app.contract.model import CallSyntax
 from app.http.body import parse_body
 from app.http.choice_jobs import build_choice_jobs, check_choice_count
 from app.http.choice_streams import collect, merged_events, open_choices, sse_response
@@ -69,6 +70,7 @@ async def _respond(
     id_prefix: str,
     tool_names: frozenset[str] = frozenset(),
     json_call: bool = False,
+    call_syntax: CallSyntax | None = None,
 ) -> Response:
     """Open every choice (``groups``: per prompt, its n choices' jobs) and answer with all of them."""
     choices = await open_choices(state, groups)
@@ -92,6 +94,7 @@ async def _respond(
         tool_names=tool_names,
         report_malformed=report_malformed,
         json_call=json_call,
+        call_syntax=call_syntax,
     )
     headers = stream_headers(first.handle, first.job, first.started)
     events = merged_events(state, choices)
@@ -136,11 +139,15 @@ def register(app: QuartTrio, state: ServerState) -> None:
             structured=body,
             max_tokens_field=body.effective_max_tokens_field(),
             tools=body.tool_use(),
+            reads_template_calls=True,
         )
         groups = await off_loop(state, build)
         tools = body.tool_use()
         json_call = bool(tools.forced) and not model.harmony  # answered as {"name", "arguments"} JSON
-        return await _respond(state, "chat", body, groups, model, "chatcmpl", tools.names, json_call)
+        # tool_choice auto without Harmony: calls in the chat template's syntax (build_job checked it has one)
+        auto_calls = bool(tools.tools) and not tools.forced and not model.harmony
+        syntax = model.tool_call_syntax if auto_calls else None
+        return await _respond(state, "chat", body, groups, model, "chatcmpl", tools.names, json_call, syntax)
 
     @app.post("/v1/completions")
     async def completions() -> Response:

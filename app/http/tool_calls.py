@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.messages import StreamToken
+from app.contract.model import CallSyntax
+from app.text.template_calls import CallArguments, CallEnded, CallOpened, CallParser, Event, Words, read_answer
 
 FUNCTIONS = "functions."
 MalformedReport = Callable[[str], None]  # called with why: "unknown_function" or "invalid_arguments"
@@ -186,3 +188,57 @@ class JsonCallStream:
 
     def finish_reason(self, reason: str) -> str:
         return "tool_calls" if self.opened and reason == "stop" and parse_json_call(self.text) else reason
+
+
+# tool_choice auto on a model without Harmony: calls in its chat template's own syntax, read back
+# by app.text.template_calls; the words around them are the answer's content.
+def template_deltas(events: Sequence[Event]) -> list[dict[str, Any]]:
+    """Chunk deltas for a parser's events: a call's opening carries its first arguments."""
+    deltas: list[dict[str, Any]] = []
+    for event in events:
+        if isinstance(event, Words):
+            deltas.append({"content": event.text})
+        elif isinstance(event, CallOpened):
+            opened = {"index": event.index, "id": new_call_id(), "type": "function"}
+            deltas.append({"tool_calls": [opened | {"function": {"name": event.name, "arguments": ""}}]})
+        elif isinstance(event, CallArguments):
+            last = deltas[-1]["tool_calls"][0] if deltas and "tool_calls" in deltas[-1] else None
+            if last is not None and last["index"] == event.index and "name" in last["function"]:
+                last["function"]["arguments"] += event.text  # the opening chunk, not yet sent
+            else:
+                deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
+    return deltas
+
+
+@dataclass(slots=True)
+class TemplateCallStream:
+    """One streamed choice read in its template's call syntax: words as content until a call
+    opens, then the call as ``delta.tool_calls``; how the calls ended decides finish_reason."""
+
+    parser: CallParser
+    ended: list[bool] = field(default_factory=list)  # per call, whether its arguments were an object
+
+    def delta(self, text: str) -> list[dict[str, Any]]:
+        return self._deltas(self.parser.feed(text))
+
+    def flush(self) -> list[dict[str, Any]]:
+        """What the parser held back, once the output has ended."""
+        return self._deltas(self.parser.finish())
+
+    def _deltas(self, events: list[Event]) -> list[dict[str, Any]]:
+        self.ended += [event.valid for event in events if isinstance(event, CallEnded)]
+        return template_deltas(events)
+
+    def finish_reason(self, reason: str) -> str:
+        """``tool_calls`` when the output stopped after calls whose arguments are all objects
+        (a broken one's fragments have gone out: it is counted, and the reason stays)."""
+        return "tool_calls" if self.ended and all(self.ended) and reason == "stop" else reason
+
+
+def template_answer(
+    text: str, syntax: CallSyntax, names: frozenset[str], report: MalformedReport
+) -> tuple[str, tuple[ParsedCall, ...]]:
+    """A whole answer read in its template's syntax: its words (malformed calls' text among
+    them) and its calls."""
+    read = read_answer(text, syntax, names, report)
+    return read.words, tuple(ParsedCall(c.name, c.arguments) for c in read.calls)

@@ -182,8 +182,11 @@ def tools_instructions(tools: tuple[ToolSpec, ...]) -> str:
 
 
 def _render_template(spec: PromptSpec, tokenizer: Tokenizer) -> list[int]:
-    native_tools = bool(spec.tools) and template_takes_tools(tokenizer)
-    messages = [_template_message(m, native_tools) for m in spec.messages or ()]
+    # A template that renders tools renders the calls and results going back in as well, whether
+    # or not this request offers tools (tool_choice "none" after a call still shows the call).
+    takes_tools = template_takes_tools(tokenizer)
+    native_tools = bool(spec.tools) and takes_tools
+    messages = [_template_message(m, takes_tools) for m in spec.messages or ()]
     if spec.tools and not native_tools:
         messages.insert(0, {"role": "system", "content": tools_instructions(spec.tools)})
     if spec.instructions:
