@@ -74,3 +74,16 @@ def test_the_bare_loop_steps_as_the_scheduler_plans(smollm2_weights: ModelWeight
     assert steps.count("prefill") == -(-prompt_tokens // 8), "8 prompt tokens per prefill step"
     assert steps.count("decode") >= TOKENS - 1
     assert runner.free_rows == runner.max_batch_size, "every row was released"
+
+
+def test_the_command_prints_the_table_and_the_verdict(
+    smollm2_weights: ModelWeights, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--streams", "1", "--tokens", "2", "--prompt-tokens", "8", "--rounds", "1", "--bar-streams", "1"]
+    with server_in_thread(smollm2_weights, server_config(model="smollm2-135m")) as url:
+        passed = bench.main([*argv, "--url", url, "--min-ratio", "0"])
+        failed = bench.main([*argv, "--url", url, "--min-ratio", "1000"])
+    out = capsys.readouterr().out
+    assert (passed, failed) == (0, 1)
+    assert out.count("| streams | server tok/s |") == 2 and "2 tokens per stream" in out
+    assert "(needs >= 0.0): PASS" in out and "(needs >= 1000.0): FAIL" in out

@@ -14,7 +14,8 @@ cache):
 - bare: in this process, a ``ModelRunner`` over the same weights, driven by a loop that admits the
   N sequences and runs the steps the scheduler would run: the step policy is the scheduler's own
   (app.batching.batch.Batch, which plans every step with app.batching.plan.plan_step), under the
-  same profile. Nothing else: no threads, no channels, no text.
+  same profile, in a worker thread as the server's steps run. Nothing else: no event loop work, no
+  channels, no text.
 
 The two sides alternate round by round (the server sits idle while the bare loop runs) and each
 keeps its best round, so a noisy neighbour hurts both alike. Prints tokens/s of each, their ratio
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import shlex
 import statistics
 import sys
@@ -169,15 +171,16 @@ async def server_round(client: httpx.AsyncClient, prompts: Sequence[str], tokens
 
 
 async def alternating(url: str, workload: Workload, streams: int, bare: Callable[[], Round]) -> list[Row]:
-    """``rounds`` server rounds, each followed by a bare round (run here, while the server and its
-    clients wait): a neighbour's load that comes and goes hits both sides alike."""
+    """``rounds`` server rounds, each followed by a bare round (while the server and its clients
+    wait): a neighbour's load that comes and goes hits both sides alike."""
     limits = httpx.Limits(max_connections=streams + 4)
     server_rounds, bare_rounds = [], []
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await server_round(client, workload.prompts[:streams], 4)  # warm: the connections, the first requests
         for _ in range(workload.rounds):
             server_rounds.append(await server_round(client, workload.prompts[:streams], workload.tokens))
-            bare_rounds.append(bare())
+            # In a worker thread, as the server runs its steps: thread placement is no difference.
+            bare_rounds.append(await trio.to_thread.run_sync(bare))
     return [Row(streams, server, bare) for server, bare in zip(server_rounds, bare_rounds, strict=True)]
 
 
@@ -248,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = dataclasses.replace(
         PROFILES[args.profile], max_batch_size=max(PROFILES[args.profile].max_batch_size, *levels)
     )
+    load_before = os.getloadavg()[0]
     weights = load_weights(resolve(args.model), dtype=args.dtype, device=args.device)
     model = serve_weights(weights, max_batch_size=profile.max_batch_size)
     texts, ids = make_prompts(weights, max(levels), args.prompt_tokens)
@@ -261,10 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         with app_server(*server_args, *shlex.split(args.server_args), env=OFFLINE) as url:
             rows = measure(url, model, workload)
     lengths = sorted({len(p) for p in ids})
+    load = os.getloadavg()[0]
     print()
     print(
         f"{args.model} ({args.dtype}, {args.device}), {lengths[0]}-{lengths[-1]} prompt tokens, "
-        f"{args.tokens} tokens per stream, greedy; best of {args.rounds} rounds"
+        f"{args.tokens} tokens per stream, greedy; best of {args.rounds} rounds; "
+        f"1-minute load average {load_before:.2f} before, {load:.2f} after (a busy machine makes both noisy)"
     )
     print(render_table(rows))
     checked = [row for row in rows if row.streams == args.bar_streams]
