@@ -44,6 +44,9 @@ class Profile:
     # forward as their tokens (chunked prefill), so the running streams are not stalled by it.
     # 0: no mixed steps (prefill steps and decode steps alternate, max_consecutive_prefills).
     step_token_budget: int = 0
+    # The most a mixed step may take, as a multiple of a decode step, once both have been measured:
+    # its prompt chunk is sized to keep within it (app.batching.step_pace). 0: the budget alone.
+    mixed_step_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         for field in ("max_batch_size", "max_queue", "prefill_chunk_tokens", "max_consecutive_prefills"):
@@ -56,12 +59,16 @@ class Profile:
         budget = self.step_token_budget
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
             raise ConfigError(f"profile {self.name}: step_token_budget must be 0 or more, got {budget!r}")
+        slowdown = self.mixed_step_slowdown
+        if not isinstance(slowdown, int | float) or isinstance(slowdown, bool) or not (slowdown == 0 or slowdown > 1):
+            raise ConfigError(f"profile {self.name}: mixed_step_slowdown must be 0 or more than 1, got {slowdown!r}")
 
 
 PROFILES = {
     # The seed's: new prompts are prefilled first and in small chunks, batches stay moderate, the
     # queue is short so overload is refused early rather than answered late.
-    # A prompt that arrives while others decode rides along in mixed steps of 256 tokens.
+    # A prompt that arrives while others decode rides along in mixed steps of up to 256 tokens,
+    # fewer where that would make the step more than 1.8x a decode step (the streams' latency).
     "latency_first": Profile(
         "latency_first",
         max_batch_size=16,
@@ -69,6 +76,7 @@ PROFILES = {
         prefill_chunk_tokens=512,
         max_consecutive_prefills=2,
         step_token_budget=256,
+        mixed_step_slowdown=1.6,
     ),
     # Fill the batch: more rows, longer prefill chunks, a deeper queue.
     "throughput_first": Profile(

@@ -60,10 +60,15 @@ def test_every_flag_is_in_the_table_with_the_parsers_default() -> None:
 def test_the_profile_table_is_the_profiles() -> None:
     for name, profile in PROFILES.items():
         match = re.search(
-            rf"^\| `{name}` \| (\d+) \| (\d+) \| (\d+) tokens \| (\d+) \| (\d+) ms \| (\d+) tokens \|", README, re.M
+            rf"^\| `{name}` \| (\d+) \| (\d+) \| (\d+) tokens \| (\d+) \| (\d+) ms \| (\d+) tokens \| "
+            r"(none|[\d.]+x a decode step) \|",
+            README,
+            re.M,
         )
         assert match, f"no row for profile {name}"
-        written = tuple(int(v) for v in match.groups())
+        *counts, bound = match.groups()
+        assert (0.0 if bound == "none" else float(bound.split("x")[0])) == profile.mixed_step_slowdown, name
+        written = tuple(int(v) for v in counts)
         assert written == (
             profile.max_batch_size,
             profile.max_queue,

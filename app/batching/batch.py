@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from app.batching.admission import DrainRate, queue_is_full
 from app.batching.finish import ABORT_FINISH, AbortReason, FinishReason, finish_reason, must_continue
 from app.batching.plan import DecodePlan, MixedPlan, PrefillPlan, SequenceView, StepPlan, admit_count, plan_step
+from app.batching.step_pace import StepPace
 from app.config import Profile
 from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
@@ -136,6 +137,7 @@ class Batch(Generic[R]):
         self._aborted: dict[str, _Aborted[R]] = {}  # running requests aborted, rows not freed yet
         self._consecutive_prefills = 0
         self._drain = DrainRate()
+        self._pace = StepPace()  # how long decode steps and prompt tokens take here
         self.steps = 0  # steps that ran (the teardown of an abort is counted in them)
         self.failing_steps = 0
 
@@ -195,7 +197,10 @@ class Batch(Generic[R]):
         self._releases = []
         self._admit(work)
         views = [SequenceView(r.request_id, r.prompt_remaining) for r in self.running.values()]
-        work.plan = plan_step(views, self._consecutive_prefills, self.profile)
+        slowdown = self.profile.mixed_step_slowdown
+        work.plan = plan_step(
+            views, self._consecutive_prefills, self.profile, lambda room: self._pace.prompt_room(room, slowdown)
+        )
         if work.plan is not None:
             held = [self.running[seq_id] for seq_id in work.plan.seq_ids]
             work.must_continue = frozenset(r.request_id for r in held if must_continue(r.generated, r.params))
@@ -294,6 +299,7 @@ class Batch(Generic[R]):
                 self._releases.append(seq_id)
         if isinstance(plan, DecodePlan | MixedPlan):
             self._drain.observe_decode(result.seconds, result.batch, len(self.running))
+        self._pace.observe(result.kind, result.seconds, result.prefilled)
         return outcome
 
     def step_failed(self, work: Work[R]) -> list[Tracked[R]]:

@@ -68,12 +68,19 @@ def admit_count(waiting: int, running: int, profile: Profile) -> int:
     return max(0, min(waiting, profile.max_batch_size - running))
 
 
-def plan_step(running: Sequence[SequenceView], consecutive_prefills: int, profile: Profile) -> StepPlan | None:
+def plan_step(
+    running: Sequence[SequenceView],
+    consecutive_prefills: int,
+    profile: Profile,
+    prompt_room: Callable[[int], int] = lambda room: room,
+) -> StepPlan | None:
+    """``prompt_room``: of the prompt tokens the budget leaves a mixed step, how many it carries
+    (the batch's StepPace keeps the step within the profile's mixed_step_slowdown)."""
     prefilling = [seq for seq in running if seq.prompt_remaining > 0]
     decoding = tuple(seq.seq_id for seq in running if seq.prompt_remaining == 0)
     room = profile.step_token_budget - len(decoding)  # prompt tokens a mixed step may carry
     if prefilling and decoding and profile.step_token_budget and room > 0:
-        return MixedPlan(decoding, _chunks(prefilling, room))
+        return MixedPlan(decoding, _chunks(prefilling, prompt_room(room)))
     if prefilling and (not decoding or consecutive_prefills < profile.max_consecutive_prefills):
         return PrefillPlan(_chunks(prefilling, profile.prefill_chunk_tokens))
     if decoding:

@@ -1,0 +1,56 @@
+"""The pace of mixed steps: prompt chunks sized so that a mixed step stays within the profile's
+multiple of a decode step, learned from the steps' own times. Pure."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.batching.plan import MixedPlan, SequenceView, plan_step
+from app.batching.step_pace import MIN_CHUNK, StepPace
+from app.config import PROFILES, ConfigError
+
+
+def test_until_both_costs_are_measured_the_budget_alone_decides() -> None:
+    pace = StepPace()
+    assert pace.prompt_room(250, 1.6) == 250
+    pace.observe("decode", 0.100, 0)
+    assert pace.prompt_room(250, 1.6) == 250  # no prompt token measured yet
+    pace.observe("prefill", 0.500, 100)  # a first guess: 5 ms a token
+    assert pace.prompt_room(250, 1.6) == MIN_CHUNK  # 12 would fit: a waiting prompt gets 16
+    assert pace.prompt_room(250, 0) == 250  # no bound asked
+
+
+def test_a_mixed_steps_extra_time_over_a_decode_step_sizes_the_next_chunk() -> None:
+    pace = StepPace()
+    pace.observe("decode", 0.100, 0)
+    for _ in range(30):  # a steady machine: each prompt token adds 1 ms to a 100 ms step
+        pace.observe("mixed", 0.100 + 0.001 * 50, 50)
+    assert pace.token_seconds == pytest.approx(0.001)
+    assert pace.prompt_room(250, 1.6) == 60  # 0.6 x 100 ms of prompt tokens at 1 ms
+    assert pace.prompt_room(40, 1.6) == 40  # never more than the budget leaves
+    assert pace.prompt_room(250, 3.0) == 200
+
+
+def test_a_slow_machine_still_lets_a_prompt_in_a_little_at_a_time() -> None:
+    pace = StepPace()
+    pace.observe("decode", 0.100, 0)
+    pace.observe("mixed", 1.100, 20)  # 50 ms a token: nothing would fit in 0.6 of a step
+    assert pace.prompt_room(250, 1.6) == MIN_CHUNK
+    assert pace.prompt_room(5, 1.6) == 5
+
+
+def test_the_plan_carries_the_chunk_the_pace_allows() -> None:
+    profile = dataclasses.replace(PROFILES["latency_first"], step_token_budget=100)
+    running = [SequenceView("a", 0), SequenceView("b", 0), SequenceView("c", 300)]
+    plan = plan_step(running, 0, profile, lambda room: min(room, 24))
+    assert isinstance(plan, MixedPlan) and plan.decode == ("a", "b") and plan.chunks == (("c", 24),)
+    assert plan_step(running, 0, profile) == MixedPlan(("a", "b"), (("c", 98),))
+
+
+def test_the_slowdown_is_checked() -> None:
+    assert PROFILES["latency_first"].mixed_step_slowdown > 1
+    for bad in (-1.0, 0.5, 1.0, True):
+        with pytest.raises(ConfigError, match="mixed_step_slowdown"):
+            dataclasses.replace(PROFILES["latency_first"], mixed_step_slowdown=bad)
