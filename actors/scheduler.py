@@ -49,10 +49,10 @@ from app.batching.admission import arrival_wait
 from app.batching.batch import Batch, Ended, Refused, SchedulerStats, Tracked, Work
 from app.batching.finish import AbortReason
 from app.batching.oom import retry_in_halves
-from app.batching.plan import MixedPlan, PrefillPlan, StepPlan, plan_kind
+from app.batching.plan import StepPlan, plan_kind, run_plan
 from app.config import Profile
 from app.contract.failures import FAILURE_MESSAGES, FailureCode
-from app.contract.step import PrefillChunk, PrefixCacheStats, StepBackend, StepOutOfMemory, StepResult
+from app.contract.step import PrefixCacheStats, StepBackend, StepOutOfMemory, StepResult
 
 log = structlog.get_logger("scheduler")
 Events = trio.MemorySendChannel[SchedulerEvent]
@@ -243,13 +243,7 @@ class GpuScheduler:
         self._deliver(plan, result)
 
     def _run_plan(self, plan: StepPlan, must_continue: frozenset[str]) -> StepResult:
-        if isinstance(plan, PrefillPlan):
-            chunks = [PrefillChunk(seq_id, n) for seq_id, n in plan.chunks]
-            return self._backend.prefill(chunks, must_continue)
-        if isinstance(plan, MixedPlan):
-            chunks = [PrefillChunk(seq_id, n) for seq_id, n in plan.chunks]
-            return self._backend.mixed(list(plan.decode), chunks, must_continue)
-        return self._backend.decode(list(plan.seq_ids), must_continue)
+        return run_plan(self._backend, plan, must_continue)
 
     def _deliver(self, plan: StepPlan, result: StepResult) -> None:
         now = self._clock()

@@ -47,6 +47,9 @@ def test_the_plan_carries_the_chunk_the_pace_allows() -> None:
     plan = plan_step(running, 0, profile, lambda room: min(room, 24))
     assert isinstance(plan, MixedPlan) and plan.decode == ("a", "b") and plan.chunks == (("c", 24),)
     assert plan_step(running, 0, profile) == MixedPlan(("a", "b"), (("c", 98),))
+    # As many prompts waiting as rows decoding: they go in at the budget's pace, not the bound's.
+    crowd = [*running, SequenceView("d", 300)]
+    assert plan_step(crowd, 0, profile, lambda room: min(room, 24)) == MixedPlan(("a", "b"), (("c", 98),))
 
 
 def test_the_slowdown_is_checked() -> None:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from app.batching.batch import Batch, Tracked
-from app.batching.plan import MixedPlan, PrefillPlan, StepPlan
+from app.batching.plan import run_plan
 from app.config import Profile, profile_with
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, StepResult
+from app.contract.step import PrefillChunk
 from app.engine.loader import load_weights
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.static_runner import StaticModelRunner
@@ -47,14 +47,6 @@ class PhaseFigures:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
-def run_plan(runner: BaseRunner, plan: StepPlan, must_continue: frozenset[str]) -> StepResult:
-    if isinstance(plan, PrefillPlan):
-        return runner.prefill([PrefillChunk(s, n) for s, n in plan.chunks], must_continue)
-    if isinstance(plan, MixedPlan):
-        return runner.mixed(list(plan.decode), [PrefillChunk(s, n) for s, n in plan.chunks], must_continue)
-    return runner.decode(list(plan.seq_ids), must_continue)
 
 
 class Workload:

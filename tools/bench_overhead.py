@@ -7,7 +7,8 @@ through the runner in a bare step loop, in one run.
 
 For every level, N streams start together, each with its own prompt (the same prompts on both
 sides), and each generates exactly --tokens tokens (greedy, ignore_eos, never from the prompt
-cache):
+cache, and with the prefix KV cache off on both sides: the rounds repeat the prompts, and this
+measures the layers around the model, not what a cache saves):
 
 - server: ``python -m app`` in a subprocess (HTTP, SSE, the actors, detokenizing), N streaming
   /generate clients (tools/stream_client.py);
@@ -41,10 +42,9 @@ import httpx
 import trio
 
 from app.batching.batch import Batch, Tracked
-from app.batching.plan import PrefillPlan, StepPlan
+from app.batching.plan import run_plan
 from app.config import PROFILES, Profile
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, StepBackend, StepResult
 from app.engine.loader import LoadedModel, ModelWeights, load_weights, serve_weights
 from app.models.registry import resolve
 from app.prompts.builder import PromptSpec, build_prompt_tokens
@@ -117,13 +117,6 @@ def make_prompts(weights: ModelWeights, count: int, prompt_tokens: int) -> tuple
 
 
 # -- the bare loop -------------------------------------------------------------------------------------
-def run_plan(backend: StepBackend, plan: StepPlan, must_continue: frozenset[str]) -> StepResult:
-    """The step as the scheduler runs it (actors/scheduler.py, ``_run_plan``)."""
-    if isinstance(plan, PrefillPlan):
-        return backend.prefill([PrefillChunk(seq_id, n) for seq_id, n in plan.chunks], must_continue)
-    return backend.decode(list(plan.seq_ids), must_continue)
-
-
 def bare_round(model: LoadedModel, prompts: Sequence[tuple[int, ...]], tokens: int, profile: Profile) -> Round:
     """All of ``prompts`` arrive at once; the loop runs until every one has its ``tokens``."""
     runner = model.runner
@@ -140,8 +133,12 @@ def bare_round(model: LoadedModel, prompts: Sequence[tuple[int, ...]], tokens: i
         work = batch.next_work()
         for seq_id in work.releases:
             runner.release(seq_id)
+        started = {}
         for request in work.joins:
-            runner.add(request.request_id, request.prompt, request.params, request.stop_token_ids)
+            started[request.request_id] = runner.add(
+                request.request_id, request.prompt, request.params, request.stop_token_ids
+            )
+        batch.started_with(started)  # as the scheduler does: a prompt from the prefix cache is partly in
         if work.plan is None:
             continue
         result = run_plan(runner, work.plan, work.must_continue)
@@ -261,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         server_args = ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
         server_args += ["--profile", args.profile, "--max-batch-size", str(profile.max_batch_size)]
+        server_args += ["--prefix-cache-mb", "0"]  # as the bare loop's runner
         print("starting the server ...", flush=True)
         with app_server(*server_args, *shlex.split(args.server_args), env=OFFLINE) as url:
             rows = measure(url, model, workload)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from app.config import Profile
+from app.contract.step import PrefillChunk, StepBackend, StepResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +76,16 @@ def plan_step(
     prompt_room: Callable[[int], int] = lambda room: room,
 ) -> StepPlan | None:
     """``prompt_room``: of the prompt tokens the budget leaves a mixed step, how many it carries
-    (the batch's StepPace keeps the step within the profile's mixed_step_slowdown)."""
+    (the batch's StepPace keeps the step within the profile's mixed_step_slowdown). It applies
+    while fewer prompts wait than rows decode: it protects the running streams' latency, and when
+    most of the batch is still waiting for its first token, getting those prompts in comes first
+    (or a burst of arrivals that missed the first prefill would trickle in 16 tokens a step)."""
     prefilling = [seq for seq in running if seq.prompt_remaining > 0]
     decoding = tuple(seq.seq_id for seq in running if seq.prompt_remaining == 0)
     room = profile.step_token_budget - len(decoding)  # prompt tokens a mixed step may carry
     if prefilling and decoding and profile.step_token_budget and room > 0:
-        return MixedPlan(decoding, _chunks(prefilling, prompt_room(room)))
+        carried = prompt_room(room) if len(prefilling) < len(decoding) else room
+        return MixedPlan(decoding, _chunks(prefilling, carried))
     if prefilling and (not decoding or consecutive_prefills < profile.max_consecutive_prefills):
         return PrefillPlan(_chunks(prefilling, profile.prefill_chunk_tokens))
     if decoding:
@@ -116,3 +121,14 @@ def halves(plan: StepPlan, split_rows: Callable[[Sequence[str]], tuple[list[str]
         first, second = split_rows(plan.seq_ids)
         parts = [DecodePlan(tuple(first)), DecodePlan(tuple(second))]
     return [part for part in parts if part.seq_ids]
+
+
+def run_plan(backend: StepBackend, plan: StepPlan, must_continue: frozenset[str]) -> StepResult:
+    """The step a plan says, on a runner (the scheduler's worker thread, and the bare step loops
+    of tools/ that measure against it)."""
+    if isinstance(plan, PrefillPlan):
+        return backend.prefill([PrefillChunk(seq_id, n) for seq_id, n in plan.chunks], must_continue)
+    if isinstance(plan, MixedPlan):
+        chunks = [PrefillChunk(seq_id, n) for seq_id, n in plan.chunks]
+        return backend.mixed(list(plan.decode), chunks, must_continue)
+    return backend.decode(list(plan.seq_ids), must_continue)
