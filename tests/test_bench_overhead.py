@@ -68,7 +68,9 @@ def test_the_bare_loop_steps_as_the_scheduler_plans(smollm2_weights: ModelWeight
 
     runner.prefill = counted("prefill", runner.prefill)  # type: ignore[method-assign]
     runner.decode = counted("decode", runner.decode)  # type: ignore[method-assign]
-    figures = bench.bare_round(model, plan.prompt_ids[:2], TOKENS, plan.profile)
+    # Mixed steps off: every prompt token then goes through a prefill step of at most 8.
+    alternating = dataclasses.replace(plan.profile, step_token_budget=0)
+    figures = bench.bare_round(model, plan.prompt_ids[:2], TOKENS, alternating)
     assert figures.tokens == (TOKENS, TOKENS)
     prompt_tokens = sum(len(p) for p in plan.prompt_ids[:2])
     assert steps.count("prefill") == -(-prompt_tokens // 8), "8 prompt tokens per prefill step"

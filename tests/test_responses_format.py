@@ -12,7 +12,7 @@ from actors.messages import StreamDone, StreamError, StreamToken, Timings, Usage
 from app.batching.finish import FinishReason
 from app.http.responses_format import ResponseHead, ResponseWriter
 from app.http.responses_schemas import ResponsesRequest, chat_messages
-from app.prompts.builder import ChatMessage
+from app.prompts.builder import ChatMessage, pending_reasoning
 
 TIMINGS = Timings(queue_ms=0.0, prefill_ms=1.0, ttft_ms=1.0, e2e_ms=2.0)
 
@@ -104,9 +104,11 @@ def test_items_become_messages_and_reasoning_stays_out_of_the_prompt() -> None:
     assert chat_messages(items) == (
         ChatMessage("system", "Be kind."),
         ChatMessage("user", "Hi"),
-        ChatMessage("assistant", "Hello"),
+        ChatMessage("assistant", "Hello", reasoning="x"),  # it goes with the answer it led to
         ChatMessage("user", "Bye"),
     )
+    # An answered turn's reasoning never reaches the prompt (only a pending call's would).
+    assert pending_reasoning(chat_messages(items)) == frozenset()
 
 
 @pytest.mark.parametrize(
