@@ -48,8 +48,8 @@ from actors.step_thread import StepCaller, thread_step_caller
 from app.batching.admission import arrival_wait
 from app.batching.batch import Batch, Ended, Refused, SchedulerStats, Tracked, Work
 from app.batching.finish import AbortReason
-from app.batching.oom import retry_in_halves
-from app.batching.plan import StepPlan, plan_kind, run_plan
+from app.batching.oom import retry_in_halves, retry_mixed_apart
+from app.batching.plan import MixedPlan, StepPlan, plan_kind, run_plan
 from app.config import Profile
 from app.contract.failures import FAILURE_MESSAGES, FailureCode
 from app.contract.step import PrefixCacheStats, StepBackend, StepOutOfMemory, StepResult
@@ -219,6 +219,12 @@ class GpuScheduler:
                 log.warning("step_out_of_memory", kind=plan_kind(plan), sequences=len(plan.seq_ids))
                 self._backend.free_cached_memory()
                 return retry_in_halves(plan, run, self._backend.split)
+            except Exception as error:
+                if not isinstance(plan, MixedPlan):
+                    raise
+                # A prompt's chunk rode along with the running streams: its fault is its own.
+                log.error("mixed_step_failed", error=repr(error), requests=list(plan.seq_ids))
+                return retry_mixed_apart(plan, run)
 
         self.busy_since = self._clock()
         try:

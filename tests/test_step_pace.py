@@ -7,9 +7,11 @@ import dataclasses
 
 import pytest
 
-from app.batching.plan import MixedPlan, SequenceView, plan_step
+from app.batching.oom import retry_mixed_apart
+from app.batching.plan import MixedPlan, PrefillPlan, SequenceView, StepPlan, plan_step
 from app.batching.step_pace import MIN_CHUNK, StepPace
 from app.config import PROFILES, ConfigError
+from app.contract.step import StepResult
 
 
 def test_until_both_costs_are_measured_the_budget_alone_decides() -> None:
@@ -57,3 +59,18 @@ def test_the_slowdown_is_checked() -> None:
     for bad in (-1.0, 0.5, 1.0, True):
         with pytest.raises(ConfigError, match="mixed_step_slowdown"):
             dataclasses.replace(PROFILES["latency_first"], mixed_step_slowdown=bad)
+
+
+def test_a_mixed_step_that_raises_is_run_again_apart_and_only_the_faulty_part_fails() -> None:
+    ran: list[StepPlan] = []
+
+    def run(plan: StepPlan) -> StepResult:
+        ran.append(plan)
+        if isinstance(plan, PrefillPlan):
+            raise RuntimeError("device-side assert triggered")
+        return StepResult(dict.fromkeys(plan.seq_ids, 7), "decode", len(plan.seq_ids), len(plan.seq_ids), 0.1)
+
+    result = retry_mixed_apart(MixedPlan(("a", "b"), (("c", 30),)), run)
+    assert [type(p).__name__ for p in ran] == ["DecodePlan", "PrefillPlan"]
+    assert result.tokens == {"a": 7, "b": 7} and result.failed == {"c": "step_failed"}
+    assert result.kind == "mixed" and result.batch == 2

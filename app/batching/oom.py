@@ -1,10 +1,12 @@
-"""Out of memory in a step: run it again as two halves; a half that still does not fit fails."""
+"""A step that fails as a whole, run again in parts so that what failed fails alone: out of
+memory, as two halves (a half that still does not fit fails); a mixed step that raised, as its
+decode and its prefill (a prompt whose forward raises must not take the running streams down)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from app.batching.plan import StepPlan, halves, plan_kind
+from app.batching.plan import DecodePlan, MixedPlan, PrefillPlan, StepPlan, halves, plan_kind
 from app.contract.failures import FailureCode
 from app.contract.step import StepOutOfMemory, StepResult
 
@@ -35,3 +37,27 @@ def retry_in_halves(
         new_tokens += result.new_tokens
         prompt_tokens += result.prefilled
     return StepResult(tokens, kind, len(ids) - len(failed), new_tokens, seconds, failed, prompt_tokens=prompt_tokens)
+
+
+def retry_mixed_apart(plan: MixedPlan, run: Callable[[StepPlan], StepResult]) -> StepResult:
+    """A mixed step raised: its decode and its prefill, each a step of its own; the sequences of
+    a part that raises again fail (``step_failed``), the others go on. Nothing of the failed
+    forward stays: a sequence's length moves only after a forward that returned, and the keys it
+    wrote are written again at the same positions."""
+    tokens: dict[str, int] = {}
+    failed: dict[str, FailureCode] = {}
+    seconds, new_tokens, prompt_tokens = 0.0, 0, 0
+    parts: list[StepPlan] = [DecodePlan(plan.decode), PrefillPlan(plan.chunks)]
+    for part in parts:
+        try:
+            result = run(part)
+        except Exception:  # the scheduler logged the mixed step's error; this part's requests fail
+            failed.update(dict.fromkeys(part.seq_ids, "step_failed"))
+            continue
+        tokens.update(result.tokens)
+        failed.update(result.failed)
+        seconds += result.seconds
+        new_tokens += result.new_tokens
+        prompt_tokens += result.prefilled
+    ids = plan.seq_ids
+    return StepResult(tokens, "mixed", len(ids) - len(failed), new_tokens, seconds, failed, prompt_tokens=prompt_tokens)
