@@ -23,14 +23,8 @@ from typing import Any, Literal
 
 from actors.messages import StreamDone, StreamError, StreamToken
 from app.http.responses_schemas import new_id
-from app.http.tool_calls import (
-    JSON_CALL_HEAD,
-    MalformedReport,
-    called_function,
-    new_call_id,
-    parse_json_call,
-    valid_arguments,
-)
+from app.http.tool_calls import JSON_CALL_HEAD, called_function, new_call_id, parse_json_call
+from app.text.template_calls import MalformedReport, is_json_object
 
 Item = dict[str, Any]
 Event = dict[str, Any]
@@ -246,7 +240,7 @@ class ResponseWriter:
 
     def _close_call(self, item: _OpenItem, status: Status) -> list[Event]:
         arguments = "".join(item.text)
-        whole = valid_arguments(arguments)
+        whole = is_json_object(arguments)
         if not whole:
             self.report_malformed("invalid_arguments")
             if not self.streaming:  # as chat answers it: the call's text is the message's

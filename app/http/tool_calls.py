@@ -16,16 +16,25 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.messages import StreamToken
 from app.contract.model import CallSyntax
-from app.text.template_calls import CallArguments, CallEnded, CallOpened, CallParser, Event, Words, read_answer
+from app.text.template_calls import (
+    CallArguments,
+    CallEnded,
+    CallOpened,
+    CallParser,
+    Event,
+    MalformedReport,
+    Words,
+    is_json_object,
+    read_answer,
+)
 
 FUNCTIONS = "functions."
-MalformedReport = Callable[[str], None]  # called with why: "unknown_function" or "invalid_arguments"
 
 
 def new_call_id() -> str:
@@ -42,13 +51,6 @@ def called_function(recipient: str | None) -> str | None:
 def is_call_text(token: StreamToken) -> bool:
     """The token's text is addressed to a tool (a call's arguments), not to the user."""
     return token.recipient is not None
-
-
-def valid_arguments(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ def split_calls(tokens: Sequence[StreamToken], names: frozenset[str], report: Ma
         if name is None or name not in names:
             report("unknown_function")
             malformed.append(arguments)
-        elif not valid_arguments(arguments):
+        elif not is_json_object(arguments):
             report("invalid_arguments")
             malformed.append(arguments)
         else:
@@ -122,7 +124,7 @@ class CallStream:
         """``tool_calls`` when the output stopped after calls that are all whole JSON."""
         if not self.arguments or reason != "stop":
             return reason
-        broken = [parts for parts in self.arguments if not valid_arguments("".join(parts))]
+        broken = [parts for parts in self.arguments if not is_json_object("".join(parts))]
         for _ in broken:
             self.report("invalid_arguments")
         return reason if broken else "tool_calls"

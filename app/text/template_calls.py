@@ -356,7 +356,7 @@ class CallParser:
 
     def _close(self, events: list[Event]) -> None:
         arguments = "".join(self.arguments)
-        self._end(events, valid=_is_object(arguments))
+        self._end(events, valid=is_json_object(arguments))
 
     def _end(self, events: list[Event], valid: bool) -> None:
         if not valid:
@@ -374,7 +374,8 @@ class CallParser:
         self._close(events)
 
 
-def _is_object(text: str) -> bool:
+def is_json_object(text: str) -> bool:
+    """Arguments a call can take: JSON text of an object (what OpenAI's ``arguments`` holds)."""
     try:
         return isinstance(json.loads(text), dict)
     except json.JSONDecodeError:
