@@ -130,7 +130,7 @@ class MetricsBook:
         match event:
             case ModelLoaded():
                 self.model = event
-                p.bind(event.model_id, event.model_size, event.dtype, event.device, event.profile)
+                p.bind(event.model_id, event.model_size, event.dtype, event.device, event.profile, event.batch_rows)
             case RequestReceived():
                 self.requests["total"] += 1
                 context = {"cache_key": event.cache_key, "prompt_version": event.prompt_version}
@@ -166,6 +166,7 @@ class MetricsBook:
                 self.running, self.waiting = event.running, event.waiting
                 p.running.labels(*labels).set(event.running)
                 p.waiting.labels(*labels).set(event.waiting)
+                p.gateway.set(event.running, event.waiting)
             case ClientDisconnected():
                 self.client_disconnects += 1
                 p.disconnects.labels(*labels).inc()

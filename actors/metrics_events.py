@@ -24,6 +24,7 @@ class ModelLoaded:
     dtype: str
     device: str
     profile: str
+    batch_rows: int = 1  # the profile's max_batch_size: the KV-cache rows a sequence each holds
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,7 +164,14 @@ class Pipeline:
             )
             self.scheduler = await nursery.start(self._run_until_done, scheduler.run, self._scheduler_done)
             nursery.start_soon(self._watch_steps, scheduler)
-            loaded = ModelLoaded(model.model_id, model.model_size, model.dtype, model.device, config.profile.name)
+            loaded = ModelLoaded(
+                model.model_id,
+                model.model_size,
+                model.dtype,
+                model.device,
+                config.profile.name,
+                config.profile.max_batch_size,
+            )
             self.metrics.report(loaded)
             self.state = "ready"
             log.info("model_ready", model=model.model_id, device=model.device, dtype=model.dtype)

@@ -11,6 +11,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from actors.gateway_series import GatewaySeries
+
 LABELS = ("model", "model_size")
 # Latencies from milliseconds (a cache hit, one decode step) to minutes (a long answer under load).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -131,11 +133,13 @@ class PrometheusSeries:
         self.running = Gauge("gptoss_requests_running", "Sequences in the running batch", LABELS, registry=r)
         self.waiting = Gauge("gptoss_requests_waiting", "Requests waiting for the batch", LABELS, registry=r)
         self.info = Gauge("gptoss_model_info", "The served model", (*LABELS, "dtype", "device", "profile"), registry=r)
+        self.gateway = GatewaySeries(r)
         self.labels: tuple[str, str] | None = None
 
-    def bind(self, model_id: str, model_size: str, dtype: str, device: str, profile: str) -> None:
+    def bind(self, model_id: str, model_size: str, dtype: str, device: str, profile: str, batch_rows: int = 1) -> None:
         """Set the labels every series carries; called once the model is loaded."""
         self.labels = (model_id, model_size)
+        self.gateway.bind(model_id, batch_rows)
         self.info.labels(model_id, model_size, dtype, device, profile).set(1)
         for status in ("ok", "error", "cancelled", "rejected"):
             self.requests.labels(model_id, model_size, status)  # present at 0 from the start
