@@ -202,6 +202,9 @@ class StreamToken:
     # None: to the user) and its ordinal in the output (two calls in a row are two messages).
     recipient: str | None = None
     message: int = 0
+    # On a generation's first token: the prompt tokens whose keys were reused, not prefilled (so a
+    # stream's running usage can say so before its end). None on every later token.
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

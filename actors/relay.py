@@ -179,12 +179,17 @@ class TokenRelay:
             self._call_message = message
         return message != self._call_message
 
-    @staticmethod
     def _token(
-        text: str, event: TokenOut, piece: TextPiece, own: ShownLogprobs | None, settled: tuple[ShownLogprobs, ...]
+        self,
+        text: str,
+        event: TokenOut,
+        piece: TextPiece,
+        own: ShownLogprobs | None,
+        settled: tuple[ShownLogprobs, ...],
     ) -> StreamToken:
+        cached = self._cached_tokens if event.index == 0 else None
         return StreamToken(
-            text, event.token_id, event.index, piece.channel, own, settled, piece.recipient, piece.message
+            text, event.token_id, event.index, piece.channel, own, settled, piece.recipient, piece.message, cached
         )
 
     def _settle(self, shown: tuple[int, ...]) -> tuple[ShownLogprobs, ...]:

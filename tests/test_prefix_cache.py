@@ -11,6 +11,7 @@ a prompt kept only when its sequence ends (requests running meanwhile would not 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable
@@ -277,6 +278,10 @@ async def test_usage_stats_and_metrics_report_reused_tokens(tiny_weights: ModelW
         second = (await client.post("/v1/completions", json={**body, "prompt": [*prompt, 7, 8]})).json()
         assert second["usage"]["prompt_tokens"] == 102
         assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 96}
+        # A prompt-cache replay prefilled nothing: all of its prompt tokens are cached.
+        replay = await client.post("/v1/completions", json={**body, "prompt": prompt})
+        assert replay.headers["X-Cache"] == "HIT"
+        assert replay.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 100}
         # A streamed request that is cancelled after its first chunk unpins what it matched.
         stream_body = {**body, "prompt": [*prompt, 9], "max_tokens": 200, "stream": True}
         async with client.stream("POST", "/v1/completions", json=stream_body) as response:
@@ -299,3 +304,29 @@ async def test_usage_stats_and_metrics_report_reused_tokens(tiny_weights: ModelW
         metrics = (await client.get("/metrics")).text
     assert 'gptoss_prefix_cache_hit_tokens_total{model="tiny-gpt-oss"' in metrics
     assert "gptoss_prefix_cache_bytes{" in metrics and "gptoss_prefix_cache_lookups_total{" in metrics
+
+
+async def test_running_usage_reports_reused_tokens_from_the_first_chunk(tiny_weights: ModelWeights) -> None:
+    """continuous_usage_stats: the reused prompt tokens are known once the prompt is in, so every
+    chunk's usage carries them, not only the last one's; /generate's replay says all were cached."""
+    prompt = list(range(3000, 3100))
+    async with running_server(tiny_weights, server_config()) as server, server.client() as client:
+        body = {"model": "tiny-gpt-oss", "max_tokens": 4, "temperature": 0}
+        await client.post("/v1/completions", json={**body, "prompt": prompt})
+        streamed = {
+            **body,
+            "prompt": [*prompt, 5],
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        usages = []
+        async with client.stream("POST", "/v1/completions", json=streamed) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    usages.append(json.loads(line[len("data: ") :])["usage"])
+        assert len(usages) >= 5 and all(u["prompt_tokens_details"] == {"cached_tokens": 96} for u in usages), usages
+        native = {"prompt": "the same words twice", "max_tokens": 3, "temperature": 0, "stream": False}
+        first = (await client.post("/generate", json=native)).json()
+        again = (await client.post("/generate", json=native)).json()
+        assert again["cached"] and again["usage"]["cached_tokens"] == again["usage"]["prompt_tokens"] > 0
+        assert first["usage"]["cached_tokens"] < first["usage"]["prompt_tokens"]

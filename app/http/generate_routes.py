@@ -59,9 +59,11 @@ def _token_data(event: StreamToken) -> dict[str, Any]:
     return data
 
 
-def _done_data(event: StreamDone, shown_id: str) -> dict[str, Any]:
+def _done_data(event: StreamDone, shown_id: str, replayed: bool) -> dict[str, Any]:
     usage = dataclasses.asdict(event.usage)
     usage["total_tokens"] = event.usage.total_tokens
+    if replayed:  # a prompt-cache replay prefilled nothing: every prompt token was cached
+        usage["cached_tokens"] = usage["prompt_tokens"]
     return {
         "request_id": shown_id,
         "finish_reason": event.finish_reason,
@@ -83,7 +85,7 @@ class NativeFramer:
         return [sse_event("token", _token_data(event))]
 
     def done(self, event: StreamDone) -> list[bytes]:
-        return [sse_event("done", _done_data(event, self._start["request_id"]))]
+        return [sse_event("done", _done_data(event, self._start["request_id"], self._start["cached"]))]
 
     def error(self, event: StreamError) -> list[bytes]:
         return [sse_event("error", {"message": event.message, "type": "server_error", "code": event.code})]
@@ -124,7 +126,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
                 case StreamError():
                     raise ApiError(500, event.message, code=event.code)
                 case StreamDone():
-                    result = {**start, "text": "".join(text), **_done_data(event, handle.shown_id)}
+                    result = {**start, "text": "".join(text), **_done_data(event, handle.shown_id, start["cached"])}
                     if model.harmony:
                         result["reasoning"] = "".join(reasoning)
                     if job.params.logprobs is not None:

@@ -43,7 +43,10 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 def cached_tokens(meta: ResponseMeta, per_choice: dict[int, int]) -> int:
     """A request's reused prompt tokens: each prompt's first choice's (its other choices fork from
-    it, and the prompt is counted once, as in prompt_tokens)."""
+    it, and the prompt is counted once, as in prompt_tokens). A prompt-cache replay prefilled
+    nothing: all of its prompt tokens were cached."""
+    if meta.cached:
+        return meta.prompt_tokens
     return min(meta.prompt_tokens, sum(n for index, n in per_choice.items() if index % meta.n == 0))
 
 
@@ -132,6 +135,8 @@ class ChunkWriter:
 
     def token(self, event: StreamToken, index: int = 0) -> list[dict[str, Any]]:
         self._completion_tokens[index] = event.index + 1
+        if event.cached_tokens is not None:
+            self._cached_tokens[index] = event.cached_tokens
         collector = self._collector(index)
         if collector is not None:
             collector.add(event)  # a token with no text yet: its entry rides with the next text
