@@ -48,6 +48,7 @@ from app.contract.sampling import SamplingParams
 from app.engine.loader import LoadedModel, ModelWeights, load_weights, serve_weights
 from app.models.registry import resolve
 from app.prompts.builder import PromptSpec, build_prompt_tokens
+from tools.levels import parse_levels
 from tools.server_process import app_server
 from tools.stream_client import StreamTally, generate_body, stream_generate
 
@@ -213,16 +214,6 @@ def render_table(rows: Sequence[Row]) -> str:
             f"| {row.server.ttft_p50 * 1000:.1f} | {row.bare.ttft_p50 * 1000:.1f} |"
         )
     return "\n".join(lines)
-
-
-def parse_levels(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("stream counts are integers of at least 1")
-    return levels
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,7 @@ import trio
 
 from tools.bench_comparison import compare, plot, render_table, to_json, token_notes, verdict
 from tools.chat_load import THIS_SERVER, TRANSFORMERS_SERVE, Dialect, Phase, phase_figures, run_phase
+from tools.levels import parse_levels
 from tools.server_process import app_server, command_server, free_port
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -121,16 +122,6 @@ async def measure(url: str, dialect: Dialect, plan: Plan) -> list[Phase]:
         print(f"{phase.wall:.1f} s, {figures.tokens_per_s:.1f} tok/s, {figures.failed} failed", flush=True)
         phases.append(phase)
     return phases
-
-
-def parse_levels(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("concurrency levels are integers of at least 1")
-    return levels
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -306,15 +306,11 @@ class ResponsesRequest(SamplingFields):
 
     def tool_use(self) -> ToolUse:
         """The same ToolUse chat's tool fields give: what the model is told of, what is forced."""
-        choice = self.tool_choice or "auto"
-        if not self.tools or choice == "none":
-            return ToolUse((), (), self.parallel_tool_calls)
-        tools = tuple(ToolSpec(t.name, t.description, canonical_schema(t.parameters)) for t in self.tools)
+        tools = tuple(ToolSpec(t.name, t.description, canonical_schema(t.parameters)) for t in self.tools or ())
+        choice = self.tool_choice
         if isinstance(choice, NamedFunctionChoice):
-            forced: tuple[str, ...] = (choice.name,)
-        else:
-            forced = tuple(t.name for t in tools) if choice == "required" else ()
-        return ToolUse(tools, forced, self.parallel_tool_calls)
+            return ToolUse.of(tools, None, choice.name, self.parallel_tool_calls)
+        return ToolUse.of(tools, choice, None, self.parallel_tool_calls)
 
     @field_validator("metadata")
     @classmethod

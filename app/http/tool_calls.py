@@ -29,6 +29,7 @@ from app.text.template_calls import (
     CallParser,
     Event,
     MalformedReport,
+    ReadCall,
     Words,
     is_json_object,
     read_answer,
@@ -54,14 +55,8 @@ def is_call_text(token: StreamToken) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class ParsedCall:
-    name: str
-    arguments: str
-
-
-@dataclass(frozen=True, slots=True)
 class CallsAndText:
-    calls: tuple[ParsedCall, ...]
+    calls: tuple[ReadCall, ...]
     malformed_text: str  # the text of malformed calls: it joins the content
 
 
@@ -81,11 +76,11 @@ def split_calls(tokens: Sequence[StreamToken], names: frozenset[str], report: Ma
             report("invalid_arguments")
             malformed.append(arguments)
         else:
-            calls.append(ParsedCall(name, arguments))
+            calls.append(ReadCall(name, arguments))
     return CallsAndText(tuple(calls), "".join(malformed))
 
 
-def tool_calls_body(calls: Sequence[ParsedCall]) -> list[dict[str, Any]]:
+def tool_calls_body(calls: Sequence[ReadCall]) -> list[dict[str, Any]]:
     return [
         {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
     ]
@@ -150,7 +145,7 @@ def json_call_schema(tools: Sequence[tuple[str, str]]) -> str:
     return json.dumps(chosen, sort_keys=False, separators=(",", ":"))
 
 
-def parse_json_call(text: str) -> ParsedCall | None:
+def parse_json_call(text: str) -> ReadCall | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -161,7 +156,7 @@ def parse_json_call(text: str) -> ParsedCall | None:
         or not isinstance(value.get("arguments"), dict)
     ):
         return None
-    return ParsedCall(value["name"], json.dumps(value["arguments"], ensure_ascii=False))
+    return ReadCall(value["name"], json.dumps(value["arguments"], ensure_ascii=False))
 
 
 @dataclass(slots=True)
@@ -239,8 +234,8 @@ class TemplateCallStream:
 
 def template_answer(
     text: str, syntax: CallSyntax, names: frozenset[str], report: MalformedReport
-) -> tuple[str, tuple[ParsedCall, ...]]:
+) -> tuple[str, tuple[ReadCall, ...]]:
     """A whole answer read in its template's syntax: its words (malformed calls' text among
     them) and its calls."""
     read = read_answer(text, syntax, names, report)
-    return read.words, tuple(ParsedCall(c.name, c.arguments) for c in read.calls)
+    return read.words, read.calls

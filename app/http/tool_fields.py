@@ -68,6 +68,16 @@ class ToolUse:
     def names(self) -> frozenset[str]:
         return frozenset(t.name for t in self.tools)
 
+    @classmethod
+    def of(cls, tools: tuple[ToolSpec, ...], choice: str | None, named: str | None, parallel: bool) -> ToolUse:
+        """What chat's and /v1/responses' tool fields both say: ``choice`` is "auto", "none" or
+        "required" (None: "auto"), ``named`` the function a named choice forces."""
+        if not tools or (named is None and choice == "none"):
+            return cls((), (), parallel)
+        if named is not None:
+            return cls(tools, (named,), parallel)
+        return cls(tools, tuple(t.name for t in tools) if choice == "required" else (), parallel)
+
 
 class ToolFields(Lenient):
     tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = None
@@ -96,18 +106,14 @@ class ToolFields(Lenient):
         return value
 
     def tool_use(self) -> ToolUse:
-        choice = self.tool_choice or "auto"
-        if not self.tools or choice == "none":
-            return ToolUse((), (), self.parallel_tool_calls)
         tools = tuple(
             ToolSpec(t.function.name, t.function.description, canonical_schema(t.function.parameters))
-            for t in self.tools
+            for t in self.tools or ()
         )
+        choice = self.tool_choice
         if isinstance(choice, NamedToolChoice):
-            forced: tuple[str, ...] = (choice.function.name,)
-        else:
-            forced = tuple(t.name for t in tools) if choice == "required" else ()
-        return ToolUse(tools, forced, self.parallel_tool_calls)
+            return ToolUse.of(tools, None, choice.function.name, self.parallel_tool_calls)
+        return ToolUse.of(tools, choice, None, self.parallel_tool_calls)
 
 
 class InputFunctionCall(BaseModel):

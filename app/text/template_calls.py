@@ -384,6 +384,9 @@ def is_json_object(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ReadCall:
+    """One tool call read from a model's output (Harmony's or a template's): its function's name
+    and its arguments' JSON text."""
+
     name: str
     arguments: str
 
