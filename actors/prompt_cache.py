@@ -131,7 +131,6 @@ class _Flight:
     subscribers: dict[int, _Subscriber] = field(default_factory=dict)
     abort: Callable[[AbortReason], None] = lambda reason: None
     aborted: bool = False
-    looking_up: bool = False  # in the shared tier: no generation yet
 
 
 class PromptCache:
@@ -223,7 +222,6 @@ class PromptCache:
         flight = _Flight(message.key, message.request_id, subscribers={message.subscriber: subscriber})
         self._flights[message.key] = flight
         if self.shared is not None:
-            flight.looking_up = True
             self._nursery.start_soon(self._look_up_shared, self.shared, flight, message)
             return
         self._generate(flight, message)
@@ -247,26 +245,31 @@ class PromptCache:
                 found = None
             settled = True
         finally:
-            flight.looking_up = False
-            if not settled and not flight.aborted:  # the actor is stopping
+            if not settled and not flight.aborted:  # cancelled: the actor is stopping
                 self._end_flight(flight, StreamError(flight.leader, "stream_lost"))
         if flight.aborted:  # every subscriber left while it was looked up
             return
-        if found is None:
-            self._generate(flight, message)
-        else:
-            self._count(flight.leader, hit=True)
-            self._store.put(flight.key, found, found.size())
-            if self._flights.get(flight.key) is flight:
-                del self._flights[flight.key]
-            for subscriber in flight.subscribers.values():
-                self._replay(subscriber, found)
+        try:
+            if found is None:
+                self._generate(flight, message)
+            else:
+                self._count(flight.leader, hit=True)
+                self._store.put(flight.key, found, found.size())
+                if self._flights.get(flight.key) is flight:
+                    del self._flights[flight.key]
+                for subscriber in flight.subscribers.values():
+                    self._replay(subscriber, found)
+        except Exception:  # as in run(): these requests fail, the actor goes on
+            log.exception("prompt_cache_failed", key=flight.key, message="shared_lookup")
+            self._end_flight(flight, StreamError(flight.leader, "cache_failed"))
         self._publish()
 
     def _generate(self, flight: _Flight, message: CacheOpen) -> None:
         """Start the generation a miss needs; its leader is told MISS, joiners HIT."""
         self._count(message.request_id, hit=False)
-        flight.subscribers[message.subscriber].status = "MISS"
+        leader = flight.subscribers.get(message.subscriber)  # gone if it left during a shared lookup
+        if leader is not None:
+            leader.status = "MISS"
         generation_send, generation_receive = trio.open_memory_channel[StreamEvent](message.event_capacity)
         try:
             flight.abort = message.start(generation_send)

@@ -378,3 +378,29 @@ async def test_a_request_that_leaves_during_the_shared_lookup_starts_nothing() -
         await trio.sleep(0.01)
         cache.close()
     assert generation.starts == 0 and cache.flights == 0
+
+
+async def test_when_the_first_request_leaves_during_the_lookup_the_one_that_joined_still_gets_its_answer() -> None:
+    shared = GatedShared({})
+    cache = gated_cache(shared)
+    generation = ScriptedGeneration(["y"], finish="stop")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        first_send, _ = trio.open_memory_channel[StreamEvent](64)
+        first = cache.open("k1", "r1", first_send, trio.current_time(), 64, generation.start)  # type: ignore[arg-type]
+        second_send, second = trio.open_memory_channel[StreamEvent](64)
+        cache.open("k1", "r2", second_send, trio.current_time(), 64, generation.start)  # type: ignore[arg-type]
+        await trio.sleep(0.01)
+        cache.leave("k1", first)
+        await trio.sleep(0.01)
+        shared.release.set()
+        with trio.fail_after(5):
+            while generation.out is None:
+                await trio.sleep(0.01)
+        generation.emit_tokens()
+        generation.finish_now()
+        with trio.fail_after(5):
+            events = await drain(second)
+        cache.close()
+    assert [e.text for e in events if isinstance(e, StreamToken)] == ["y"]
+    assert isinstance(events[-1], StreamDone) and events[-1].request_id == "r2"
