@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -404,3 +405,20 @@ async def test_when_the_first_request_leaves_during_the_lookup_the_one_that_join
         cache.close()
     assert [e.text for e in events if isinstance(e, StreamToken)] == ["y"]
     assert isinstance(events[-1], StreamDone) and events[-1].request_id == "r2"
+
+
+async def test_a_redis_that_hangs_costs_a_timeout_not_a_stuck_request(redis_db: RedisServer) -> None:
+    """SIGSTOP: connections stay open and nothing answers; the socket timeout ends the call."""
+    reported: list[str] = []
+    link = RedisLink(connect(redis_db.url, 0.2))
+    cache = RedisSharedCache(RedisCacheStore(link, "m", 60, 100_000), reported.append)
+    await cache.put("k1", answer("a"))
+    assert redis_db.process is not None
+    redis_db.process.send_signal(signal.SIGSTOP)
+    try:
+        with trio.fail_after(10):
+            assert await cache.get("k1") is None
+            assert await cache.get("k1") is None  # within the pause: not tried at all
+    finally:
+        redis_db.process.send_signal(signal.SIGCONT)
+    assert reported == ["cache_get", "cache_get"]
