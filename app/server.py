@@ -88,7 +88,11 @@ def model_namespace(config: ServerConfig, model: ServedModel) -> str:
     return json.dumps([config.model, model.model_id, model.model_size, model.dtype, device_type])
 
 
-def shared_cache(config: ServerConfig, link: RedisLink, report: Callable[[str], None]) -> Callable[..., SharedCache]:
+def shared_cache(
+    config: ServerConfig, link: RedisLink, report: Callable[[str], None]
+) -> Callable[[ServedModel], SharedCache]:
+    """The prompt cache's Redis tier, made once the model is loaded (its identity is in the keys)."""
+
     def make(model: ServedModel) -> SharedCache:
         store = RedisCacheStore(link, model_namespace(config, model), config.redis_cache_ttl, config.cache_max_bytes)
         return RedisSharedCache(store, report)
