@@ -12,7 +12,7 @@ ARGS ?=
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install serve test lint pytest bench bench-vs-transformers browser-deps browser-test clean
+.PHONY: install serve test lint pytest bench bench-vs-transformers browser-deps browser-test redis-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m app --model $(MODEL) --host $(HOST) --port $(PORT) --profile $(PROFILE) $(ARGS)
 
-test: browser-deps lint pytest
+test: browser-deps redis-deps lint pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check app actors tests tools
@@ -47,6 +47,15 @@ browser-deps:
 	@if [ -x $(CHROMIUM) ]; then echo "$(CHROMIUM) is installed"; else \
 		$(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; fi
+
+# The shared-store and replica tests (tests/test_redis_stores.py, tests/test_replicas.py) start
+# Debian's redis-server on a free loopback port; they skip without it, except in CI.
+REDIS_SERVER := /usr/bin/redis-server
+
+redis-deps:
+	@if [ -x $(REDIS_SERVER) ]; then echo "$(REDIS_SERVER) is installed"; else \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; fi
 
 browser-test: browser-deps $(STAMP)
 	$(BIN)/python -m pytest tests/test_browser.py tests/test_playground_routes.py $(ARGS)

@@ -28,6 +28,7 @@ from actors.metrics_events import (
     ModelLoaded,
     PrefixCacheState,
     QueueState,
+    RedisError,
     RequestAdmitted,
     RequestFailed,
     RequestFinished,
@@ -108,6 +109,7 @@ class MetricsBook:
     malformed_tool_calls: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    redis_errors: dict[str, int] = field(default_factory=dict)  # by op
     running: int = 0
     waiting: int = 0
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
@@ -177,6 +179,9 @@ class MetricsBook:
                 else:
                     self.cache_misses += 1
                     p.cache_misses.labels(*labels).inc()
+            case RedisError():
+                self.redis_errors[event.op] = self.redis_errors.get(event.op, 0) + 1
+                p.redis_errors.labels(*labels, event.op).inc()
             case MalformedToolCall():
                 self.malformed_tool_calls += 1
                 p.malformed_tool_calls.labels(*labels, event.reason).inc()
@@ -232,6 +237,7 @@ class MetricsBook:
             },
             "client_disconnects": self.client_disconnects,
             "malformed_tool_calls": self.malformed_tool_calls,
+            "redis_errors": dict(self.redis_errors),
             "running": self.running,
             "waiting": self.waiting,
             "window_seconds": self.window_seconds,

@@ -131,6 +131,14 @@ class CacheLookup:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisError:
+    """A call to the shared Redis failed, or was skipped while it is down: the request went on
+    without it (a cache miss, a write skipped) or, needing a stored response, got 503."""
+
+    op: str  # cache_get, cache_put, cache_decode, responses_get, responses_put, responses_delete
+
+
+@dataclass(frozen=True, slots=True)
 class MalformedToolCall:
     """The model called a function the request did not offer, or with arguments that are not a
     JSON object: the answer carries its text as content (app.http.tool_calls)."""
@@ -160,6 +168,7 @@ MetricsEvent = (
     | QueueState
     | ClientDisconnected
     | CacheLookup
+    | RedisError
     | MalformedToolCall
     | PrefixCacheState
 )

@@ -28,6 +28,7 @@ from actors.prometheus_series import GpuMemoryProbe, PrometheusSeries
 from actors.prompt_cache import CachedResponse, PromptCache
 from actors.relay import TokenRelay
 from actors.scheduler import GpuScheduler
+from actors.shared_cache import SharedCache
 from actors.step_thread import StepCaller
 from actors.stream_handle import StreamHandle
 from app.batching.finish import AbortReason
@@ -73,8 +74,12 @@ class Pipeline:
         gpu_memory: GpuMemoryProbe | None = None,
         on_fatal: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared_cache: Callable[[ServedModel], SharedCache] | None = None,
     ) -> None:
+        """``shared_cache``: the prompt cache's tier that replicas share (Redis), made for the
+        loaded model (its identity is part of every shared key)."""
         self._load = load
+        self._shared_cache = shared_cache
         self.config = config
         self._step_caller = step_caller
         self._on_fatal = on_fatal
@@ -154,6 +159,8 @@ class Pipeline:
                     self._on_fatal(self.failure)
                 return
             self.model = model
+            if self.cache is not None and self._shared_cache is not None:
+                self.cache.share(self._shared_cache(model))
             scheduler = GpuScheduler(
                 model.runner,
                 config.profile,

@@ -104,6 +104,12 @@ class PrometheusSeries:
         self.cache_misses = Counter(
             "gptoss_cache_misses_total", "Cacheable requests that had to generate", LABELS, registry=r
         )
+        self.redis_errors = Counter(
+            "gptoss_redis_errors_total",
+            "Calls to the shared Redis that failed or were skipped while it was down (the request went on without it)",
+            (*LABELS, "op"),
+            registry=r,
+        )
         self.disconnects = Counter(
             "gptoss_client_disconnects_total", "Clients gone before their response ended", LABELS, registry=r
         )

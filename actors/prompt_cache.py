@@ -9,6 +9,13 @@ A cacheable request (greedy, or seeded) is opened here instead of going straight
   only when its last subscriber leaves; only a generation that ended with ``stop`` or ``length`` is
   stored (never a cancelled, failed, timed-out or shut-down one).
 Only this actor touches the store and the flights; other tasks send it messages.
+
+With a shared tier (Redis, for replicas: actors/shared_cache.py) a miss in memory is looked up
+there, in a task of the actor's nursery (the round trip runs in a worker thread; the actor goes on
+with other messages): the request waits as a flight, so identical requests that arrive meanwhile
+join it, and a shared hit is replayed to all of them and kept in memory for the next. A generation
+that is stored is written to the shared tier too, in the background. The shared tier never fails a
+request: down, it is a miss.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -39,6 +47,9 @@ from actors.metrics_events import CacheLookup, MetricsEvent
 from app.batching.finish import AbortReason
 from app.cache.store import ResponseStore, StoreStats
 from app.contract.failures import FAILURE_MESSAGES
+
+if TYPE_CHECKING:  # shared_cache imports this module (CachedResponse)
+    from actors.shared_cache import SharedCache
 
 log = structlog.get_logger("prompt_cache")
 STORED_REASONS = ("stop", "length")
@@ -137,8 +148,13 @@ class PromptCache:
         self._inbox_send, self._inbox = trio.open_memory_channel[CacheMessage](math.inf)
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        self.shared: SharedCache | None = None
         self.stats: StoreStats = store.stats()
         self.flights = 0
+
+    def share(self, shared: SharedCache) -> None:
+        """Look misses up in, and write stored answers to, a tier replicas share (from now on)."""
+        self.shared = shared
 
     # -- the handle (synchronous: never waits) ---------------------------------------------------
     def open(
@@ -190,37 +206,88 @@ class PromptCache:
     def _on_open(self, message: CacheOpen) -> None:
         cached = self._store.get(message.key)
         if cached is not None:
-            self._store.count_hit()
-            self._metric(CacheLookup(message.request_id, True))
-            self._replay(message, cached)
+            self._count(message.request_id, hit=True)
+            self._replay(_Subscriber(message.request_id, message.channel, message.received_at, "HIT"), cached)
             return
         flight = self._flights.get(message.key)
         subscriber = _Subscriber(message.request_id, message.channel, message.received_at, "HIT")
         if flight is not None and not flight.aborted:
-            self._store.count_hit()
-            self._metric(CacheLookup(message.request_id, True))
+            self._count(message.request_id, hit=True)
             flight.subscribers[message.subscriber] = subscriber
             for event in flight.backlog:
                 self._forward(flight, message.subscriber, subscriber, event)
             return
-        self._store.count_miss()
-        self._metric(CacheLookup(message.request_id, False))
-        subscriber.status = "MISS"
+        if self._nursery is None:
+            raise RuntimeError("PromptCache.run is not running")
         flight = _Flight(message.key, message.request_id, subscribers={message.subscriber: subscriber})
         self._flights[message.key] = flight
+        if self.shared is not None:
+            self._nursery.start_soon(self._look_up_shared, self.shared, flight, message)
+            return
+        self._generate(flight, message)
+
+    def _count(self, request_id: str, *, hit: bool) -> None:
+        if hit:
+            self._store.count_hit()
+        else:
+            self._store.count_miss()
+        self._metric(CacheLookup(request_id, hit))
+
+    async def _look_up_shared(self, shared: SharedCache, flight: _Flight, message: CacheOpen) -> None:
+        """A miss in memory: the shared tier's answer is replayed to the flight's subscribers
+        (the leader and whoever joined meanwhile); without one, the leader's generation starts."""
+        settled = False
+        try:
+            try:
+                found = await shared.get(flight.key)
+            except Exception:  # never expected (a failure is a miss): still a miss, not a dead actor
+                log.exception("shared_cache_failed", request_id=flight.leader)
+                found = None
+            settled = True
+        finally:
+            if not settled and not flight.aborted:  # cancelled: the actor is stopping
+                self._end_flight(flight, StreamError(flight.leader, "stream_lost"))
+        if flight.aborted:  # every subscriber left while it was looked up
+            return
+        try:
+            if found is None:
+                self._generate(flight, message)
+            else:
+                self._count(flight.leader, hit=True)
+                self._store.put(flight.key, found, found.size())
+                if self._flights.get(flight.key) is flight:
+                    del self._flights[flight.key]
+                for subscriber in flight.subscribers.values():
+                    self._replay(subscriber, found)
+        except Exception:  # as in run(): these requests fail, the actor goes on
+            log.exception("prompt_cache_failed", key=flight.key, message="shared_lookup")
+            self._end_flight(flight, StreamError(flight.leader, "cache_failed"))
+        self._publish()
+
+    def _generate(self, flight: _Flight, message: CacheOpen) -> None:
+        """Start the generation a miss needs; its leader is told MISS, joiners HIT."""
+        self._count(message.request_id, hit=False)
+        leader = flight.subscribers.get(message.subscriber)  # gone if it left during a shared lookup
+        if leader is not None:
+            leader.status = "MISS"
         generation_send, generation_receive = trio.open_memory_channel[StreamEvent](message.event_capacity)
         try:
             flight.abort = message.start(generation_send)
-        except Exception:  # e.g. the scheduler is gone: tell the client, keep serving
-            del self._flights[message.key]
+        except Exception:  # e.g. the scheduler is gone: tell the clients, keep serving
             log.exception("generation_start_failed", request_id=message.request_id)
             rejected = StreamRejected(message.request_id, 503, FAILURE_MESSAGES["start_failed"], None)
-            self._send(subscriber, rejected)
-            subscriber.channel.close()
+            self._end_flight(flight, rejected)
             return
-        if self._nursery is None:
-            raise RuntimeError("PromptCache.run is not running")
+        assert self._nursery is not None  # _on_open checked
         self._nursery.start_soon(self._pump, flight, generation_receive)
+
+    def _end_flight(self, flight: _Flight, ending: StreamRejected | StreamError) -> None:
+        """End a flight with no generation: each subscriber gets ``ending`` under its own id."""
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        for subscriber in flight.subscribers.values():
+            self._send(subscriber, dataclasses.replace(ending, request_id=subscriber.request_id))
+            subscriber.channel.close()
 
     def _fail_open(self, message: CacheOpen, error: Exception) -> None:
         """Give the client of a request the cache could not handle an error instead of silence."""
@@ -270,6 +337,8 @@ class PromptCache:
                 tokens = tuple(e for e in flight.backlog if isinstance(e, StreamToken))
                 response = CachedResponse(tokens, terminal)
                 self._store.put(flight.key, response, response.size())
+                if self.shared is not None and self._nursery is not None:
+                    self._nursery.start_soon(self.shared.put, flight.key, response)
             self._publish()
 
     # -- delivering ------------------------------------------------------------------------------
@@ -288,9 +357,8 @@ class PromptCache:
             # That client is gone or hopelessly behind: drop it like a leave.
             self._on_leave(CacheLeave(flight.key, number))
 
-    def _replay(self, message: CacheOpen, cached: CachedResponse) -> None:
-        subscriber = _Subscriber(message.request_id, message.channel, message.received_at, "HIT")
-        self._send(subscriber, StreamStarted(message.request_id, "HIT"))
+    def _replay(self, subscriber: _Subscriber, cached: CachedResponse) -> None:
+        self._send(subscriber, StreamStarted(subscriber.request_id, "HIT"))
         for token in cached.tokens:  # the stored objects themselves: a replay copies nothing
             self._send(subscriber, token)
             subscriber.first_token_at = subscriber.first_token_at or self._clock()

@@ -184,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a stored response is kept (30 days)",
     )
     parser.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="replicas: keep the prompt cache and the /v1/responses store in this Redis (redis://HOST:PORT/DB), "
+        "shared by every server pointed at it; default: the embedded ones (also GPTOSS_REDIS_URL)",
+    )
+    parser.add_argument(
+        "--redis-cache-ttl",
+        type=float,
+        default=24 * 3600,
+        help="seconds a cached answer is kept in Redis (each hit renews it); with --redis-url",
+    )
+    parser.add_argument(
+        "--redis-timeout",
+        type=float,
+        default=0.5,
+        help="seconds a Redis call may take before the request goes on without it (a miss); with --redis-url",
+    )
+    parser.add_argument(
         "--chat-template",
         default=None,
         metavar="PATH",
@@ -236,6 +255,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         responses_max_count=args.responses_max_count,
         responses_max_bytes=int(args.responses_max_mb * 1024 * 1024),
         responses_ttl=args.responses_ttl,
+        redis_url=args.redis_url or os.environ.get("GPTOSS_REDIS_URL") or None,
+        redis_cache_ttl=args.redis_cache_ttl,
+        redis_timeout=args.redis_timeout,
         chat_template=args.chat_template,
         tool_call_parser=args.tool_call_parser,
     )

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 LogFormat = Literal["json", "console"]
 # What ``python -m app`` and ``hypercorn ... app.asgi:app`` serve when no model is named.
@@ -146,6 +147,12 @@ class ServerConfig:
     responses_max_count: int = 10_000
     responses_max_bytes: int = 256 * 1024 * 1024
     responses_ttl: float = 30 * 24 * 3600.0
+    # Replicas: a Redis that holds the prompt cache's shared tier and the /v1/responses store (None:
+    # the embedded ones), each cached answer for redis_cache_ttl seconds; every Redis call gives up
+    # after about redis_timeout seconds (an outage is a cache miss, not a slow request).
+    redis_url: str | None = None
+    redis_cache_ttl: float = 24 * 3600.0
+    redis_timeout: float = 0.5
     # A Jinja chat template file that replaces the tokenizer's (None: the model's own), and how
     # tool calls in its syntax are read back from the output.
     chat_template: str | None = None
@@ -171,6 +178,10 @@ class ServerConfig:
             raise ConfigError(f"max_seq_len must be at least 2 tokens, got {self.max_seq_len!r}")
         if self.responses_max_count < 1 or self.responses_max_bytes < 1 or not self.responses_ttl > 0:
             raise ConfigError("the response store's limits (count, megabytes, ttl) must be positive")
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
+        if not self.redis_cache_ttl > 0 or not self.redis_timeout > 0:
+            raise ConfigError("redis_cache_ttl and redis_timeout must be positive")
         if self.prefix_cache_bytes < 0:
             raise ConfigError(f"prefix_cache_bytes must not be negative, got {self.prefix_cache_bytes}")
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -178,6 +189,24 @@ class ServerConfig:
             raise ConfigError(f"tool_call_parser must be one of {choices}, got {self.tool_call_parser!r}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+
+
+def check_redis_url(url: str) -> None:
+    """redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss:// (TLS) or unix://PATH; never echoes a
+    password back."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    well_formed = (parts.scheme == "unix" and bool(parts.path)) or (
+        parts.scheme in ("redis", "rediss") and bool(parts.hostname)
+    )
+    database = parts.path.strip("/") if parts.scheme != "unix" else "0"
+    if not well_formed or port == -1 or not (database == "" or database.isdigit()):
+        raise ConfigError(
+            f"redis_url must be redis://HOST[:PORT][/DB], rediss://... or unix://PATH, got {parts.scheme}://..."
+        )
 
 
 def split_list(value: str | None) -> tuple[str, ...]:

@@ -20,9 +20,12 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from actors.metrics_events import RedisError
 from actors.pipeline import Pipeline
+from actors.shared_cache import RedisSharedCache, SharedCache
 from actors.step_thread import StepCaller
 from app import __version__
+from app.cache.redis_store import RedisCacheStore
 from app.config import ServerConfig
 from app.contract.model import ServedModel
 from app.engine.runtime_info import gpu_memory, runtime_info
@@ -32,10 +35,15 @@ from app.http.context import ServerState
 from app.http.errors import ApiError, error_body, error_response
 from app.http.request_scope import RequestScopeMiddleware
 from app.http.response_store import AsyncResponseStore
-from app.store.responses import ResponseStore, StoreLimits
+from app.store.redis_link import RedisLink, connect, redacted
+from app.store.redis_responses import RedisResponseStore
+from app.store.responses import ResponseBackend, ResponseStore, StoreLimits
 
 log = structlog.get_logger("server")
 BODY_TIMEOUT_SECONDS = 30
+# Redis calls of the response store at once (its client is a thread-safe pool; SQLite has one
+# connection: one call at a time).
+REDIS_STORE_CONCURRENCY = 4
 
 
 def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
@@ -60,12 +68,36 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
     return load
 
 
-def response_store(config: ServerConfig) -> ResponseStore:
-    """The /v1/responses store: --responses-db, or responses.db beside the locally built models."""
+def response_store(config: ServerConfig, redis: RedisLink | None = None) -> ResponseBackend:
+    """The /v1/responses store: Redis' when replicas share one; else --responses-db, or
+    responses.db beside the locally built models."""
+    limits = StoreLimits(config.responses_max_count, config.responses_max_bytes, config.responses_ttl)
+    if redis is not None:
+        return RedisResponseStore(redis, limits)
     from app.models.local_builds import cache_root  # torch: loaded only when the wiring runs
 
-    limits = StoreLimits(config.responses_max_count, config.responses_max_bytes, config.responses_ttl)
     return ResponseStore(config.responses_db or cache_root() / "responses.db", limits)
+
+
+def model_namespace(config: ServerConfig, model: ServedModel) -> str:
+    """What names the model as it computes, in the shared cache's keys: replicas that serve the
+    same model the same way share answers; another model, size or dtype (or a CPU and a GPU,
+    whose greedy answers may differ) never gets them. The device's index is left out: replicas
+    on cuda:0 and cuda:1 compute alike."""
+    device_type = model.device.partition(":")[0]
+    return json.dumps([config.model, model.model_id, model.model_size, model.dtype, device_type])
+
+
+def shared_cache(
+    config: ServerConfig, link: RedisLink, report: Callable[[str], None]
+) -> Callable[[ServedModel], SharedCache]:
+    """The prompt cache's Redis tier, made once the model is loaded (its identity is in the keys)."""
+
+    def make(model: ServedModel) -> SharedCache:
+        store = RedisCacheStore(link, model_namespace(config, model), config.redis_cache_ttl, config.cache_max_bytes)
+        return RedisSharedCache(store, report)
+
+    return make
 
 
 @dataclass(slots=True)
@@ -90,12 +122,22 @@ def create_server(
     """Build the app. ``wait_for_model``: start-up waits for the model (a failed load fails it);
     otherwise the server answers at once, /health says ``loading``, and ``on_fatal`` hears a
     failed load."""
+    link: RedisLink | None = None
+    if config.redis_url is not None:
+        link = RedisLink(connect(config.redis_url, config.redis_timeout), name=redacted(config.redis_url))
+        log.info("redis", url=link.name, cache_ttl_s=config.redis_cache_ttl, timeout_s=config.redis_timeout)
+    pipeline: Pipeline
+
+    def report_redis_error(op: str) -> None:
+        pipeline.metrics.report(RedisError(op))
+
     pipeline = Pipeline(
         loader or default_loader(config),
         config,
         step_caller=step_caller,
         gpu_memory=gpu_memory,
         on_fatal=on_fatal,
+        shared_cache=None if link is None else shared_cache(config, link, report_redis_error),
     )
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -103,7 +145,11 @@ def create_server(
     # A request body (4 MiB at most) that takes longer than this to arrive is refused: a client
     # that trickles one cannot hold a request open for minutes.
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_SECONDS
-    responses = AsyncResponseStore(response_store(config))
+    responses = AsyncResponseStore(
+        response_store(config, link),
+        concurrency=1 if link is None else REDIS_STORE_CONCURRENCY,
+        report=report_redis_error,
+    )
     state = ServerState(config, pipeline, __version__, runtime_info, gpu_memory, responses)
     app.extensions["gptoss"] = state
 
@@ -115,6 +161,8 @@ def create_server(
     async def stop_pipeline() -> None:
         await pipeline.stop()
         await responses.close()
+        if link is not None:
+            link.close()
 
     keys = ApiKeys(config.api_keys)
 

@@ -95,6 +95,24 @@ def test_chat_template_and_tool_call_parser_reach_the_config() -> None:
         build_parser().parse_args(["--tool-call-parser", "mistral"])
 
 
+def test_redis_flags_reach_the_config_and_a_bad_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GPTOSS_REDIS_URL", raising=False)
+    assert config_from_args(build_parser().parse_args([])).redis_url is None, "embedded stores by default"
+    args = ["--redis-url", "redis://127.0.0.1:6390/2", "--redis-cache-ttl", "60", "--redis-timeout", "0.25"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert (config.redis_url, config.redis_cache_ttl, config.redis_timeout) == ("redis://127.0.0.1:6390/2", 60, 0.25)
+    monkeypatch.setenv("GPTOSS_REDIS_URL", "rediss://user:secret@cache:6380/0")  # kept out of `ps`
+    assert config_from_args(build_parser().parse_args([])).redis_url == "rediss://user:secret@cache:6380/0"
+    for bad in (
+        ["--redis-url", "http://cache:6379"],
+        ["--redis-url", "redis://cache:port"],
+        ["--redis-cache-ttl", "0"],
+        ["--redis-timeout", "-1"],
+    ):
+        with pytest.raises(ConfigError, match="redis"):
+            config_from_args(build_parser().parse_args(bad))
+
+
 def test_a_missing_chat_template_is_refused_at_once() -> None:
     result = run_cli("--model", "tiny-gpt-oss", "--chat-template", "/tmp/no/such/template.jinja", "--port", "0")
     assert result.returncode == 2

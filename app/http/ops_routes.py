@@ -68,6 +68,7 @@ def cache_body(pipeline: Pipeline) -> dict[str, Any]:
     if pipeline.cache is None:
         return {"enabled": False}
     stats = pipeline.cache.stats
+    shared = pipeline.cache.shared
     return {
         "enabled": True,
         "hits": stats.hits,
@@ -79,6 +80,8 @@ def cache_body(pipeline: Pipeline) -> dict[str, Any]:
         "max_entries": stats.max_entries,
         "max_bytes": stats.max_bytes,
         "shared_generations": pipeline.cache.flights,
+        # The tier replicas share (--redis-url): lookups that missed in memory.
+        "shared": None if shared is None else {"hits": shared.hits, "misses": shared.misses},
     }
 
 

@@ -27,6 +27,7 @@ from app.http.choice_streams import Choice, abort_all, collect, merged_events, o
 from app.http.context import ServerState
 from app.http.errors import ApiError
 from app.http.jobs import build_job
+from app.http.response_store import StoreUnavailable
 from app.http.responses_format import ResponseHead, ResponseWriter
 from app.http.responses_schemas import RESPONSE_ID, Item, ResponsesRequest, chat_messages, new_id
 from app.http.sse import SSE_HEADERS, sse_comment, sse_event
@@ -47,6 +48,23 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _not_found(response_id: str, param: str | None = None) -> ApiError:
     return ApiError(404, f"no response with id {response_id[:80]!r} is stored here", param=param, code="not_found")
+
+
+def _store_unavailable() -> ApiError:
+    # The shared store (Redis) is down: this request needs a stored response, others go on.
+    return ApiError(
+        503,
+        "the response store is unavailable; stored responses cannot be read right now, try again shortly",
+        code="store_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+async def _read(state: ServerState, response_id: str) -> StoredResponse | None:
+    try:
+        return await state.responses.get(g.get("tenant"), response_id)
+    except StoreUnavailable:
+        raise _store_unavailable() from None
 
 
 class Turn:
@@ -116,7 +134,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
         tools = body.tool_use()
         history: list[Item] = []
         if body.previous_response_id is not None:
-            previous = await state.responses.get(g.get("tenant"), body.previous_response_id)
+            previous = await _read(state, body.previous_response_id)
             if previous is None:
                 raise _not_found(body.previous_response_id, "previous_response_id")
             history = previous.conversation()
@@ -185,7 +203,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     async def _stored(response_id: str) -> StoredResponse:
         if not RESPONSE_ID.fullmatch(response_id):
             raise _not_found(response_id)
-        found = await state.responses.get(g.get("tenant"), response_id)
+        found = await _read(state, response_id)
         if found is None:
             raise _not_found(response_id)
         return found
@@ -196,7 +214,13 @@ def register(app: QuartTrio, state: ServerState) -> None:
 
     @app.delete("/v1/responses/<response_id>")
     async def delete_response(response_id: str) -> Response:
-        if not RESPONSE_ID.fullmatch(response_id) or not await state.responses.delete(g.get("tenant"), response_id):
+        if not RESPONSE_ID.fullmatch(response_id):
+            raise _not_found(response_id)
+        try:
+            deleted = await state.responses.delete(g.get("tenant"), response_id)
+        except StoreUnavailable:
+            raise _store_unavailable() from None
+        if not deleted:
             raise _not_found(response_id)
         return _json({"id": response_id, "object": "response", "deleted": True})
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 MEMORY = ":memory:"
 SCHEMA = """
@@ -71,6 +71,18 @@ class StoredResponse:
     def conversation(self) -> list[Item]:
         """What a response chained to this one continues: the history, this input, this output."""
         return [*self.history, *self.input_items, *self.response.get("output", [])]
+
+
+class ResponseBackend(Protocol):
+    """What the routes need of a store: this SQLite one, or Redis' (app/store/redis_responses.py)."""
+
+    def put(self, tenant: str | None, stored: StoredResponse) -> None: ...
+
+    def get(self, tenant: str | None, response_id: str) -> StoredResponse | None: ...
+
+    def delete(self, tenant: str | None, response_id: str) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class ResponseStore:
