@@ -34,7 +34,7 @@ from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine.loader import ModelWeights, serve_weights
 from app.engine.runner import BaseRunner
-from app.engine.tensor_parallel import Call, LeaderBackend, follow
+from app.engine.tensor_parallel import Call, LeaderBackend, TensorParallelError, follow, local_kv_heads
 from tests.conftest import ROOT, running_server, wait_for_stats
 from tools.server_process import free_port
 
@@ -373,3 +373,20 @@ async def test_a_killed_rank_takes_the_whole_group_down(killed: int) -> None:
         lost_events = group.events("tensor_parallel_group_lost")
         assert [e["rank"] for e in lost_events] == [survivor], group.tail()
         assert lost_events[0]["level"] == "critical"
+
+
+def test_a_rank_holds_the_key_heads_its_plan_leaves_it() -> None:
+    """gpt-oss's plan keeps attention whole (every head on every rank); a plan that splits the key
+    projections (Llama's) leaves each rank its share, and a count that does not split is refused."""
+
+    class Sharded:
+        def __init__(self, plan: dict[str, str], size: int) -> None:
+            self.tp_plan, self.tp_size = plan, size
+
+    gpt_oss = {"model.embed_tokens": "embedding_rowwise", "lm_head": "colwise_gather_output"}
+    llama = {"model.layers.*.self_attn.k_proj": "colwise", "model.layers.*.self_attn.v_proj": "colwise"}
+    assert local_kv_heads(Sharded(gpt_oss, 2), 2) == 2  # type: ignore[arg-type]
+    assert local_kv_heads(Sharded(llama, 2), 8) == 4  # type: ignore[arg-type]
+    assert local_kv_heads(Sharded({}, 1), 3) == 3  # type: ignore[arg-type]
+    with pytest.raises(TensorParallelError, match="3 key/value heads cannot be split over 2 ranks"):
+        local_kv_heads(Sharded(llama, 2), 3)  # type: ignore[arg-type]
