@@ -390,3 +390,37 @@ def test_a_rank_holds_the_key_heads_its_plan_leaves_it() -> None:
     assert local_kv_heads(Sharded({}, 1), 3) == 3  # type: ignore[arg-type]
     with pytest.raises(TensorParallelError, match="3 key/value heads cannot be split over 2 ranks"):
         local_kv_heads(Sharded(llama, 2), 3)  # type: ignore[arg-type]
+
+
+def test_a_step_that_raises_on_rank_0_checks_the_group_at_once(tiny_weights: ModelWeights) -> None:
+    """A rank lost in the middle of a forward shows on rank 0 as the step's own error: rank 0
+    pings the group then, so it stops at once rather than wait for the next request."""
+
+    class GoneAfterFirstCall:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def send(self, call: Call) -> None:
+            self.sent.append(call.method)
+            if len(self.sent) > 1:
+                raise RuntimeError("Connection closed by peer")
+
+        def receive(self) -> Call:
+            raise AssertionError("rank 0 never receives")
+
+    runner = serve_weights(tiny_weights, max_batch_size=2).runner
+    assert isinstance(runner, BaseRunner)
+    channel = GoneAfterFirstCall()
+    leader = LeaderBackend(runner, channel, on_group_lost=lost)
+    with pytest.raises(GroupLost, match="tensor_parallel_group_lost"):
+        leader.decode(["nobody"])  # raises KeyError here, as the collective's error would
+    assert channel.sent == ["decode", "ping"]
+
+
+def test_a_step_that_raises_on_every_rank_keeps_the_group(tiny_weights: ModelWeights) -> None:
+    pair = leader_and_follower(tiny_weights)
+    with pytest.raises(KeyError):
+        pair.leader.decode(["nobody"])  # the follower raises the same, and the digests agree
+    pair.leader.add("a", [200006, 1000], SamplingParams(max_tokens=4, temperature=0.0), None)
+    assert pair.stop() == 0
+    assert pair.follower.sequence_ids() == ["a"]
