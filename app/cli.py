@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import structlog
 import trio
@@ -31,7 +31,7 @@ from app.config import (
 )
 from app.logging_setup import configure_logging
 from app.models.registry import ModelNotFoundError, known_names, resolve
-from app.server import Server, create_server
+from app.server import Server, create_server, run_follower, stop_tensor_parallel
 
 log = structlog.get_logger("cli")
 KEEP_ALIVE_SECONDS = 5.0
@@ -216,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a model without Harmony writes tool calls (tool_choice auto): auto reads the syntax "
         "its chat template teaches (hermes <tool_call> JSON, llama3_json), none refuses auto",
     )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the model over N ranks with transformers' tensor-parallel plan (NCCL on GPUs, "
+        "gloo on the CPU); launch with torchrun --nproc-per-node N -m app ...: rank 0 serves HTTP",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -260,7 +268,26 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         redis_timeout=args.redis_timeout,
         chat_template=args.chat_template,
         tool_call_parser=args.tool_call_parser,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
+
+
+def launch_rank(tensor_parallel_size: int, env: Mapping[str, str]) -> int:
+    """This process's rank among those torchrun started (0 without torchrun), checked against
+    --tensor-parallel-size: a ConfigError says what does not match."""
+    world = env.get("WORLD_SIZE")
+    if tensor_parallel_size == 1:
+        if world not in (None, "1"):
+            raise ConfigError(
+                f"torchrun started {world} ranks: pass --tensor-parallel-size {world} (or start one process)"
+            )
+        return 0
+    command = f"torchrun --nproc-per-node {tensor_parallel_size} -m app --tensor-parallel-size {tensor_parallel_size}"
+    if world is None or "RANK" not in env:
+        raise ConfigError(f"--tensor-parallel-size {tensor_parallel_size} runs one process per rank: {command} ...")
+    if world != str(tensor_parallel_size):
+        raise ConfigError(f"--tensor-parallel-size {tensor_parallel_size}, but torchrun started {world} ranks")
+    return int(env["RANK"])
 
 
 def hypercorn_config(config: ServerConfig) -> HypercornConfig:
@@ -289,12 +316,16 @@ async def serve_until_stopped(config: ServerConfig) -> int:
         shutdown.set()
 
     server = create_server(config, wait_for_model=False, on_fatal=fatal)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, server, config, shutdown)
-        binds = await nursery.start(_serve, server, config, shutdown)
-        log.info("listening", urls=binds, model=config.model, profile=config.profile.name)
-        await shutdown.wait()
-        nursery.cancel_scope.deadline = trio.current_time() + 10  # hypercorn's own graceful close
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, server, config, shutdown)
+            binds = await nursery.start(_serve, server, config, shutdown)
+            log.info("listening", urls=binds, model=config.model, profile=config.profile.name)
+            await shutdown.wait()
+            nursery.cancel_scope.deadline = trio.current_time() + 10  # hypercorn's own graceful close
+    finally:
+        if config.tensor_parallel_size > 1:
+            stop_tensor_parallel(server)  # the other ranks stop with this one, whatever ended it
     return exit_code
 
 
@@ -320,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        rank = launch_rank(config.tensor_parallel_size, os.environ)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     configure_logging(config.log_level, config.log_format)
     if config.chat_template is not None and not os.path.isfile(config.chat_template):
         print(f"error: --chat-template {config.chat_template}: no such file", file=sys.stderr)
@@ -329,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if rank > 0:
+        return run_follower(config)  # no HTTP: this rank runs the steps rank 0 sends
     try:
         return trio.run(serve_until_stopped, config)
     except KeyboardInterrupt:

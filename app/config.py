@@ -157,6 +157,9 @@ class ServerConfig:
     # tool calls in its syntax are read back from the output.
     chat_template: str | None = None
     tool_call_parser: ToolCallParser = "auto"
+    # Ranks the model is sharded over (transformers' tensor-parallel plan, torch.distributed): the
+    # process is one of N launched by torchrun; rank 0 serves HTTP and every rank runs each step.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -184,6 +187,11 @@ class ServerConfig:
             raise ConfigError("redis_cache_ttl and redis_timeout must be positive")
         if self.prefix_cache_bytes < 0:
             raise ConfigError(f"prefix_cache_bytes must not be negative, got {self.prefix_cache_bytes}")
+        if isinstance(self.tensor_parallel_size, bool) or self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.cuda_graphs:
+            # Captured decode steps would hold the ranks' collectives: not built (nor measured) yet.
+            raise ConfigError("--cuda-graphs does not work with --tensor-parallel-size > 1 yet")
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
             choices = ", ".join(TOOL_CALL_PARSERS)
             raise ConfigError(f"tool_call_parser must be one of {choices}, got {self.tool_call_parser!r}")

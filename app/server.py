@@ -63,9 +63,36 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             prefix_cache_bytes=config.prefix_cache_bytes,
             chat_template=config.chat_template,
             tool_call_parser=config.tool_call_parser,
+            tensor_parallel_size=config.tensor_parallel_size,
         )
 
     return load
+
+
+def run_follower(config: ServerConfig) -> int:
+    """A rank > 0 of a tensor-parallel server: load this rank's shard, then run the steps rank 0
+    sends until it says stop. No HTTP, no actors. Returns the exit code."""
+    from app.engine import tensor_parallel
+    from app.engine.loader import BaseRunner, ModelLoadError
+
+    try:
+        runner = default_loader(config)().runner
+    except ModelLoadError as error:
+        log.error("model_load_failed", error=str(error))
+        return 1
+    group = tensor_parallel.joined()
+    assert group is not None and isinstance(runner, BaseRunner)  # loaded with tensor_parallel_size > 1
+    return tensor_parallel.serve_follower(runner, group)
+
+
+def stop_tensor_parallel(server: Server) -> None:
+    """Rank 0 is done serving: the followers stop (a lost follower ends this process with 1)."""
+    from app.engine.tensor_parallel import LeaderBackend, leave
+
+    model = server.pipeline.model
+    if model is not None and isinstance(model.runner, LeaderBackend):
+        model.runner.stop()
+    leave()
 
 
 def response_store(config: ServerConfig, redis: RedisLink | None = None) -> ResponseBackend:

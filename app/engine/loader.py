@@ -8,6 +8,7 @@ The runner is chosen here, once: ``ModelRunner`` (the dynamic row cache) by defa
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,14 @@ from pathlib import Path
 import structlog
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.distributed import DistributedConfig
 from transformers.utils import logging as hf_logging
 
 from app.config import ToolCallParser
 from app.contract.model import CallSyntax
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
-from app.engine import moe_loading
+from app.engine import moe_loading, tensor_parallel
 from app.engine.cuda_graphs import Capture, StepGraphs
 from app.engine.grammar import GrammarCompiler, HarmonyMarkers
 from app.engine.runner import BaseRunner, ModelRunner
@@ -140,7 +142,9 @@ class ModelWeights:
     parameters: int
 
 
-def load_weights(source: ModelSource, *, dtype: str, device: str) -> ModelWeights:
+def load_weights(source: ModelSource, *, dtype: str, device: str, tensor_parallel_size: int = 1) -> ModelWeights:
+    """``tensor_parallel_size`` > 1: this process is one of the ranks torchrun started; it joins
+    the group and loads its shard of the model (transformers' own plan for it)."""
     try:
         location = str(source.build()) if source.build is not None else source.location
         config = AutoConfig.from_pretrained(location)
@@ -148,11 +152,11 @@ def load_weights(source: ModelSource, *, dtype: str, device: str) -> ModelWeight
         raise ModelLoadError(
             f"cannot load model {source.model_id!r} from {source.location or 'its local build'}: {_first_line(error)}"
         ) from error
-    torch_device = pick_device(device)
+    torch_device = pick_device(device) if tensor_parallel_size == 1 else _rank_device(device, tensor_parallel_size)
     torch_dtype = pick_dtype(dtype, torch_device)
     hf_logging.disable_progress_bar()
     try:
-        model = _from_pretrained(location, config, torch_dtype, torch_device)
+        model = _from_pretrained(location, config, torch_dtype, torch_device, tensor_parallel_size)
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load model {source.model_id!r}: {_first_line(error)}") from error
@@ -178,17 +182,38 @@ def load_weights(source: ModelSource, *, dtype: str, device: str) -> ModelWeight
     )
 
 
-def _from_pretrained(location: str, config: object, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    options = moe_loading.load_options(config, device)
+def _rank_device(requested: str, size: int) -> torch.device:
+    """A rank's device: its own GPU, or the CPU on a machine with none (transformers places the
+    shards so; an explicit --device must agree)."""
     try:
-        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device, **options)
+        device = tensor_parallel.join(size).device
+    except tensor_parallel.TensorParallelError as error:
+        raise ModelLoadError(str(error)) from error
+    if requested not in ("auto", device.type, str(device)):
+        raise ModelLoadError(
+            f"--device {requested}: with --tensor-parallel-size each rank runs on {device.type} "
+            "(its own GPU, LOCAL_RANK, or the CPU when there is none)"
+        )
+    return device
+
+
+def _from_pretrained(
+    location: str, config: object, dtype: torch.dtype, device: torch.device, tensor_parallel_size: int = 1
+) -> PreTrainedModel:
+    options = moe_loading.load_options(config, device)
+    placement: dict[str, object] = {"device_map": device}
+    if tensor_parallel_size > 1:
+        # Sharded by the model's own plan; transformers places each rank's shard (no device_map).
+        placement = {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tensor_parallel_size)}
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **placement, **options)
     except Exception as error:
         if "quantization_config" in options or moe_loading.quantization_method(config) != "mxfp4":
             raise
         # The MXFP4 kernels could not be had (most often: not in the local hub cache, offline).
         reason = f"MXFP4 load failed: {_first_line(error)}"
         options = moe_loading.load_options(config, device, mxfp4_reason=reason)
-        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device, **options)
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **placement, **options)
 
 
 def serve_weights(
@@ -293,7 +318,7 @@ def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
 def _static_runner(
     weights: ModelWeights, max_batch_size: int, max_context: int, capture: Capture | None, prefix_cache_bytes: int
 ) -> StaticModelRunner:
-    shape = SlotShape.for_config(weights.model.config.get_text_config())
+    shape = SlotShape.for_model(weights.model)
     needed = SlotKVCache.bytes_needed(shape, max_batch_size, max_context, weights.dtype)
     log.info("slot_cache", slots=max_batch_size, positions=max_context, gib=round(needed / 2**30, 2))
     try:
@@ -324,10 +349,13 @@ def load_model(
     prefix_cache_bytes: int = 0,
     chat_template: str | None = None,
     tool_call_parser: ToolCallParser = "auto",
+    tensor_parallel_size: int = 1,
 ) -> LoadedModel:
+    """``tensor_parallel_size`` > 1: on rank 0 the runner is wrapped in the group's leader (each
+    call runs on every rank); on the other ranks it is the local runner a follower drives."""
     template = read_chat_template(chat_template)  # before the weights: a wrong path fails at once
-    return serve_weights(
-        load_weights(source, dtype=dtype, device=device),
+    loaded = serve_weights(
+        load_weights(source, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size),
         max_batch_size=max_batch_size,
         cuda_graphs=cuda_graphs,
         max_seq_len=max_seq_len,
@@ -335,6 +363,12 @@ def load_model(
         chat_template=template,
         tool_call_parser=tool_call_parser,
     )
+    group = tensor_parallel.joined() if tensor_parallel_size > 1 else None
+    if group is None or group.rank != 0:
+        return loaded
+    leader = tensor_parallel.LeaderBackend(loaded.runner, group.channel)
+    # The scheduler drives the leader; what it reads of the runner (rows, memory) is rank 0's.
+    return dataclasses.replace(loaded, runner=leader, device=f"{loaded.device} x{group.size} (tensor parallel)")  # type: ignore[arg-type]
 
 
 def _first_line(error: BaseException) -> str:

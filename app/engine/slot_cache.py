@@ -36,6 +36,14 @@ class SlotShape:
         head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
         return cls(int(config.num_hidden_layers), int(kv_heads), int(head_dim))
 
+    @classmethod
+    def for_model(cls, model: Any) -> SlotShape:
+        """The shape of this rank's keys: under tensor parallel it may hold only some of the heads."""
+        from app.engine.tensor_parallel import local_kv_heads
+
+        shape = cls.for_config(model.config.get_text_config())
+        return cls(shape.num_layers, local_kv_heads(model, shape.kv_heads), shape.head_dim)
+
 
 @dataclass(frozen=True, slots=True)
 class _DecodePlan:

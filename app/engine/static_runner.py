@@ -44,7 +44,7 @@ class StaticModelRunner(BaseRunner):
         """``cuda_graphs``: capture decode steps when the model is on CUDA (``graphs`` overrides:
         a capture of the caller's, such as a stand-in off CUDA). ``smallest_kv_bucket``: the
         shortest attention span a decode step uses."""
-        shape = SlotShape.for_config(model.config.get_text_config())
+        shape = SlotShape.for_model(model)
         self._slots = SlotKVCache(shape, max_batch_size, max_context, dtype=model.dtype, device=model.device)
         super().__init__(
             model,
