@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
+from actors.cached_response import STORED_REASONS, CachedResponse
 from actors.messages import StreamDone, StreamToken, Timings, Usage
-from actors.prompt_cache import STORED_REASONS, CachedResponse
 from app.batching.finish import FinishReason
 from app.text.logprobs import ShownLogprob, ShownLogprobs
 

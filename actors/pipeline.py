@@ -20,12 +20,13 @@ import structlog
 import trio
 
 from actors import choice_merge
+from actors.cached_response import CachedResponse
 from actors.choice_merge import ChoiceEvent
 from actors.messages import GenerationJob, SchedulerEvent, StreamEvent, Submit
 from actors.metrics import MetricsActor
 from actors.metrics_events import ModelLoaded, RequestReceived
 from actors.prometheus_series import GpuMemoryProbe, PrometheusSeries
-from actors.prompt_cache import CachedResponse, PromptCache
+from actors.prompt_cache import PromptCache
 from actors.relay import TokenRelay
 from actors.scheduler import GpuScheduler
 from actors.shared_cache import SharedCache

@@ -24,15 +24,14 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
+from actors.cached_response import STORED_REASONS, CachedResponse
 from actors.messages import (
     CacheStatus,
     StreamDone,
@@ -44,49 +43,12 @@ from actors.messages import (
     Timings,
 )
 from actors.metrics_events import CacheLookup, MetricsEvent
+from actors.shared_cache import SharedCache
 from app.batching.finish import AbortReason
 from app.cache.store import ResponseStore, StoreStats
 from app.contract.failures import FAILURE_MESSAGES
 
-if TYPE_CHECKING:  # shared_cache imports this module (CachedResponse)
-    from actors.shared_cache import SharedCache
-
 log = structlog.get_logger("prompt_cache")
-STORED_REASONS = ("stop", "length")
-
-
-@dataclass(frozen=True, slots=True)
-class CachedResponse:
-    tokens: tuple[StreamToken, ...]
-    done: StreamDone
-
-    def size(self) -> int:
-        """The bytes it holds in memory (its objects and their strings, each counted once),
-        which the store's --cache-max-mb bounds."""
-        logprobs = (part for token in self.tokens for part in _logprob_objects(token))
-        return held_bytes((self, self.tokens, *self.tokens, *(t.text for t in self.tokens), *logprobs, self.done))
-
-
-def _logprob_objects(token: StreamToken) -> Iterator[object]:
-    """What a token's logprobs hold (twenty alternatives each can outweigh the token itself)."""
-    if token.logprobs is None and not token.text_logprobs:
-        return
-    yield token.text_logprobs
-    for shown in (token.logprobs, *token.text_logprobs):
-        if shown is not None:
-            yield from (shown, shown.top)
-            for entry in (shown.chosen, *shown.top):
-                yield from (entry, entry.token, entry.bytes)
-
-
-def held_bytes(objects: Iterable[object]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for item in objects:
-        if id(item) not in seen:
-            seen.add(id(item))
-            total += sys.getsizeof(item)
-    return total
 
 
 # A generation for a cache miss: given the subscriber-less output channel, it starts the relay and

@@ -17,7 +17,7 @@ import structlog
 import trio
 
 from actors import cache_codec
-from actors.prompt_cache import CachedResponse
+from actors.cached_response import CachedResponse
 from app.cache.redis_store import RedisCacheStore
 from app.store.redis_link import RedisUnavailable
 

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import trio
 
-from actors.prompt_cache import STORED_REASONS
+from actors.cached_response import STORED_REASONS
 from app.config import PROFILES
 from app.engine.loader import ModelWeights
 from app.prompts.harmony_encoding import harmony_encoding

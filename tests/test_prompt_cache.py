@@ -7,6 +7,7 @@ import math
 import pytest
 import trio
 
+from actors.cached_response import CachedResponse
 from actors.messages import (
     StreamDone,
     StreamError,
@@ -17,7 +18,7 @@ from actors.messages import (
     Usage,
 )
 from actors.metrics_events import CacheLookup, MetricsEvent
-from actors.prompt_cache import CachedResponse, PromptCache
+from actors.prompt_cache import PromptCache
 from app.cache.store import ResponseStore
 
 

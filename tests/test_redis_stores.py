@@ -18,9 +18,10 @@ import pytest
 import trio
 
 from actors import cache_codec
+from actors.cached_response import CachedResponse
 from actors.messages import StreamDone, StreamError, StreamEvent, StreamStarted, StreamToken, Timings, Usage
 from actors.metrics_events import MetricsEvent
-from actors.prompt_cache import CachedResponse, PromptCache
+from actors.prompt_cache import PromptCache
 from actors.shared_cache import RedisSharedCache
 from app.cache.redis_store import RedisCacheStore
 from app.cache.store import ResponseStore
