@@ -34,7 +34,14 @@ from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine.loader import ModelWeights, serve_weights
 from app.engine.runner import BaseRunner
-from app.engine.tensor_parallel import Call, LeaderBackend, TensorParallelError, follow, local_kv_heads
+from app.engine.tensor_parallel import (
+    Call,
+    LeaderBackend,
+    TensorParallelError,
+    follow,
+    local_kv_heads,
+    shard_bytes,
+)
 from tests.conftest import ROOT, running_server, wait_for_stats
 from tools.server_process import free_port
 
@@ -314,7 +321,11 @@ async def test_two_ranks_give_exactly_the_tokens_of_one(tiny_weights: ModelWeigh
         assert await all_tokens(group.url, together=True) == expected
         assert not group.events("tensor_parallel_diverged"), group.tail()
         health = httpx.get(f"{group.url}/health").json()
+        shards = group.events("tensor_parallel_shard")
     assert health["device"] == "cpu x2 (tensor parallel)"
+    # gpt-oss's tensor-parallel plan leaves every rank all the experts (--expert-parallel shards them).
+    experts = shard_bytes(tiny_weights.model).experts
+    assert sorted((e["rank"], e["expert_bytes"]) for e in shards) == [(0, experts), (1, experts)], group.tail()
 
 
 async def wait_for(condition: Callable[[], bool], what: Callable[[], str]) -> None:
