@@ -360,9 +360,14 @@ async def test_a_cancel_frees_the_row_on_both_ranks_and_a_stop_stops_both() -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed", [1, 0], ids=["a follower", "rank 0"])
-async def test_a_killed_rank_takes_the_whole_group_down(killed: int) -> None:
-    async with torchrun_server() as group:
+@pytest.mark.parametrize(
+    ("killed", "flags"),
+    [(1, ()), (0, ()), (1, ("--expert-parallel",))],
+    ids=["a follower", "rank 0", "a follower, expert parallel"],
+)
+async def test_a_killed_rank_takes_the_whole_group_down(killed: int, flags: tuple[str, ...]) -> None:
+    """With --expert-parallel each MoE layer adds an all-reduce: a lost rank ends the group alike."""
+    async with torchrun_server(*flags) as group:
         async with httpx.AsyncClient(base_url=group.url, timeout=60) as client, trio.open_nursery() as nursery:
 
             async def read_on() -> None:
