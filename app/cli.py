@@ -224,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard the model over N ranks with transformers' tensor-parallel plan (NCCL on GPUs, "
         "gloo on the CPU); launch with torchrun --nproc-per-node N -m app ...: rank 0 serves HTTP",
     )
+    parser.add_argument(
+        "--expert-parallel",
+        "--enable-expert-parallel",  # vLLM's spelling
+        dest="expert_parallel",
+        action="store_true",
+        help="with --tensor-parallel-size N: also shard a MoE model's experts over the N ranks "
+        "(transformers' expert-parallel plan), each rank holding 1/N of them",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -269,6 +277,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         chat_template=args.chat_template,
         tool_call_parser=args.tool_call_parser,
         tensor_parallel_size=args.tensor_parallel_size,
+        expert_parallel=args.expert_parallel,
     )
 
 

@@ -160,6 +160,9 @@ class ServerConfig:
     # Ranks the model is sharded over (transformers' tensor-parallel plan, torch.distributed): the
     # process is one of N launched by torchrun; rank 0 serves HTTP and every rank runs each step.
     tensor_parallel_size: int = 1
+    # With tensor_parallel_size N > 1: also shard a MoE model's experts over the N ranks (its
+    # expert-parallel plan), each rank holding whole experts, 1/N of them.
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -192,6 +195,11 @@ class ServerConfig:
         if self.tensor_parallel_size > 1 and self.cuda_graphs:
             # Captured decode steps would hold the ranks' collectives: not built (nor measured) yet.
             raise ConfigError("--cuda-graphs does not work with --tensor-parallel-size > 1 yet")
+        if self.expert_parallel and self.tensor_parallel_size == 1:
+            raise ConfigError(
+                "--expert-parallel shards the experts over the ranks of --tensor-parallel-size N (N > 1, "
+                "under torchrun --nproc-per-node N); on one rank there is nothing to shard them over"
+            )
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
             choices = ", ".join(TOOL_CALL_PARSERS)
             raise ConfigError(f"tool_call_parser must be one of {choices}, got {self.tool_call_parser!r}")

@@ -64,6 +64,7 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             chat_template=config.chat_template,
             tool_call_parser=config.tool_call_parser,
             tensor_parallel_size=config.tensor_parallel_size,
+            expert_parallel=config.expert_parallel,
         )
 
     return load

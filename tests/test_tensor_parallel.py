@@ -34,7 +34,14 @@ from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine.loader import ModelWeights, serve_weights
 from app.engine.runner import BaseRunner
-from app.engine.tensor_parallel import Call, LeaderBackend, TensorParallelError, follow, local_kv_heads
+from app.engine.tensor_parallel import (
+    Call,
+    LeaderBackend,
+    TensorParallelError,
+    follow,
+    local_kv_heads,
+    shard_bytes,
+)
 from tests.conftest import ROOT, running_server, wait_for_stats
 from tools.server_process import free_port
 
@@ -314,7 +321,11 @@ async def test_two_ranks_give_exactly_the_tokens_of_one(tiny_weights: ModelWeigh
         assert await all_tokens(group.url, together=True) == expected
         assert not group.events("tensor_parallel_diverged"), group.tail()
         health = httpx.get(f"{group.url}/health").json()
+        shards = group.events("tensor_parallel_shard")
     assert health["device"] == "cpu x2 (tensor parallel)"
+    # gpt-oss's tensor-parallel plan leaves every rank all the experts (--expert-parallel shards them).
+    experts = shard_bytes(tiny_weights.model).experts
+    assert sorted((e["rank"], e["expert_bytes"]) for e in shards) == [(0, experts), (1, experts)], group.tail()
 
 
 async def wait_for(condition: Callable[[], bool], what: Callable[[], str]) -> None:
@@ -349,9 +360,14 @@ async def test_a_cancel_frees_the_row_on_both_ranks_and_a_stop_stops_both() -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed", [1, 0], ids=["a follower", "rank 0"])
-async def test_a_killed_rank_takes_the_whole_group_down(killed: int) -> None:
-    async with torchrun_server() as group:
+@pytest.mark.parametrize(
+    ("killed", "flags"),
+    [(1, ()), (0, ()), (1, ("--expert-parallel",))],
+    ids=["a follower", "rank 0", "a follower, expert parallel"],
+)
+async def test_a_killed_rank_takes_the_whole_group_down(killed: int, flags: tuple[str, ...]) -> None:
+    """With --expert-parallel each MoE layer adds an all-reduce: a lost rank ends the group alike."""
+    async with torchrun_server(*flags) as group:
         async with httpx.AsyncClient(base_url=group.url, timeout=60) as client, trio.open_nursery() as nursery:
 
             async def read_on() -> None:

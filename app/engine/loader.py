@@ -142,9 +142,12 @@ class ModelWeights:
     parameters: int
 
 
-def load_weights(source: ModelSource, *, dtype: str, device: str, tensor_parallel_size: int = 1) -> ModelWeights:
+def load_weights(
+    source: ModelSource, *, dtype: str, device: str, tensor_parallel_size: int = 1, expert_parallel: bool = False
+) -> ModelWeights:
     """``tensor_parallel_size`` > 1: this process is one of the ranks torchrun started; it joins
-    the group and loads its shard of the model (transformers' own plan for it)."""
+    the group and loads its shard of the model (transformers' own plan for it), with
+    ``expert_parallel`` also 1/N of the experts (the model's expert-parallel plan)."""
     try:
         location = str(source.build()) if source.build is not None else source.location
         config = AutoConfig.from_pretrained(location)
@@ -152,15 +155,29 @@ def load_weights(source: ModelSource, *, dtype: str, device: str, tensor_paralle
         raise ModelLoadError(
             f"cannot load model {source.model_id!r} from {source.location or 'its local build'}: {_first_line(error)}"
         ) from error
+    if expert_parallel:
+        try:  # before joining: every rank refuses on its own, at once
+            tensor_parallel.check_expert_parallel(config, tensor_parallel_size)
+        except tensor_parallel.TensorParallelError as error:
+            raise ModelLoadError(str(error)) from error
     torch_device = pick_device(device) if tensor_parallel_size == 1 else _rank_device(device, tensor_parallel_size)
     torch_dtype = pick_dtype(dtype, torch_device)
     hf_logging.disable_progress_bar()
     try:
-        model = _from_pretrained(location, config, torch_dtype, torch_device, tensor_parallel_size)
+        model = _from_pretrained(location, config, torch_dtype, torch_device, tensor_parallel_size, expert_parallel)
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load model {source.model_id!r}: {_first_line(error)}") from error
     model.eval()
+    if tensor_parallel_size > 1:
+        held = tensor_parallel.shard_bytes(model)
+        log.info(
+            "tensor_parallel_shard",
+            rank=tensor_parallel.join(tensor_parallel_size).rank,
+            expert_parallel=expert_parallel,
+            parameter_bytes=held.parameters,
+            expert_bytes=held.experts,
+        )
     experts = moe_loading.experts_in_use(model)
     if experts is not None:
         log.info("experts", implementation=experts, device=str(torch_device), dtype=str(torch_dtype))
@@ -198,13 +215,24 @@ def _rank_device(requested: str, size: int) -> torch.device:
 
 
 def _from_pretrained(
-    location: str, config: object, dtype: torch.dtype, device: torch.device, tensor_parallel_size: int = 1
+    location: str,
+    config: object,
+    dtype: torch.dtype,
+    device: torch.device,
+    tensor_parallel_size: int = 1,
+    expert_parallel: bool = False,
 ) -> PreTrainedModel:
     options = moe_loading.load_options(config, device)
     placement: dict[str, object] = {"device_map": device}
     if tensor_parallel_size > 1:
         # Sharded by the model's own plan; transformers places each rank's shard (no device_map).
-        placement = {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tensor_parallel_size)}
+        # ep_size = tp_size: the experts over the same ranks, which all hold the same batch (so
+        # transformers sums the experts' outputs with an all-reduce). The tensor-parallel plan
+        # stays: with tp_plan={} (the expert plan alone) 5.24 refuses tp_size > 1 for gpt-oss.
+        ep_size = tensor_parallel_size if expert_parallel else None
+        placement = {
+            "distributed_config": DistributedConfig(tp_plan="auto", tp_size=tensor_parallel_size, ep_size=ep_size)
+        }
     try:
         return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **placement, **options)
     except Exception as error:
@@ -350,12 +378,20 @@ def load_model(
     chat_template: str | None = None,
     tool_call_parser: ToolCallParser = "auto",
     tensor_parallel_size: int = 1,
+    expert_parallel: bool = False,
 ) -> LoadedModel:
     """``tensor_parallel_size`` > 1: on rank 0 the runner is wrapped in the group's leader (each
-    call runs on every rank); on the other ranks it is the local runner a follower drives."""
+    call runs on every rank); on the other ranks it is the local runner a follower drives.
+    ``expert_parallel``: the experts are sharded over those ranks too."""
     template = read_chat_template(chat_template)  # before the weights: a wrong path fails at once
     loaded = serve_weights(
-        load_weights(source, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size),
+        load_weights(
+            source,
+            dtype=dtype,
+            device=device,
+            tensor_parallel_size=tensor_parallel_size,
+            expert_parallel=expert_parallel,
+        ),
         max_batch_size=max_batch_size,
         cuda_graphs=cuda_graphs,
         max_seq_len=max_seq_len,
@@ -368,7 +404,8 @@ def load_model(
         return loaded
     leader = tensor_parallel.LeaderBackend(loaded.runner, group.channel)
     # The scheduler drives the leader; what it reads of the runner (rows, memory) is rank 0's.
-    return dataclasses.replace(loaded, runner=leader, device=f"{loaded.device} x{group.size} (tensor parallel)")  # type: ignore[arg-type]
+    mode = "tensor parallel, expert parallel" if expert_parallel else "tensor parallel"
+    return dataclasses.replace(loaded, runner=leader, device=f"{loaded.device} x{group.size} ({mode})")  # type: ignore[arg-type]
 
 
 def _first_line(error: BaseException) -> str:

@@ -16,6 +16,12 @@ half-alive, and torchrun stops the rest and exits non-zero.
 
 The calls go over a gloo group of their own (on the CPU, whatever the model's backend), whose
 timeout is long: an idle server's followers wait in a broadcast for the next call.
+
+Expert parallel (``--expert-parallel``): on top of that plan, the model's own expert-parallel plan
+(``base_model_ep_plan``, ``ep_size`` = the group's size) gives each rank whole experts, 1/N of them.
+Every rank still holds the same batch, so transformers runs each rank's experts on all of it (the
+routes to other ranks' experts masked) and sums the outputs with one all-reduce per MoE layer:
+the same tokens as one rank, up to the order of that sum.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -155,6 +162,48 @@ def local_kv_heads(model: torch.nn.Module, kv_heads: int) -> int:
     if not isinstance(heads, int):
         raise TensorParallelError(f"{kv_heads} key/value heads cannot be split over {size} ranks")
     return heads
+
+
+def check_expert_parallel(config: Any, size: int) -> None:
+    """Refuse --expert-parallel on a model whose experts cannot be split over ``size`` ranks: one
+    without an expert-parallel plan in transformers (a dense model has no experts), or whose
+    expert count does not divide by it."""
+    if size < 2:
+        raise TensorParallelError("--expert-parallel needs --tensor-parallel-size N > 1: the ranks to shard over")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(config, "model_type", "this model")
+    if not getattr(text, "base_model_ep_plan", None):
+        raise TensorParallelError(
+            f"--expert-parallel: transformers has no expert-parallel plan for {model_type} "
+            "(a dense model has no experts to shard); drop the flag to shard it by its tensor-parallel plan"
+        )
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    if isinstance(experts, int) and experts % size:
+        raise TensorParallelError(f"--expert-parallel: {experts} experts cannot be split evenly over {size} ranks")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardBytes:
+    """What this rank holds of the model's parameters, in bytes (its own shard of each)."""
+
+    parameters: int
+    experts: int  # of which the experts' (the modules the model's expert-parallel plan names)
+
+
+def shard_bytes(model: torch.nn.Module) -> ShardBytes:
+    """The bytes of the parameters this rank holds: a sharded one (a DTensor) counts its local
+    part only, so under expert parallel each rank's expert bytes are 1/N of the whole."""
+    plan = dict(getattr(model, "ep_plan", None) or {})
+    # A plan key names a parameter or a module ("layers.*.mlp.experts"): all that lies under it.
+    patterns = [re.compile(re.escape(key).replace(r"\*", r"\d+") + r"(\..+)?") for key in plan]
+    parameters = experts = 0
+    for name, parameter in model.named_parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        size = local.numel() * local.element_size()
+        parameters += size
+        if any(pattern.fullmatch(name) for pattern in patterns):
+            experts += size
+    return ShardBytes(parameters, experts)
 
 
 def digest(method: str, outcome: object, rows_in_use: int) -> str:
