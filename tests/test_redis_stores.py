@@ -67,6 +67,15 @@ def stored(response_id: str, text: str = "hi") -> StoredResponse:
     return StoredResponse(response, [{"id": "msg_1", "role": "user", "content": "q"}], [])
 
 
+async def finish_once_started(generation: ScriptedGeneration) -> None:
+    """The shared lookup runs in the background: the generation starts only once it missed."""
+    with trio.fail_after(5):
+        while generation.out is None:
+            await trio.sleep(0.01)
+    generation.emit_tokens()
+    generation.finish_now()
+
+
 # -- keys and JSON ----------------------------------------------------------------------------------
 
 
@@ -199,11 +208,7 @@ async def test_two_caches_on_one_redis_share_answers(redis_db: RedisServer) -> N
         await nursery.start(b.run)
         send, receive = trio.open_memory_channel[StreamEvent](64)
         a.open("k1", "r1", send, trio.current_time(), 64, generation_a.start)  # type: ignore[arg-type]
-        with trio.fail_after(5):
-            while generation_a.out is None:
-                await trio.sleep(0.01)
-        generation_a.emit_tokens()
-        generation_a.finish_now()
+        await finish_once_started(generation_a)
         first = await drain(receive)
         with trio.fail_after(5):
             while redis_db.client().dbsize() == 0:  # the write is in the background
@@ -286,11 +291,7 @@ async def test_a_prompt_cache_whose_shared_tier_is_down_generates_and_the_client
         await nursery.start(cache.run)
         send, receive = trio.open_memory_channel[StreamEvent](64)
         cache.open("k1", "r1", send, trio.current_time(), 64, generation.start)  # type: ignore[arg-type]
-        with trio.fail_after(5):
-            while generation.out is None:
-                await trio.sleep(0.01)
-        generation.emit_tokens()
-        generation.finish_now()
+        await finish_once_started(generation)
         with trio.fail_after(5):
             events = await drain(receive)
         with trio.fail_after(5):
@@ -348,11 +349,7 @@ async def test_requests_that_arrive_during_a_shared_lookup_wait_for_it_and_share
         assert shared.lookups == 1 and generation.starts == 0, "one lookup for both; nothing generates yet"
         shared.release.set()
         if not in_shared:
-            with trio.fail_after(5):
-                while generation.out is None:
-                    await trio.sleep(0.01)
-            generation.emit_tokens()
-            generation.finish_now()
+            await finish_once_started(generation)
         with trio.fail_after(5):
             first, second = [await drain(receive) for receive in channels]
         await trio.sleep(0.01)
@@ -396,11 +393,7 @@ async def test_when_the_first_request_leaves_during_the_lookup_the_one_that_join
         cache.leave("k1", first)
         await trio.sleep(0.01)
         shared.release.set()
-        with trio.fail_after(5):
-            while generation.out is None:
-                await trio.sleep(0.01)
-        generation.emit_tokens()
-        generation.finish_now()
+        await finish_once_started(generation)
         with trio.fail_after(5):
             events = await drain(second)
         cache.close()

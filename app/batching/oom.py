@@ -18,25 +18,10 @@ def retry_in_halves(
 ) -> StepResult:
     """One result for the whole plan, from its halves (``run`` is the step itself, ``split_rows``
     the runner's split of a decode). A lone sequence that did not fit fails at once."""
-    kind = plan_kind(plan)
     ids = plan.seq_ids
     if len(ids) < 2:
-        return StepResult({}, kind, 0, 0, 0.0, dict.fromkeys(ids, "out_of_memory"))
-    tokens: dict[str, int] = {}
-    failed: dict[str, FailureCode] = {}
-    seconds, new_tokens, prompt_tokens = 0.0, 0, 0
-    for half in halves(plan, split_rows):
-        try:
-            result = run(half)
-        except StepOutOfMemory:
-            failed.update(dict.fromkeys(half.seq_ids, "out_of_memory"))
-            continue
-        tokens.update(result.tokens)
-        failed.update(result.failed)
-        seconds += result.seconds
-        new_tokens += result.new_tokens
-        prompt_tokens += result.prefilled
-    return StepResult(tokens, kind, len(ids) - len(failed), new_tokens, seconds, failed, prompt_tokens=prompt_tokens)
+        return StepResult({}, plan_kind(plan), 0, 0, 0.0, dict.fromkeys(ids, "out_of_memory"))
+    return _run_apart(plan, halves(plan, split_rows), run, StepOutOfMemory, "out_of_memory")
 
 
 def retry_mixed_apart(plan: MixedPlan, run: Callable[[StepPlan], StepResult]) -> StepResult:
@@ -44,20 +29,33 @@ def retry_mixed_apart(plan: MixedPlan, run: Callable[[StepPlan], StepResult]) ->
     a part that raises again fail (``step_failed``), the others go on. Nothing of the failed
     forward stays: a sequence's length moves only after a forward that returned, and the keys it
     wrote are written again at the same positions."""
+    parts: list[StepPlan] = [DecodePlan(plan.decode), PrefillPlan(plan.chunks)]
+    # The scheduler logged the mixed step's error; a part that raises again fails its requests.
+    return _run_apart(plan, parts, run, Exception, "step_failed")
+
+
+def _run_apart(
+    plan: StepPlan,
+    parts: Sequence[StepPlan],
+    run: Callable[[StepPlan], StepResult],
+    raised: type[Exception],
+    code: FailureCode,
+) -> StepResult:
+    """One result for ``plan`` from its parts, each run on its own: a part that raises ``raised``
+    fails its sequences with ``code``, the others keep what their part gave."""
     tokens: dict[str, int] = {}
     failed: dict[str, FailureCode] = {}
     seconds, new_tokens, prompt_tokens = 0.0, 0, 0
-    parts: list[StepPlan] = [DecodePlan(plan.decode), PrefillPlan(plan.chunks)]
     for part in parts:
         try:
             result = run(part)
-        except Exception:  # the scheduler logged the mixed step's error; this part's requests fail
-            failed.update(dict.fromkeys(part.seq_ids, "step_failed"))
+        except raised:
+            failed.update(dict.fromkeys(part.seq_ids, code))
             continue
         tokens.update(result.tokens)
         failed.update(result.failed)
         seconds += result.seconds
         new_tokens += result.new_tokens
         prompt_tokens += result.prefilled
-    ids = plan.seq_ids
-    return StepResult(tokens, "mixed", len(ids) - len(failed), new_tokens, seconds, failed, prompt_tokens=prompt_tokens)
+    batch = len(plan.seq_ids) - len(failed)
+    return StepResult(tokens, plan_kind(plan), batch, new_tokens, seconds, failed, prompt_tokens=prompt_tokens)
