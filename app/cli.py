@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import structlog
 import trio
@@ -26,6 +26,7 @@ from app.config import (
     ConfigError,
     ServerConfig,
     keys_from_env,
+    launch_rank,
     profile_with,
     split_list,
 )
@@ -281,24 +282,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def launch_rank(tensor_parallel_size: int, env: Mapping[str, str]) -> int:
-    """This process's rank among those torchrun started (0 without torchrun), checked against
-    --tensor-parallel-size: a ConfigError says what does not match."""
-    world = env.get("WORLD_SIZE")
-    if tensor_parallel_size == 1:
-        if world not in (None, "1"):
-            raise ConfigError(
-                f"torchrun started {world} ranks: pass --tensor-parallel-size {world} (or start one process)"
-            )
-        return 0
-    command = f"torchrun --nproc-per-node {tensor_parallel_size} -m app --tensor-parallel-size {tensor_parallel_size}"
-    if world is None or "RANK" not in env:
-        raise ConfigError(f"--tensor-parallel-size {tensor_parallel_size} runs one process per rank: {command} ...")
-    if world != str(tensor_parallel_size):
-        raise ConfigError(f"--tensor-parallel-size {tensor_parallel_size}, but torchrun started {world} ranks")
-    return int(env["RANK"])
-
-
 def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hyper = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -357,10 +340,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
         rank = launch_rank(config.tensor_parallel_size, os.environ)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -223,6 +224,24 @@ def check_redis_url(url: str) -> None:
         raise ConfigError(
             f"redis_url must be redis://HOST[:PORT][/DB], rediss://... or unix://PATH, got {parts.scheme}://..."
         )
+
+
+def launch_rank(tensor_parallel_size: int, env: Mapping[str, str]) -> int:
+    """This process's rank among those torchrun started (0 without torchrun), checked against
+    --tensor-parallel-size: a ConfigError says what does not match."""
+    world = env.get("WORLD_SIZE")
+    if tensor_parallel_size == 1:
+        if world not in (None, "1"):
+            raise ConfigError(
+                f"torchrun started {world} ranks: pass --tensor-parallel-size {world} (or start one process)"
+            )
+        return 0
+    command = f"torchrun --nproc-per-node {tensor_parallel_size} -m app --tensor-parallel-size {tensor_parallel_size}"
+    if world is None or "RANK" not in env:
+        raise ConfigError(f"--tensor-parallel-size {tensor_parallel_size} runs one process per rank: {command} ...")
+    if world != str(tensor_parallel_size):
+        raise ConfigError(f"--tensor-parallel-size {tensor_parallel_size}, but torchrun started {world} ranks")
+    return int(env["RANK"])
 
 
 def split_list(value: str | None) -> tuple[str, ...]:

@@ -28,8 +28,8 @@ import psutil
 import pytest
 import trio
 
-from app.cli import launch_rank, main
-from app.config import ConfigError, ServerConfig
+from app.cli import main
+from app.config import ConfigError, ServerConfig, launch_rank
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine.loader import ModelWeights, serve_weights

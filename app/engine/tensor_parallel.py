@@ -44,6 +44,7 @@ import structlog
 import torch
 import torch.distributed as dist
 
+from app.config import ConfigError, launch_rank
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk, PrefixCacheStats, StepResult
 from app.engine.runner import BaseRunner
@@ -122,14 +123,10 @@ def join(size: int) -> Group:
     with _join_lock:
         if _joined is not None:
             return _joined
-        world = os.environ.get("WORLD_SIZE")
-        if world is None or "RANK" not in os.environ:
-            raise TensorParallelError(
-                f"--tensor-parallel-size {size} needs the ranks torchrun starts: "
-                f"torchrun --nproc-per-node {size} -m app ..."
-            )
-        if int(world) != size:
-            raise TensorParallelError(f"--tensor-parallel-size {size}, but torchrun started {world} ranks")
+        try:
+            launch_rank(size, os.environ)  # the same check as the command line's
+        except ConfigError as error:
+            raise TensorParallelError(str(error)) from error
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         device = torch.device("cpu")
