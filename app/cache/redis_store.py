@@ -16,9 +16,7 @@ A Redis failure raises ``RedisUnavailable``: the caller takes it as a miss, or s
 
 from __future__ import annotations
 
-import math
-
-from app.store.redis_link import RedisLink, as_bytes, hashed_key
+from app.store.redis_link import RedisLink, as_bytes, hashed_key, ttl_ms
 
 
 class RedisCacheStore:
@@ -28,7 +26,7 @@ class RedisCacheStore:
         self.link = link
         self.namespace = namespace
         self.max_bytes = max_bytes
-        self._ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
+        self._ttl_ms = ttl_ms(ttl_seconds)
 
     def key(self, cache_key: str) -> str:
         return hashed_key("cache", self.namespace, cache_key)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from quart import Response, g, request
@@ -36,6 +36,7 @@ from app.prompts.builder import PromptSpec
 from app.store.responses import StoredResponse
 
 log = structlog.get_logger("responses")
+T = TypeVar("T")
 STORED_STATUSES = ("completed", "incomplete")
 MAX_LIST_LIMIT = 100
 
@@ -60,11 +61,16 @@ def _store_unavailable() -> ApiError:
     )
 
 
-async def _read(state: ServerState, response_id: str) -> StoredResponse | None:
+async def _needing_store(call: Awaitable[T]) -> T:
+    """A store call this request cannot do without: the store down is a 503 for it alone."""
     try:
-        return await state.responses.get(g.get("tenant"), response_id)
+        return await call
     except StoreUnavailable:
         raise _store_unavailable() from None
+
+
+async def _read(state: ServerState, response_id: str) -> StoredResponse | None:
+    return await _needing_store(state.responses.get(g.get("tenant"), response_id))
 
 
 class Turn:
@@ -216,11 +222,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
     async def delete_response(response_id: str) -> Response:
         if not RESPONSE_ID.fullmatch(response_id):
             raise _not_found(response_id)
-        try:
-            deleted = await state.responses.delete(g.get("tenant"), response_id)
-        except StoreUnavailable:
-            raise _store_unavailable() from None
-        if not deleted:
+        if not await _needing_store(state.responses.delete(g.get("tenant"), response_id)):
             raise _not_found(response_id)
         return _json({"id": response_id, "object": "response", "deleted": True})
 

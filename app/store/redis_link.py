@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,11 @@ def hashed_key(kind: str, *material: str) -> str:
     different tuples join into the same text)."""
     text = json.dumps(list(material), ensure_ascii=True, separators=(",", ":"))
     return f"{KEY_PREFIX}:{kind}:{hashlib.blake2b(text.encode('ascii'), digest_size=20).hexdigest()}"
+
+
+def ttl_ms(seconds: float) -> int:
+    """A TTL as Redis' PX takes it: whole milliseconds, at least one (0 would be refused)."""
+    return max(1, math.ceil(seconds * 1000))
 
 
 def as_bytes(value: object) -> bytes | None:

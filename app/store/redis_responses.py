@@ -20,12 +20,11 @@ or answers 503 to a request that needs a stored response.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import structlog
 
-from app.store.redis_link import RedisLink, as_bytes, hashed_key
+from app.store.redis_link import RedisLink, as_bytes, hashed_key, ttl_ms
 from app.store.responses import StoredResponse, StoreLimits
 
 log = structlog.get_logger("redis_responses")
@@ -67,8 +66,8 @@ class RedisResponseStore:
             log.warning("response_not_stored", response_id=stored.response.get("id"), bytes=len(value))
             return
         key = _key(tenant, stored.response["id"])
-        ttl_ms = max(1, math.ceil(self.limits.ttl_seconds * 1000))
-        self.link.call("responses_put", lambda client: client.set(key, value, px=ttl_ms))
+        expiry = ttl_ms(self.limits.ttl_seconds)
+        self.link.call("responses_put", lambda client: client.set(key, value, px=expiry))
 
     def get(self, tenant: str | None, response_id: str) -> StoredResponse | None:
         key = _key(tenant, response_id)
