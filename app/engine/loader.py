@@ -20,6 +20,7 @@ from transformers.distributed import DistributedConfig
 from transformers.utils import logging as hf_logging
 
 from app.config import ToolCallParser
+from app.contract.failures import first_line
 from app.contract.model import CallSyntax
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
@@ -153,7 +154,7 @@ def load_weights(
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(
-            f"cannot load model {source.model_id!r} from {source.location or 'its local build'}: {_first_line(error)}"
+            f"cannot load model {source.model_id!r} from {source.location or 'its local build'}: {first_line(error)}"
         ) from error
     if expert_parallel:
         try:  # before joining: every rank refuses on its own, at once
@@ -167,7 +168,7 @@ def load_weights(
         model = _from_pretrained(location, config, torch_dtype, torch_device, tensor_parallel_size, expert_parallel)
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, RuntimeError) as error:
-        raise ModelLoadError(f"cannot load model {source.model_id!r}: {_first_line(error)}") from error
+        raise ModelLoadError(f"cannot load model {source.model_id!r}: {first_line(error)}") from error
     model.eval()
     if tensor_parallel_size > 1:
         held = tensor_parallel.shard_bytes(model)
@@ -239,7 +240,7 @@ def _from_pretrained(
         if "quantization_config" in options or moe_loading.quantization_method(config) != "mxfp4":
             raise
         # The MXFP4 kernels could not be had (most often: not in the local hub cache, offline).
-        reason = f"MXFP4 load failed: {_first_line(error)}"
+        reason = f"MXFP4 load failed: {first_line(error)}"
         options = moe_loading.load_options(config, device, mxfp4_reason=reason)
         return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **placement, **options)
 
@@ -324,7 +325,7 @@ def read_chat_template(path: str | None) -> str | None:
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ModelLoadError(f"cannot read the chat template {path}: {_first_line(error)}") from error
+        raise ModelLoadError(f"cannot read the chat template {path}: {first_line(error)}") from error
 
 
 def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
@@ -406,11 +407,6 @@ def load_model(
     # The scheduler drives the leader; what it reads of the runner (rows, memory) is rank 0's.
     mode = "tensor parallel, expert parallel" if expert_parallel else "tensor parallel"
     return dataclasses.replace(loaded, runner=leader, device=f"{loaded.device} x{group.size} ({mode})")  # type: ignore[arg-type]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _warm_up(runner: BaseRunner, tokenizer: PreTrainedTokenizerBase) -> None:
