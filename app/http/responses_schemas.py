@@ -25,6 +25,8 @@ from app.http.tool_fields import (
     ToolChoiceMode,
     ToolUse,
     canonical_schema,
+    check_tool_choice,
+    check_tool_names,
 )
 from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, ToolCall, ToolSpec
 
@@ -286,9 +288,7 @@ class ResponsesRequest(SamplingFields):
     @field_validator("tools")
     @classmethod
     def _unique_names(cls, value: list[FunctionTool] | None) -> list[FunctionTool] | None:
-        names = [tool.name for tool in value or ()]
-        if duplicated := sorted({name for name in names if names.count(name) > 1}):
-            raise ValueError(f"two tools are named {duplicated[0]!r}")
+        check_tool_names([tool.name for tool in value or ()])
         return value
 
     @field_validator("tool_choice")
@@ -297,11 +297,8 @@ class ResponsesRequest(SamplingFields):
         cls, value: ToolChoiceMode | NamedFunctionChoice | None, info: ValidationInfo
     ) -> ToolChoiceMode | NamedFunctionChoice | None:
         tools: list[FunctionTool] = info.data.get("tools") or []
-        if isinstance(value, NamedFunctionChoice):
-            if value.name not in {t.name for t in tools}:
-                raise ValueError(f"tool_choice names {value.name!r}, which is not in tools")
-        elif value == "required" and not tools:
-            raise ValueError("tool_choice 'required' needs tools")
+        named = value.name if isinstance(value, NamedFunctionChoice) else None
+        check_tool_choice(named, value == "required", {t.name for t in tools})
         return value
 
     def tool_use(self) -> ToolUse:
