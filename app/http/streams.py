@@ -25,8 +25,9 @@ from actors.messages import (
     StreamToken,
     Timings,
 )
-from actors.pipeline import NotReadyError, TooManyStreams
+from actors.pipeline import NotReadyError
 from actors.stream_handle import StreamHandle
+from actors.streams import TooManyStreams
 from app.http.context import ServerState
 from app.http.errors import ApiError
 from app.http.request_scope import on_request_close
