@@ -33,6 +33,7 @@ from app.http import generate_routes, openai_routes, ops_routes, playground_rout
 from app.http.access import ApiKeys, cors_headers
 from app.http.context import ServerState
 from app.http.errors import ApiError, error_body, error_response
+from app.http.json_response import json_response
 from app.http.request_scope import RequestScopeMiddleware
 from app.http.response_store import AsyncResponseStore
 from app.store.redis_link import RedisLink, connect, redacted
@@ -219,7 +220,7 @@ def create_server(
             413: f"the request body is over the limit of {config.max_body_bytes} bytes",
         }
         body = error_body(status, messages.get(status, error.description or error.name))
-        response = Response(json.dumps(body), status=status, content_type="application/json")
+        response = json_response(body, status)
         if status == 413:
             # The rest of the body is still on the wire: this connection cannot carry another request.
             response.headers["Connection"] = "close"
@@ -229,7 +230,7 @@ def create_server(
     async def unexpected_error(error: Exception) -> Response:
         log.exception("unhandled_error", error=repr(error))
         body = error_body(500, f"internal error: {type(error).__name__}")
-        return Response(json.dumps(body), status=500, content_type="application/json")
+        return json_response(body, 500)
 
     generate_routes.register(app, state)
     openai_routes.register(app, state)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,10 +11,7 @@ from quart_trio import QuartTrio
 
 from actors.pipeline import Pipeline
 from app.http.context import ServerState
-
-
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(json.dumps(data), status=status, content_type="application/json")
+from app.http.json_response import json_response
 
 
 def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
@@ -115,11 +111,11 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> Response:
         body, status = health_body(state)
-        return _json(body, status)
+        return json_response(body, status)
 
     @app.get("/stats")
     async def stats() -> Response:
-        return _json(stats_body(state))
+        return json_response(stats_body(state))
 
     @app.get("/metrics")
     async def metrics() -> Response:
