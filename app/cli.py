@@ -27,6 +27,7 @@ from app.config import (
     ServerConfig,
     keys_from_env,
     launch_rank,
+    parse_api_keys,
     profile_with,
     split_list,
 )
@@ -146,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         action="append",
         default=None,
-        help="require Authorization: Bearer KEY on /v1/* and /generate (repeat for several keys, each "
-        "a tenant of the prompt cache); also GPTOSS_API_KEY, comma-separated",
+        help="require Authorization: Bearer KEY on /v1/* and /generate; several keys comma-separated "
+        "(KEY1,KEY2) or the flag repeated, each a tenant; also GPTOSS_API_KEY, read the same way",
     )
     parser.add_argument(
         "--allowed-origins",
@@ -263,7 +264,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_streams=args.max_streams,
         step_timeout=args.step_timeout,
         max_connections=args.max_connections,
-        api_keys=tuple(args.api_key) if args.api_key else keys_from_env(),
+        api_keys=parse_api_keys(args.api_key) if args.api_key else keys_from_env(),
         allowed_origins=split_list(args.allowed_origins),
         cuda_graphs=args.cuda_graphs,
         max_seq_len=args.max_seq_len,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -249,6 +249,12 @@ def split_list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
+def parse_api_keys(values: Iterable[str]) -> tuple[str, ...]:
+    """--api-key's values as keys: each value may hold several, comma-separated, as
+    GPTOSS_API_KEY does, so that the flag and the variable read ``k1,k2`` alike (two keys)."""
+    return tuple(dict.fromkeys(key for value in values for key in split_list(value)))
+
+
 def keys_from_env() -> tuple[str, ...]:
     # A key given in the environment stays out of `ps` and the shell's history.
-    return split_list(os.environ.get("GPTOSS_API_KEY"))
+    return parse_api_keys([os.environ.get("GPTOSS_API_KEY") or ""])
