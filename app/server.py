@@ -37,7 +37,7 @@ from app.http.request_scope import RequestScopeMiddleware
 from app.http.response_store import AsyncResponseStore
 from app.store.redis_link import RedisLink, connect, redacted
 from app.store.redis_responses import RedisResponseStore
-from app.store.responses import ResponseBackend, ResponseStore, StoreLimits
+from app.store.responses import ResponseBackend, SqliteResponseStore, StoreLimits
 
 log = structlog.get_logger("server")
 BODY_TIMEOUT_SECONDS = 30
@@ -104,7 +104,7 @@ def response_store(config: ServerConfig, redis: RedisLink | None = None) -> Resp
         return RedisResponseStore(redis, limits)
     from app.models.local_builds import cache_root  # torch: loaded only when the wiring runs
 
-    return ResponseStore(config.responses_db or cache_root() / "responses.db", limits)
+    return SqliteResponseStore(config.responses_db or cache_root() / "responses.db", limits)
 
 
 def model_namespace(config: ServerConfig, model: ServedModel) -> str:
