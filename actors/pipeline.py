@@ -31,6 +31,7 @@ from actors.relay import TokenRelay
 from actors.scheduler import GpuScheduler
 from actors.shared_cache import SharedCache
 from actors.step_thread import StepCaller
+from actors.stream_counts import StreamCounts
 from actors.stream_handle import StreamHandle
 from app.batching.finish import AbortReason
 from app.cache.store import ResponseStore
@@ -53,10 +54,6 @@ def _stop_applies_to(text_mode: TextMode) -> Callable[[str | None], bool]:
     if text_mode == "harmony":
         return lambda channel: channel != "analysis"
     return lambda channel: True
-
-
-class TooManyStreams(RuntimeError):
-    """--max-streams streams are open: the request is refused (429) before any work starts."""
 
 
 class NotReadyError(RuntimeError):
@@ -95,7 +92,7 @@ class Pipeline:
         self._nursery: trio.Nursery | None = None
         self._scheduler_done, self._cache_done = trio.Event(), trio.Event()
         self._relays = 0
-        self._streams = 0
+        self._streams = StreamCounts(config.max_streams, config.max_streams_per_key)
 
     @property
     def active_relays(self) -> int:
@@ -105,7 +102,7 @@ class Pipeline:
     @property
     def active_streams(self) -> int:
         """HTTP requests with a generation stream open, cache-served ones included."""
-        return self._streams
+        return self._streams.total
 
     @property
     def task_count(self) -> int:
@@ -250,8 +247,7 @@ class Pipeline:
         its batch; if not (a cache hit, or already ended), this one prefills on its own."""
         if self.state != "ready" or self.model is None or self.scheduler is None or self._nursery is None:
             raise NotReadyError(self.state, self.failure or "")
-        if self._streams >= self.config.max_streams:
-            raise TooManyStreams(f"{self._streams} streams are open, the most this server keeps (--max-streams)")
+        self._streams.check(job.tenant)  # TooManyStreams past --max-streams or --max-streams-per-key
         request_id = f"req-{uuid.uuid4().hex}"  # ours, always unique: the key every actor uses
         shown_id = job.client_request_id or request_id
         abort: Callable[[AbortReason], None]
@@ -270,11 +266,9 @@ class Pipeline:
                 request_id, len(job.prompt), job.cache_key, job.prompt_version, job.cacheable, job.client_request_id
             )
         )
-        self._streams += 1
-        return StreamHandle(request_id, receive, abort, self.metrics.report, self._stream_closed, shown_id=shown_id)
-
-    def _stream_closed(self) -> None:
-        self._streams -= 1
+        self._streams.open(job.tenant)
+        closed = functools.partial(self._streams.close, job.tenant)
+        return StreamHandle(request_id, receive, abort, self.metrics.report, closed, shown_id=shown_id)
 
     def merge(self, streams: Sequence[tuple[int, StreamHandle]]) -> trio.MemoryReceiveChannel[ChoiceEvent]:
         """Several streams' events as one channel, each tagged with its index (the choices of one

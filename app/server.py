@@ -65,6 +65,8 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             tool_call_parser=config.tool_call_parser,
             tensor_parallel_size=config.tensor_parallel_size,
             expert_parallel=config.expert_parallel,
+            generation_config=config.generation_config,
+            max_tokens_default=config.max_tokens_default,
         )
 
     return load

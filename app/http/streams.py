@@ -25,7 +25,8 @@ from actors.messages import (
     StreamToken,
     Timings,
 )
-from actors.pipeline import NotReadyError, TooManyStreams
+from actors.pipeline import NotReadyError
+from actors.stream_counts import TooManyStreams
 from actors.stream_handle import StreamHandle
 from app.http.context import ServerState
 from app.http.errors import ApiError
