@@ -28,6 +28,7 @@ from actors.metrics_events import RequestReceived
 from actors.prompt_cache import PromptCache
 from actors.relay import TokenRelay
 from actors.scheduler import GpuScheduler
+from actors.stream_counts import StreamCounts
 from actors.stream_handle import StreamHandle
 from app.batching.finish import AbortReason
 from app.config import ServerConfig
@@ -46,10 +47,6 @@ def _stop_applies_to(text_mode: TextMode) -> Callable[[str | None], bool]:
     if text_mode == "harmony":
         return lambda channel: channel != "analysis"
     return lambda channel: True
-
-
-class TooManyStreams(RuntimeError):
-    """--max-streams streams are open: the request is refused (429) before any work starts."""
 
 
 class StreamsClosed(RuntimeError):
@@ -76,7 +73,12 @@ class Streams:
         self._relays: trio.Nursery | None = None
         self._closing = trio.Event()
         self._closed = trio.Event()
-        self.open = 0  # HTTP requests with a stream open (cache-served ones included)
+        # HTTP requests with a stream open (cache-served ones included), in all and per tenant.
+        self._counts = StreamCounts(config.max_streams, config.max_streams_per_key)
+
+    @property
+    def open(self) -> int:
+        return self._counts.total
 
     @property
     def relays(self) -> int:
@@ -119,8 +121,7 @@ class Streams:
         its batch; if not (a cache hit, or already ended), this one prefills on its own."""
         if self._relays is None or self._closing.is_set():
             raise StreamsClosed("no generation starts any more")
-        if self.open >= self._config.max_streams:
-            raise TooManyStreams(f"{self.open} streams are open, the most this server keeps (--max-streams)")
+        self._counts.check(job.tenant)  # TooManyStreams past --max-streams or --max-streams-per-key
         request_id = f"req-{uuid.uuid4().hex}"  # ours, always unique: the key every actor uses
         shown_id = job.client_request_id or request_id
         abort: Callable[[AbortReason], None]
@@ -139,12 +140,9 @@ class Streams:
                 request_id, len(job.prompt), job.cache_key, job.prompt_version, job.cacheable, job.client_request_id
             )
         )
-        self.open += 1
-        report = self._metrics.report
-        return StreamHandle(request_id, receive, abort, report, self._stream_closed, shown_id=shown_id)
-
-    def _stream_closed(self) -> None:
-        self.open -= 1
+        self._counts.open(job.tenant)
+        closed = functools.partial(self._counts.close, job.tenant)
+        return StreamHandle(request_id, receive, abort, self._metrics.report, closed, shown_id=shown_id)
 
     def merge(self, streams: Sequence[tuple[int, StreamHandle]]) -> trio.MemoryReceiveChannel[ChoiceEvent]:
         """Several streams' events as one channel, each tagged with its index (the choices of one

@@ -38,7 +38,7 @@ from app.http.request_scope import RequestScopeMiddleware
 from app.http.response_store import AsyncResponseStore
 from app.store.redis_link import RedisLink, connect, redacted
 from app.store.redis_responses import RedisResponseStore
-from app.store.responses import ResponseBackend, ResponseStore, StoreLimits
+from app.store.responses import ResponseBackend, SqliteResponseStore, StoreLimits
 
 log = structlog.get_logger("server")
 BODY_TIMEOUT_SECONDS = 30
@@ -66,6 +66,8 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             tool_call_parser=config.tool_call_parser,
             tensor_parallel_size=config.tensor_parallel_size,
             expert_parallel=config.expert_parallel,
+            generation_config=config.generation_config,
+            max_tokens_default=config.max_tokens_default,
         )
 
     return load
@@ -105,7 +107,7 @@ def response_store(config: ServerConfig, redis: RedisLink | None = None) -> Resp
         return RedisResponseStore(redis, limits)
     from app.models.local_builds import cache_root  # torch: loaded only when the wiring runs
 
-    return ResponseStore(config.responses_db or cache_root() / "responses.db", limits)
+    return SqliteResponseStore(config.responses_db or cache_root() / "responses.db", limits)
 
 
 def model_namespace(config: ServerConfig, model: ServedModel) -> str:

@@ -18,7 +18,7 @@ from actors.stream_handle import StreamHandle
 from actors.streams import RELAY_BUFFER_EVENTS
 from app.config import ServerConfig
 from app.contract.model import CallSyntax
-from app.contract.sampling import SamplingParams
+from app.contract.sampling import SamplingDefaults, SamplingParams
 from tests.fakes import FakeBackend, inline_steps
 
 
@@ -39,6 +39,7 @@ class FakeModel:
     max_token_bytes: int = 16
     tool_call_syntax: CallSyntax | None = None
     vocab_size: int = 1000
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(ord("a") + token % 26) for token in token_ids)

@@ -35,6 +35,8 @@ def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
         "profile": state.config.profile.name,
         "profile_settings": dataclasses.asdict(state.config.profile),
         "max_context": model.max_context if model else None,
+        # What a request that leaves a sampling field (or max_tokens) out gets, and from where.
+        "sampling_defaults": model.sampling_defaults.shown() if model else None,
         "version": state.version,
         "uptime_s": round(pipeline.clock() - pipeline.started_at, 3),
         "runtime": state.runtime(),

@@ -29,6 +29,7 @@ from app.http.jobs import build_job
 from app.http.json_response import json_response
 from app.http.response_store import StoreUnavailable
 from app.http.responses_format import ResponseHead, ResponseWriter
+from app.http.responses_limits import check_items_fit, check_store_share
 from app.http.responses_schemas import RESPONSE_ID, Item, ResponsesRequest, chat_messages, new_id
 from app.http.sse import sse_event
 from app.http.streams import created_timestamp, off_loop, served_model, server_timing, stream_headers
@@ -146,6 +147,9 @@ def register(app: QuartTrio, state: ServerState) -> None:
         )
 
         def build() -> Any:
+            check_items_fit(model, turn.input_items)  # reasoning items too, which a prompt may leave out
+            if body.store:
+                check_store_share(turn.input_items, history, state.config.responses_max_bytes)
             return build_job(
                 model,
                 spec,
@@ -167,7 +171,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             id=new_id("resp"),
             created_at=created_timestamp(),
             model=model.model_id,
-            echo=body.echo(),
+            echo=body.echo(model.sampling_defaults),
             input_tokens=len(job.prompt),
             cached=choice.started.cache == "HIT",
         )

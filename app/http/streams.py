@@ -16,8 +16,8 @@ from quart import request
 
 from actors.messages import GenerationJob, StreamError, StreamRejected, StreamStarted, Timings
 from actors.pipeline import NotReadyError
+from actors.stream_counts import TooManyStreams
 from actors.stream_handle import StreamHandle
-from actors.streams import TooManyStreams
 from app.http.context import ServerState
 from app.http.errors import ApiError
 from app.http.request_scope import on_request_close
