@@ -344,9 +344,13 @@ async def serve_until_stopped(config: ServerConfig) -> int:
             log.info("listening", urls=binds, model=config.model, profile=config.profile.name)
             await shutdown.wait()
             nursery.cancel_scope.deadline = trio.current_time() + 10  # hypercorn's own graceful close
+    except BaseException:
+        exit_code = 1
+        raise
     finally:
         if config.tensor_parallel_size > 1:
-            stop_tensor_parallel(server)  # the other ranks stop with this one, whatever ended it
+            # The other ranks stop with this one, whatever ended it; this process exits there.
+            stop_tensor_parallel(server, exit_code)
     return exit_code
 
 

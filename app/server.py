@@ -14,6 +14,7 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import structlog
 from quart import Response, g, request
@@ -89,14 +90,15 @@ def run_follower(config: ServerConfig) -> int:
     return tensor_parallel.serve_follower(runner, group)
 
 
-def stop_tensor_parallel(server: Server) -> None:
-    """Rank 0 is done serving: the followers stop (a lost follower ends this process with 1)."""
+def stop_tensor_parallel(server: Server, exit_code: int) -> NoReturn:
+    """Rank 0 is done serving: the followers stop, then this process exits with ``exit_code`` (1
+    if a follower is lost)."""
     from app.engine.tensor_parallel import LeaderBackend, leave
 
     model = server.pipeline.model
     if model is not None and isinstance(model.runner, LeaderBackend):
         model.runner.stop()
-    leave()
+    leave(exit_code)
 
 
 def response_store(config: ServerConfig, redis: RedisLink | None = None) -> ResponseBackend:

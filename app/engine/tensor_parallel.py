@@ -58,6 +58,8 @@ MODEL_TIMEOUT = timedelta(hours=2)
 # The calls: a follower of an idle server waits in a broadcast for the next one, for as long as
 # the server runs. A rank that dies ends the wait at once (the connection closes), not this.
 CONTROL_TIMEOUT = timedelta(days=365)
+# The barrier every rank meets after "stop" before it exits: the followers are idle by then.
+LEAVE_TIMEOUT = timedelta(seconds=60)
 # The calls a follower runs on its runner; anything else in a Call is a bug on rank 0.
 STEP_METHODS = frozenset({"add", "release", "prefill", "decode", "mixed", "free_cached_memory"})
 
@@ -102,6 +104,10 @@ class BroadcastChannel:
 
     def send(self, call: Call) -> None:
         dist.broadcast_object_list([call], src=0, group=self._group)
+
+    def meet(self, timeout: timedelta) -> None:
+        """Wait until every rank is here (rank 0 names the ones missing past the timeout)."""
+        dist.monitored_barrier(group=self._group, timeout=timeout)
 
     def receive(self) -> Call:
         box: list[Any] = [None]
@@ -227,10 +233,15 @@ def exit_at_once(event: str, **fields: object) -> NoReturn:
     """Log why this rank stops, then exit 1 now: its peers are gone (or went elsewhere), and
     nothing it could still do (drain, answer) would be right."""
     log.critical(event, **fields)
+    _exit_now(1)
+
+
+def _exit_now(code: int) -> NoReturn:
     for handler in logging.getLogger().handlers:
         handler.flush()
+    sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)
 
 
 class LeaderBackend:
@@ -364,22 +375,30 @@ def follow(runner: BaseRunner, channel: Channel, rank: int) -> int:
             log.debug(f"tensor_parallel_{call.method}", rank=rank, request_id=call.args[0], rows=_rows_in_use(runner))
 
 
-def serve_follower(runner: BaseRunner, group: Group) -> int:
-    """Run a follower until rank 0 says stop. SIGTERM/SIGINT (torchrun passes them on) are logged
-    and otherwise left to rank 0, which drains, then sends stop; a rank 0 that is gone ends the
-    wait by itself."""
+def serve_follower(runner: BaseRunner, group: Group) -> NoReturn:
+    """Run a follower until rank 0 says stop, then exit (0; 1 once the group is lost). SIGTERM and
+    SIGINT (torchrun passes them on) are logged and otherwise left to rank 0, which drains, then
+    sends stop; a rank 0 that is gone ends the wait by itself."""
 
     def noted(signum: int, frame: FrameType | None) -> None:
         log.info("signal", signal=signal.Signals(signum).name, rank=group.rank, detail="waiting for rank 0's stop")
 
     signal.signal(signal.SIGTERM, noted)
     signal.signal(signal.SIGINT, noted)
-    code = follow(runner, group.channel, group.rank)
-    leave()
-    return code
+    leave(follow(runner, group.channel, group.rank))
 
 
-def leave() -> None:
-    """Tear the process groups down (after the last call)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave(code: int) -> NoReturn:
+    """The end of a rank (rank 0 after sending "stop", a follower after receiving it, or either
+    once the group is lost): after a stop every rank meets at a barrier, then each exits at once.
+    The process groups are never torn down, nor the interpreter finalized with them alive: gloo's
+    teardown on one rank races its peers' (CI saw rank 0 die of SIGABRT after a stop, its follower
+    still alive), and nothing after the last call needs them."""
+    group = _joined
+    if code == 0 and group is not None and isinstance(group.channel, BroadcastChannel):
+        try:
+            group.channel.meet(LEAVE_TIMEOUT)
+        except Exception as error:
+            log.critical("tensor_parallel_group_lost", rank=group.rank, call="leave", error=first_line(error))
+            code = 1
+    _exit_now(code)
