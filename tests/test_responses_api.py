@@ -247,8 +247,8 @@ def test_a_page_on_an_allowed_origin_may_delete(live: str) -> None:
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"tools": [{"type": "web_search"}]}, "tools", "only function tools"),
-        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": [{"type": "teleport"}]}, "tools", "not a tool type"),
+        ({"tool_choice": "required"}, "tool_choice", "needs function tools"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input", "answers no earlier"),
         ({"input": [{"type": "mcp_call", "id": "m"}]}, "input", "only function tools"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "text only"),

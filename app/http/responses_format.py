@@ -2,7 +2,8 @@
 
 gpt-oss's analysis channel becomes a ``reasoning`` item (``reasoning_text`` content), the rest an
 assistant ``message`` item (``output_text``), and each call to a function the request offered a
-``function_call`` item (its arguments streamed as ``response.function_call_arguments.delta``). A
+``function_call`` item (its arguments streamed as ``response.function_call_arguments.delta``;
+a namespace tool's function is named by ``namespace`` and ``name``, as OpenAI's items are). A
 call the request cannot take (app.http.tool_calls: an unknown function, or arguments that are not
 a JSON object) is reported and, as on chat, its text is the message's: an unknown function at
 once; arguments found broken at the call's end are message text when not streamed, and, having
@@ -56,7 +57,7 @@ class _OpenItem:
     id: str
     index: int
     text: list[str] = field(default_factory=list)
-    name: str = ""  # a function_call's function
+    name: str = ""  # a function_call's function, by its qualified name (NAMESPACE.NAME in a namespace)
     call_id: str = ""
     message: int | None = None  # a function_call's Harmony message
 
@@ -294,14 +295,16 @@ class ResponseWriter:
     def _item(self, item: _OpenItem, status: str, *, empty: bool) -> Item:
         if item.kind == "function_call":
             arguments = "" if empty else "".join(item.text)
-            return {
+            namespace, _, name = item.name.rpartition(".")
+            call = {
                 "id": item.id,
                 "type": "function_call",
                 "status": status,
                 "call_id": item.call_id,
-                "name": item.name,
+                "name": name,
                 "arguments": arguments,
             }
+            return call | {"namespace": namespace} if namespace else call
         content = [] if empty else [self._part(item.kind, "".join(item.text))]
         if item.kind == "reasoning":
             return {"id": item.id, "type": "reasoning", "summary": [], "content": content, "status": status}

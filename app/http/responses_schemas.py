@@ -2,9 +2,10 @@
 
 ``input`` is a string or a list of items: messages (``type`` may be left out, as OpenAI allows;
 content a string or ``input_text`` / ``output_text`` parts), ``reasoning`` items, and a tool
-round trip's ``function_call`` / ``function_call_output`` items. ``tools`` (function tools in the
-Responses shape), ``tool_choice`` and ``parallel_tool_calls`` map onto chat's machinery
-(app.http.tool_fields' ToolUse): the same prompt, the same guaranteed call grammar, the same 400s.
+round trip's ``function_call`` / ``function_call_output`` items. ``tools`` (function, namespace
+and hosted tools: app.http.responses_tools), ``tool_choice`` and ``parallel_tool_calls`` map onto
+chat's machinery (app.http.tool_fields' ToolUse): the same prompt, the same guaranteed call
+grammar, the same 400s.
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from app.http.responses_tools import (
+    ResponsesTool,
+    ToolChoice,
+    check_choice,
+    check_choice_type,
+    check_tool_types,
+    check_tools,
+    echo_choice,
+    echo_tools,
+    tool_use,
+)
 from app.http.schemas import NOT_TEXT_PARTS, SamplingFields
 from app.http.structured import JsonSchemaFormat, ResponseFormat, StructuredFields
-from app.http.tool_fields import (
-    MAX_TOOLS,
-    FunctionDefinition,
-    FunctionName,
-    NamedFunction,
-    ToolChoiceMode,
-    ToolUse,
-    canonical_schema,
-)
-from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, ToolCall, ToolSpec
+from app.http.tool_fields import MAX_TOOLS, FunctionName, ToolUse
+from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, ToolCall
 
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
-NOT_FUNCTION_TOOLS = "only function tools are served here (type 'function')"
+NOT_FUNCTION_TOOLS = "only function tools are run here (type 'function')"
 TOOL_ITEMS = frozenset(  # items of OpenAI's built-in tools, which this server does not run
     {
         "custom_tool_call",
@@ -110,7 +114,7 @@ def normalize_item(raw: Any, where: str) -> Item:
         except ValidationError:
             needs = "call_id, name (a function's) and arguments (text)"
             raise ValueError(f"{where}: a function_call item needs {needs}") from None
-        return {
+        item: Item = {
             "id": _item_id(raw.get("id"), "fc"),
             "type": "function_call",
             "call_id": call.call_id,
@@ -118,6 +122,7 @@ def normalize_item(raw: Any, where: str) -> Item:
             "arguments": call.arguments,
             "status": "completed",
         }
+        return item if call.namespace is None else item | {"namespace": call.namespace}
     if kind == "function_call_output":
         try:
             result = InputFunctionCallOutput.model_validate(raw)
@@ -173,6 +178,7 @@ class InputFunctionCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
     call_id: CallId
     name: FunctionName
+    namespace: FunctionName | None = None  # a namespace tool's function
     arguments: str  # JSON text, as the model wrote it
 
 
@@ -211,8 +217,9 @@ def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
     for item in items:
         kind = item.get("type")
         if kind == "function_call":
-            calls.append(ToolCall(item["call_id"], item["name"], item["arguments"]))
-            called[item["call_id"]] = item["name"]
+            name = f"{item['namespace']}.{item['name']}" if "namespace" in item else item["name"]
+            calls.append(ToolCall(item["call_id"], name, item["arguments"]))
+            called[item["call_id"]] = name
             continue
         if kind == "reasoning":
             flush()  # reasoning after calls starts the next assistant message
@@ -236,17 +243,6 @@ def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
     return tuple(messages)
 
 
-class FunctionTool(FunctionDefinition):
-    """A function the model may call, in the Responses shape: chat's function definition, flat
-    beside ``type`` instead of nested under ``function``."""
-
-    type: Literal["function"]
-
-
-class NamedFunctionChoice(NamedFunction):
-    type: Literal["function"]
-
-
 class ResponsesRequest(SamplingFields):
     """POST /v1/responses."""
 
@@ -260,8 +256,8 @@ class ResponsesRequest(SamplingFields):
     previous_response_id: str | None = None
     store: bool = True
     stream: bool = False
-    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: ToolChoiceMode | NamedFunctionChoice | None = None  # validated after tools, which it names
+    tools: Annotated[list[ResponsesTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None  # validated after tools, which it names
     parallel_tool_calls: bool = True
     conversation_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")] = DEFAULT_CONVERSATION_DATE
     cache: bool = True  # false: never served from (or stored in) the prompt cache
@@ -277,40 +273,27 @@ class ResponsesRequest(SamplingFields):
 
     @field_validator("tools", mode="before")
     @classmethod
-    def _function_tools(cls, value: Any) -> Any:
-        for tool in value if isinstance(value, list) else ():
-            if isinstance(tool, dict) and tool.get("type") != "function":
-                raise ValueError(f"a {str(tool.get('type'))[:40]!r} tool: {NOT_FUNCTION_TOOLS}")
-        return value
+    def _tool_types(cls, value: Any) -> Any:
+        return check_tool_types(value)
 
     @field_validator("tools")
     @classmethod
-    def _unique_names(cls, value: list[FunctionTool] | None) -> list[FunctionTool] | None:
-        names = [tool.name for tool in value or ()]
-        if duplicated := sorted({name for name in names if names.count(name) > 1}):
-            raise ValueError(f"two tools are named {duplicated[0]!r}")
-        return value
+    def _tools(cls, value: list[ResponsesTool] | None) -> list[ResponsesTool] | None:
+        return check_tools(value)
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_type(cls, value: Any) -> Any:
+        return check_choice_type(value)
 
     @field_validator("tool_choice")
     @classmethod
-    def _names_a_tool(
-        cls, value: ToolChoiceMode | NamedFunctionChoice | None, info: ValidationInfo
-    ) -> ToolChoiceMode | NamedFunctionChoice | None:
-        tools: list[FunctionTool] = info.data.get("tools") or []
-        if isinstance(value, NamedFunctionChoice):
-            if value.name not in {t.name for t in tools}:
-                raise ValueError(f"tool_choice names {value.name!r}, which is not in tools")
-        elif value == "required" and not tools:
-            raise ValueError("tool_choice 'required' needs tools")
-        return value
+    def _names_a_tool(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        return check_choice(value, info.data.get("tools"))
 
     def tool_use(self) -> ToolUse:
         """The same ToolUse chat's tool fields give: what the model is told of, what is forced."""
-        tools = tuple(ToolSpec(t.name, t.description, canonical_schema(t.parameters)) for t in self.tools or ())
-        choice = self.tool_choice
-        if isinstance(choice, NamedFunctionChoice):
-            return ToolUse.of(tools, None, choice.name, self.parallel_tool_calls)
-        return ToolUse.of(tools, choice, None, self.parallel_tool_calls)
+        return tool_use(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @field_validator("metadata")
     @classmethod
@@ -349,11 +332,6 @@ class ResponsesRequest(SamplingFields):
         schema = JsonSchemaFormat(name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict)
         return StructuredFields(response_format=ResponseFormat(type="json_schema", json_schema=schema))
 
-    def _choice_echo(self) -> str | dict[str, str]:
-        if isinstance(self.tool_choice, NamedFunctionChoice):
-            return {"type": "function", "name": self.tool_choice.name}
-        return self.tool_choice or "auto"
-
     def echo(self) -> dict[str, Any]:
         """The request's fields that the response object repeats."""
         fmt = self.text.format if self.text is not None and self.text.format is not None else TextFormat()
@@ -372,17 +350,8 @@ class ResponsesRequest(SamplingFields):
             "reasoning": {"effort": self.reasoning.effort if self.reasoning else None, "summary": None},
             "text": {"format": text_format},
             "store": self.store,
-            "tools": [
-                {
-                    "type": "function",
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters,
-                    "strict": bool(t.strict),
-                }
-                for t in self.tools or ()
-            ],
-            "tool_choice": self._choice_echo(),
+            "tools": echo_tools(self.tools),
+            "tool_choice": echo_choice(self.tool_choice),
             "parallel_tool_calls": self.parallel_tool_calls,
             "truncation": "disabled",
         }
