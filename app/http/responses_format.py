@@ -10,7 +10,9 @@ once; arguments found broken at the call's end are message text when not streame
 been streamed already, a function_call item with status ``incomplete``. A forced call on a model
 without Harmony (``json_call``) is its answer's JSON ``{"name": ..., "arguments": {...}}``
 (app.http.tool_calls' JsonCallStream): the item opens once the name is whole, and its arguments
-stream but for the object's closing brace.
+stream but for the object's closing brace. With ``seal`` (the request's ``include`` asks for
+``reasoning.encrypted_content``) each finished reasoning item carries its text sealed for the
+caller (app.store.reasoning_seal), to be sent back in when nothing is stored.
 
 The writer is fed the stream's events in order and gives, for each, the SSE events it makes
 (``type`` and a strictly increasing ``sequence_number``); a response that is not streamed is the
@@ -19,6 +21,7 @@ same writer's final object.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -87,8 +90,10 @@ class ResponseWriter:
         *,
         streaming: bool = False,
         json_call: bool = False,
+        seal: Callable[[str], str] | None = None,
     ) -> None:
         self.head = head
+        self.seal = seal
         self.json_call = json_call
         self._json_text = ""  # a JSON call's answer so far
         self._json_sent = 0  # its characters given out (the head, then arguments)
@@ -307,7 +312,10 @@ class ResponseWriter:
             return call | {"namespace": namespace} if namespace else call
         content = [] if empty else [self._part(item.kind, "".join(item.text))]
         if item.kind == "reasoning":
-            return {"id": item.id, "type": "reasoning", "summary": [], "content": content, "status": status}
+            reasoning = {"id": item.id, "type": "reasoning", "summary": [], "content": content, "status": status}
+            if self.seal is None or empty:
+                return reasoning
+            return reasoning | {"encrypted_content": self.seal("".join(item.text))}
         return {"id": item.id, "type": "message", "role": "assistant", "status": status, "content": content}
 
     def done(self, done: StreamDone) -> list[Event]:

@@ -5,7 +5,8 @@ content a string or ``input_text`` / ``output_text`` parts), ``reasoning`` items
 round trip's ``function_call`` / ``function_call_output`` items. ``tools`` (function, namespace
 and hosted tools: app.http.responses_tools), ``tool_choice`` and ``parallel_tool_calls`` map onto
 chat's machinery (app.http.tool_fields' ToolUse): the same prompt, the same guaranteed call
-grammar, the same 400s.
+grammar, the same 400s. A reasoning item may carry the ``encrypted_content`` this server sealed
+(app.store.reasoning_seal); the route opens it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,22 @@ TOOL_ITEMS = frozenset(  # items of OpenAI's built-in tools, which this server d
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 MAX_METADATA_KEYS = 16  # OpenAI's bounds on metadata
 Item = dict[str, Any]
+# OpenAI's ``include`` values; "reasoning.encrypted_content" is honoured (app.store.reasoning_seal),
+# the others name outputs this server never makes.
+INCLUDE_VALUES = frozenset(
+    {
+        "reasoning.encrypted_content",
+        "message.output_text.logprobs",
+        "message.input_image.image_url",
+        "computer_call_output.output.image_url",
+        "file_search_call.results",
+        "web_search_call.results",
+        "web_search_call.action.sources",
+        "code_interpreter_call.outputs",
+    }
+)
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+MAX_SEALED = 4 * 1024 * 1024  # the body's own bound: a blob cannot be larger
 
 
 def new_id(prefix: str) -> str:
@@ -160,12 +177,18 @@ def normalize_item(raw: Any, where: str) -> Item:
         ):
             raise ValueError(f"{where}: a reasoning item's content is a list of reasoning_text parts")
         summary = raw.get("summary") or []
-        return {
+        reasoning: Item = {
             "id": _item_id(raw.get("id"), "rs"),
             "type": "reasoning",
             "summary": summary if isinstance(summary, list) else [],
             "content": [{"type": "reasoning_text", "text": p["text"]} for p in content],
         }
+        sealed = raw.get("encrypted_content")
+        if sealed is None:
+            return reasoning
+        if not isinstance(sealed, str) or not 0 < len(sealed) <= MAX_SEALED:
+            raise ValueError(f"{where}: a reasoning item's encrypted_content is the text this server gave")
+        return reasoning | {"encrypted_content": sealed}
     raise ValueError(f"{where}: items of type {kind!r} are not served here (message or reasoning)")
 
 
@@ -259,6 +282,7 @@ class ResponsesRequest(SamplingFields):
     tools: Annotated[list[ResponsesTool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None  # validated after tools, which it names
     parallel_tool_calls: bool = True
+    include: Annotated[list[str], Field(max_length=len(INCLUDE_VALUES))] | None = None
     conversation_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")] = DEFAULT_CONVERSATION_DATE
     cache: bool = True  # false: never served from (or stored in) the prompt cache
 
@@ -290,6 +314,19 @@ class ResponsesRequest(SamplingFields):
     @classmethod
     def _names_a_tool(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
         return check_choice(value, info.data.get("tools"))
+
+    @field_validator("include")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if name not in INCLUDE_VALUES:
+                raise ValueError(f"include: {name[:60]!r} is not one of {', '.join(sorted(INCLUDE_VALUES))}")
+        return value
+
+    @property
+    def sealed_reasoning(self) -> bool:
+        """Each reasoning item goes out with its text sealed as ``encrypted_content``."""
+        return ENCRYPTED_REASONING in (self.include or ())
 
     def tool_use(self) -> ToolUse:
         """The same ToolUse chat's tool fields give: what the model is told of, what is forced."""
