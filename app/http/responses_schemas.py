@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from app.contract.sampling import SamplingDefaults
 from app.http.responses_tools import (
     ResponsesTool,
     ToolChoice,
@@ -369,8 +370,9 @@ class ResponsesRequest(SamplingFields):
         schema = JsonSchemaFormat(name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict)
         return StructuredFields(response_format=ResponseFormat(type="json_schema", json_schema=schema))
 
-    def echo(self) -> dict[str, Any]:
-        """The request's fields that the response object repeats."""
+    def echo(self, defaults: SamplingDefaults) -> dict[str, Any]:
+        """The request's fields that the response object repeats (the sampling it got: its own
+        values, else the model's ``defaults``)."""
         fmt = self.text.format if self.text is not None and self.text.format is not None else TextFormat()
         text_format: dict[str, Any] = {"type": fmt.type}
         if fmt.type == "json_schema":
@@ -382,8 +384,8 @@ class ResponsesRequest(SamplingFields):
             "metadata": self.metadata or {},
             "previous_response_id": self.previous_response_id,
             "max_output_tokens": self.max_output_tokens,
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "temperature": defaults.pick("temperature", self.temperature),
+            "top_p": defaults.pick("top_p", self.top_p),
             "reasoning": {"effort": self.reasoning.effort if self.reasoning else None, "summary": None},
             "text": {"format": text_format},
             "store": self.store,

@@ -19,7 +19,16 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.http.tool_fields import MAX_TOOLS, FunctionDefinition, FunctionName, ToolChoiceMode, ToolUse, canonical_schema
+from app.http.tool_fields import (
+    MAX_TOOLS,
+    FunctionDefinition,
+    FunctionName,
+    ToolChoiceMode,
+    ToolUse,
+    canonical_schema,
+    check_tool_choice,
+    check_tool_names,
+)
 from app.prompts.builder import FUNCTIONS_NAMESPACE, ToolNamespace, ToolSpec
 
 HostedType = Literal[
@@ -81,7 +90,8 @@ class NamespaceTool(BaseModel):
     @field_validator("tools")
     @classmethod
     def _unique(cls, value: list[FunctionTool]) -> list[FunctionTool]:
-        return _unique_names(value, "in one namespace")
+        check_tool_names([tool.name for tool in value])
+        return value
 
 
 class HostedTool(BaseModel):
@@ -92,13 +102,6 @@ class HostedTool(BaseModel):
 
 
 ResponsesTool = Annotated[FunctionTool | NamespaceTool | HostedTool, Field(discriminator="type")]
-
-
-def _unique_names(tools: list[FunctionTool], where: str) -> list[FunctionTool]:
-    names = [tool.name for tool in tools]
-    if duplicated := sorted({name for name in names if names.count(name) > 1}):
-        raise ValueError(f"two tools {where} are named {duplicated[0]!r}")
-    return tools
 
 
 def check_tool_types(value: Any) -> Any:
@@ -114,7 +117,7 @@ def check_tool_types(value: Any) -> Any:
 
 def check_tools(tools: list[ResponsesTool] | None) -> list[ResponsesTool] | None:
     """Names unique where calls would confuse them, and at most MAX_TOOLS functions in all."""
-    _unique_names([t for t in tools or () if isinstance(t, FunctionTool)], "")
+    check_tool_names([t.name for t in tools or () if isinstance(t, FunctionTool)])
     namespaces = [t.name for t in tools or () if isinstance(t, NamespaceTool)]
     if duplicated := sorted({name for name in namespaces if namespaces.count(name) > 1}):
         raise ValueError(f"two namespaces are named {duplicated[0]!r}")
@@ -154,7 +157,7 @@ ToolChoice = ToolChoiceMode | NamedFunctionChoice
 def check_choice_type(value: Any) -> Any:
     """Before tool_choice is read: a choice this server cannot honour, in words of ours."""
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind in HOSTED_TOOLS or kind in ("web_search_preview", "computer_use_preview", "mcp"):
+    if kind in HOSTED_TOOLS:
         raise ValueError(f"tool_choice forces {str(kind)!r}, a hosted tool this server does not run")
     if kind == "custom":
         raise ValueError("tool_choice forces a custom tool, which is not served here")
@@ -166,13 +169,12 @@ def check_choice_type(value: Any) -> Any:
 
 
 def check_choice(value: ToolChoice | None, tools: list[ResponsesTool] | None) -> ToolChoice | None:
-    offered = specs(tools)
-    if isinstance(value, NamedFunctionChoice):
-        if value.qualified not in {t.qualified for t in offered}:
-            where = f" in namespace {value.namespace!r}" if value.namespace else ""
-            raise ValueError(f"tool_choice names {value.name!r}{where}, which is not in tools")
-    elif value == "required" and not offered:
-        raise ValueError("tool_choice 'required' needs function tools (hosted tools are not run here)")
+    """chat's rule (app.http.tool_fields), on the functions the model may be offered."""
+    offered = {t.qualified for t in specs(tools)}
+    if value == "required" and tools and not offered:
+        raise ValueError("tool_choice 'required' needs function tools: hosted tools are not run here")
+    named = value.qualified if isinstance(value, NamedFunctionChoice) else None
+    check_tool_choice(named, value == "required", offered)
     return value
 
 
