@@ -29,10 +29,9 @@ import pytest
 import trio
 
 from app.config import PROFILES
-from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights
-from tests.conftest import ROOT, running_server, server_config
-from tests.scripted_harmony import harmony_tokens, scripted
+from tests.conftest import ROOT, server_config
+from tests.scripted_harmony import scripted_server
 
 CODEX = ROOT / ".codex-cli" / "node_modules" / ".bin" / "codex"
 MODEL = "tiny-gpt-oss"
@@ -89,13 +88,6 @@ async def test_codex_exec_runs_a_scripted_command_in_its_sandbox_and_answers(
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    handles = []
-
-    def hook_in(loaded: ServedModel) -> ServedModel:
-        model = loaded.runner.model  # type: ignore[attr-defined]
-        handles.append(model.get_output_embeddings().register_forward_hook(scripted(harmony_tokens(SCRIPT))))
-        return loaded
-
     profile = dataclasses.replace(PROFILES["latency_first"], max_batch_size=2, prefill_chunk_tokens=8192)
     recorder: list[Recorder] = []
 
@@ -105,24 +97,18 @@ async def test_codex_exec_runs_a_scripted_command_in_its_sandbox_and_answers(
 
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    try:
-        async with running_server(
-            tiny_weights, server_config(profile=profile), runner_hook=hook_in, wrap_asgi=record
-        ) as server:
-            env = {**os.environ, "CODEX_HOME": str(codex_home(tmp_path / "home", server.url))}
-            with trio.fail_after(300):
-                run = await trio.run_process(
-                    [str(CODEX), "exec", "--skip-git-repo-check", "Run the command."],
-                    cwd=workspace,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
-    finally:
-        for handle in handles:
-            handle.remove()
+    async with scripted_server(tiny_weights, SCRIPT, server_config(profile=profile), record) as server:
+        env = {**os.environ, "CODEX_HOME": str(codex_home(tmp_path / "home", server.url))}
+        with trio.fail_after(300):
+            run = await trio.run_process(
+                [str(CODEX), "exec", "--skip-git-repo-check", "Run the command."],
+                cwd=workspace,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
     printed, log = run.stdout.decode(), run.stderr.decode()
     assert run.returncode == 0, f"codex exited {run.returncode}\n{log}\n{printed}"
     assert ANSWER in printed, f"{printed}\n{log}"

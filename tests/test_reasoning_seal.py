@@ -26,7 +26,7 @@ from app.http.access import tenant_name
 from app.server import reasoning_seal
 from app.store.reasoning_seal import KEY_FILE, ReasoningSeal, SealBroken, kept_secret
 from tests.conftest import server_config, server_in_thread
-from tests.scripted_harmony import scripted_server
+from tests.scripted_harmony import answered_and_streamed, scripted_server
 from tests.test_responses_tools import GET_WEATHER
 from tests.test_tool_calls_live import CALL, client
 
@@ -103,9 +103,7 @@ async def test_sealed_reasoning_goes_out_and_comes_back_into_the_prompt(tiny_wei
         "extra_body": {"cache": False},
     }
     async with scripted_server(tiny_weights, CALL + CALL) as server, client(server) as api:
-        first = await api.responses.create(**asked)
-        stream = await api.responses.create(**asked, stream=True)
-        events = [event async for event in stream]
+        first, events = await answered_and_streamed(api, asked)
         reasoning, call = first.output
         assert reasoning.type == "reasoning" and reasoning.encrypted_content
         assert call.type == "function_call"

@@ -25,7 +25,7 @@ from app.http.responses_schemas import ResponsesRequest, chat_messages
 from app.prompts.builder import PromptSpec, build_prompt_tokens
 from app.prompts.harmony_encoding import harmony_encoding
 from tests.conftest import server_in_thread
-from tests.scripted_harmony import scripted_server
+from tests.scripted_harmony import answered_and_streamed, scripted_server
 from tests.test_tool_calls_live import client
 
 MODEL = "tiny-gpt-oss"
@@ -125,9 +125,7 @@ async def test_a_scripted_namespaced_call_reaches_the_client_streamed_and_not(ti
         "extra_body": {"cache": False},
     }
     async with scripted_server(tiny_weights, CLOSE + CLOSE) as server, client(server) as api:
-        answer = await api.responses.create(**body)
-        stream = await api.responses.create(**body, stream=True)
-        events = [event async for event in stream]
+        answer, events = await answered_and_streamed(api, body)
     _, call = answer.output
     assert isinstance(call, ResponseFunctionToolCall) and answer.status == "completed"
     assert (call.namespace, call.name) == ("multi_agent_v1", "close_agent")
