@@ -12,7 +12,7 @@ ARGS ?=
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install serve test lint pytest bench bench-vs-transformers browser-deps browser-test redis-deps clean
+.PHONY: install serve test lint pytest bench bench-vs-transformers browser-deps browser-test redis-deps codex-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m app --model $(MODEL) --host $(HOST) --port $(PORT) --profile $(PROFILE) $(ARGS)
 
-test: browser-deps redis-deps lint pytest
+test: browser-deps redis-deps codex-deps lint pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check app actors tests tools
@@ -57,6 +57,21 @@ redis-deps:
 		$(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; fi
 
+# Codex CLI end to end (tests/test_codex_cli.py): OpenAI's npm package, pinned, its native binary
+# inside, installed into .codex-cli/ (ignored by git); the test skips without it, except in CI.
+# npm comes from Debian's package when the machine has none.
+CODEX_VERSION := 0.169.0
+CODEX_DIR := .codex-cli
+CODEX := $(CODEX_DIR)/node_modules/.bin/codex
+
+codex-deps:
+	@if [ "$$($(CODEX) --version 2>/dev/null)" = "codex-cli $(CODEX_VERSION)" ]; then \
+		echo "codex-cli $(CODEX_VERSION) is installed in $(CODEX_DIR)"; else \
+		if ! command -v npm >/dev/null; then \
+			$(SUDO) apt-get update && \
+			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm; fi; \
+		npm install --prefix $(CODEX_DIR) --no-audit --no-fund --no-save @openai/codex@$(CODEX_VERSION); fi
+
 browser-test: browser-deps $(STAMP)
 	$(BIN)/python -m pytest tests/test_browser.py tests/test_playground_routes.py $(ARGS)
 
@@ -72,4 +87,4 @@ bench-vs-transformers: $(BENCH_STAMP)
 	$(BIN)/python -m tools.bench_vs_transformers $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(CODEX_DIR)

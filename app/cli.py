@@ -230,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a Redis call may take before the request goes on without it (a miss); with --redis-url",
     )
     parser.add_argument(
+        "--reasoning-key",
+        default=None,
+        metavar="SECRET",
+        help="the secret (32+ characters) that seals reasoning items' encrypted_content; replicas share "
+        "one; default: one generated once beside the response store (also GPTOSS_REASONING_KEY)",
+    )
+    parser.add_argument(
         "--chat-template",
         default=None,
         metavar="PATH",
@@ -304,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         redis_url=args.redis_url or os.environ.get("GPTOSS_REDIS_URL") or None,
         redis_cache_ttl=args.redis_cache_ttl,
         redis_timeout=args.redis_timeout,
+        reasoning_key=args.reasoning_key or os.environ.get("GPTOSS_REASONING_KEY") or None,
         chat_template=args.chat_template,
         tool_call_parser=args.tool_call_parser,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -336,7 +344,11 @@ async def serve_until_stopped(config: ServerConfig) -> int:
         print(f"error: {message}", file=sys.stderr, flush=True)
         shutdown.set()
 
-    server = create_server(config, wait_for_model=False, on_fatal=fatal)
+    try:
+        server = create_server(config, wait_for_model=False, on_fatal=fatal)
+    except ConfigError as error:  # what the wiring finds it cannot set up (the reasoning key's file)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, server, config, shutdown)

@@ -20,6 +20,7 @@ DEFAULT_MAX_CONNECTIONS = 512
 # About 40,000 tokens of gpt-oss-20b prefixes in bfloat16 (its full-attention layers' keys; the
 # sliding layers keep only the window before each stored end), about 22,000 of SmolLM2 in fp32.
 DEFAULT_PREFIX_CACHE_MB = 1024
+MIN_REASONING_KEY = 32  # characters: `openssl rand -base64 32` gives 44
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # How tool calls in a chat template's own syntax are read back (app.text.template_calls): auto
 # picks the syntax the template teaches; none reads none (tool_choice "auto" is then refused).
@@ -165,6 +166,9 @@ class ServerConfig:
     redis_url: str | None = None
     redis_cache_ttl: float = 24 * 3600.0
     redis_timeout: float = 0.5
+    # The secret that seals reasoning items' encrypted_content (app.store.reasoning_seal); replicas
+    # share one. None: one generated once and kept beside the response store.
+    reasoning_key: str | None = dataclasses.field(default=None, repr=False)
     # A Jinja chat template file that replaces the tokenizer's (None: the model's own), and how
     # tool calls in its syntax are read back from the output.
     chat_template: str | None = None
@@ -206,6 +210,11 @@ class ServerConfig:
             raise ConfigError("the response store's limits (count, megabytes, ttl) must be positive")
         if self.redis_url is not None:
             check_redis_url(self.redis_url)
+        if self.reasoning_key is not None and (
+            len(self.reasoning_key) < MIN_REASONING_KEY or any(c.isspace() for c in self.reasoning_key)
+        ):
+            # Never echoed: it is a secret.
+            raise ConfigError(f"the reasoning key must be at least {MIN_REASONING_KEY} characters, without spaces")
         if not self.redis_cache_ttl > 0 or not self.redis_timeout > 0:
             raise ConfigError("redis_cache_ttl and redis_timeout must be positive")
         if self.prefix_cache_bytes < 0:

@@ -14,6 +14,7 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import structlog
@@ -27,7 +28,7 @@ from actors.shared_cache import RedisSharedCache, SharedCache
 from actors.step_thread import StepCaller
 from app import __version__
 from app.cache.redis_store import RedisCacheStore
-from app.config import ServerConfig
+from app.config import ConfigError, ServerConfig
 from app.contract.model import ServedModel
 from app.engine.runtime_info import gpu_memory, runtime_info
 from app.http import generate_routes, openai_routes, ops_routes, playground_routes, responses_routes
@@ -37,9 +38,10 @@ from app.http.errors import ApiError, error_body, error_response
 from app.http.json_response import json_response
 from app.http.request_scope import RequestScopeMiddleware
 from app.http.response_store import AsyncResponseStore
+from app.store.reasoning_seal import ReasoningSeal, kept_secret
 from app.store.redis_link import RedisLink, connect, redacted
 from app.store.redis_responses import RedisResponseStore
-from app.store.responses import ResponseBackend, SqliteResponseStore, StoreLimits
+from app.store.responses import MEMORY, ResponseBackend, SqliteResponseStore, StoreLimits
 
 log = structlog.get_logger("server")
 BODY_TIMEOUT_SECONDS = 30
@@ -110,6 +112,29 @@ def response_store(config: ServerConfig, redis: RedisLink | None = None) -> Resp
     from app.models.local_builds import cache_root  # torch: loaded only when the wiring runs
 
     return SqliteResponseStore(config.responses_db or cache_root() / "responses.db", limits)
+
+
+def reasoning_seal(config: ServerConfig) -> ReasoningSeal:
+    """The seal of reasoning items' encrypted_content: the configured secret; else one kept in
+    reasoning.key beside the SQLite store (the cache folder's with Redis: replicas then need a
+    shared --reasoning-key, or each opens only its own blobs); with ``:memory:`` one for this
+    process alone, as nothing else is kept either."""
+    if config.reasoning_key is not None:
+        return ReasoningSeal(config.reasoning_key.encode())
+    if config.redis_url is None and config.responses_db == MEMORY:
+        return ReasoningSeal.ephemeral()
+    from app.models.local_builds import cache_root  # torch: loaded only when the wiring runs
+
+    if config.redis_url is None and config.responses_db is not None:
+        folder = Path(config.responses_db).parent
+    else:
+        folder = cache_root()
+    if config.redis_url is not None:
+        log.warning("reasoning_key_local", folder=str(folder), hint="replicas need one --reasoning-key")
+    try:
+        return ReasoningSeal(kept_secret(folder))
+    except OSError as error:
+        raise ConfigError(f"the reasoning key cannot be kept: {error}") from None
 
 
 def model_namespace(config: ServerConfig, model: ServedModel) -> str:
@@ -183,7 +208,7 @@ def create_server(
         concurrency=1 if link is None else REDIS_STORE_CONCURRENCY,
         report=report_redis_error,
     )
-    state = ServerState(config, pipeline, __version__, runtime_info, gpu_memory, responses)
+    state = ServerState(config, pipeline, __version__, runtime_info, gpu_memory, responses, reasoning_seal(config))
     app.extensions["gptoss"] = state
 
     @app.before_serving

@@ -4,12 +4,15 @@ tokens outright, so that the tests can drive what the random weights never write
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
+from openai import AsyncOpenAI
+from openai.types.responses import Response
 
+from app.config import ServerConfig
 from app.contract.model import ServedModel
 from app.engine.loader import ModelWeights
 from app.prompts.harmony_encoding import harmony_encoding
@@ -40,7 +43,12 @@ def scripted(tokens: list[int]) -> Any:
 
 
 @asynccontextmanager
-async def scripted_server(weights: ModelWeights, text: str) -> AsyncIterator[RunningServer]:
+async def scripted_server(
+    weights: ModelWeights,
+    text: str,
+    config: ServerConfig | None = None,
+    wrap_asgi: Callable[[Any], Any] | None = None,
+) -> AsyncIterator[RunningServer]:
     """A server whose model writes ``text`` (its forward passes, in order, from the first)."""
     handles = []
 
@@ -49,7 +57,16 @@ async def scripted_server(weights: ModelWeights, text: str) -> AsyncIterator[Run
         handles.append(model.get_output_embeddings().register_forward_hook(scripted(harmony_tokens(text))))
         return loaded
 
-    async with running_server(weights, runner_hook=hook_in) as server:
-        yield server
-    for handle in handles:
-        handle.remove()
+    try:
+        async with running_server(weights, config, runner_hook=hook_in, wrap_asgi=wrap_asgi) as server:
+            yield server
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+async def answered_and_streamed(api: AsyncOpenAI, body: dict[str, Any]) -> tuple[Response, list[Any]]:
+    """One body on /v1/responses twice: answered whole, then streamed (a script written twice)."""
+    answer = await api.responses.create(**body)
+    stream = await api.responses.create(**body, stream=True)
+    return answer, [event async for event in stream]

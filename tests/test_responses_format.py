@@ -114,7 +114,7 @@ def test_items_become_messages_and_reasoning_stays_out_of_the_prompt() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        {"input": "x", "tools": [{"type": "file_search"}]},
+        {"input": "x", "tools": [{"type": "teleport"}]},  # no tool type of OpenAI's
         {"input": "x", "tool_choice": {"type": "function", "name": "f"}},  # names no tool
         {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},  # no call_id
         {"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]},

@@ -207,7 +207,7 @@ async def test_arguments_that_are_not_json_are_message_text_or_an_incomplete_ite
     [
         ({"tools": [GET_WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "not in tools"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
-        ({"tools": [{"type": "web_search"}]}, "tools", "only function tools"),
+        ({"tools": [{"type": "teleport"}]}, "tools", "not a tool type"),
         ({"tools": [GET_WEATHER, GET_WEATHER]}, "tools", "two tools"),
         ({"tools": [{**GET_WEATHER, "name": "a.b"}]}, "tools", "pattern"),
         (

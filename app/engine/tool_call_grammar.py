@@ -9,8 +9,9 @@ the arguments only:
 1. ``<|channel|>analysis<|message|>``, forced;
 2. the analysis: free text (no special token but ``<|end|>``) until the model ends it or it has
    ``budget`` tokens, when ``<|end|>`` is forced;
-3. ``<|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>``,
-   token by token from a trie of the allowed names' headers (the model picks among the names);
+3. ``<|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>``
+   (``to=NAMESPACE.NAME`` for a namespace of the request's own), token by token from a trie of
+   the allowed names' headers (the model picks among the names);
 4. the arguments under that tool's JSON-schema matcher (no special token in them), whose one
    stop token is ``<|call|>``.
 """
@@ -24,6 +25,7 @@ from typing import Literal
 import torch
 import xgrammar as xgr
 
+from app.prompts.builder import recipient
 from app.prompts.harmony_encoding import harmony_encoding
 
 ANALYSIS_OPEN = "<|channel|>analysis<|message|>"
@@ -31,7 +33,8 @@ Phase = Literal["open", "analysis", "header", "arguments"]
 
 
 def call_header(name: str) -> str:
-    return f"<|start|>assistant<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+    """``name``: the function's qualified name (app.prompts.builder's ToolSpec)."""
+    return f"<|start|>assistant<|channel|>commentary to={recipient(name)} <|constrain|>json<|message|>"
 
 
 @dataclass(frozen=True, slots=True)

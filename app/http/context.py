@@ -12,6 +12,7 @@ from actors.pipeline import Pipeline
 from actors.prometheus_series import GpuMemoryProbe
 from app.config import ServerConfig
 from app.http.response_store import AsyncResponseStore
+from app.store.reasoning_seal import ReasoningSeal
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,5 +23,6 @@ class ServerState:
     runtime: Callable[[], dict[str, Any]]  # what the serving machine runs: versions, the accelerator
     gpu_memory: GpuMemoryProbe  # (allocated, reserved) bytes on the accelerator, or None
     responses: AsyncResponseStore  # /v1/responses' stored responses
+    reasoning: ReasoningSeal  # seals and opens reasoning items' encrypted_content
     # Prompt work (tokenizing a request, its cache key) runs in a worker thread, one at a time.
     prompt_work: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))

@@ -143,7 +143,7 @@ def forced_call_grammar(
     for name, value in (("min_tokens", fields.min_tokens), ("ignore_eos", fields.ignore_eos)):
         if value:
             raise ApiError(400, f"{name} cannot be combined with a forced tool call", param=name, code="invalid_value")
-    schemas = {t.name: t.parameters for t in tools.tools}
+    schemas = {t.qualified: t.parameters for t in tools.tools}
     if model.harmony and spec.messages is not None:
         pairs = [[name, json.loads(schemas[name])] for name in tools.forced]
         source = json.dumps(pairs, sort_keys=True, separators=(",", ":"))

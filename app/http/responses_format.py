@@ -2,14 +2,17 @@
 
 gpt-oss's analysis channel becomes a ``reasoning`` item (``reasoning_text`` content), the rest an
 assistant ``message`` item (``output_text``), and each call to a function the request offered a
-``function_call`` item (its arguments streamed as ``response.function_call_arguments.delta``). A
+``function_call`` item (its arguments streamed as ``response.function_call_arguments.delta``;
+a namespace tool's function is named by ``namespace`` and ``name``, as OpenAI's items are). A
 call the request cannot take (app.http.tool_calls: an unknown function, or arguments that are not
 a JSON object) is reported and, as on chat, its text is the message's: an unknown function at
 once; arguments found broken at the call's end are message text when not streamed, and, having
 been streamed already, a function_call item with status ``incomplete``. A forced call on a model
 without Harmony (``json_call``) is its answer's JSON ``{"name": ..., "arguments": {...}}``
 (app.http.tool_calls' JsonCallStream): the item opens once the name is whole, and its arguments
-stream but for the object's closing brace.
+stream but for the object's closing brace. With ``seal`` (the request's ``include`` asks for
+``reasoning.encrypted_content``) each finished reasoning item carries its text sealed for the
+caller (app.store.reasoning_seal), to be sent back in when nothing is stored.
 
 The writer is fed the stream's events in order and gives, for each, the SSE events it makes
 (``type`` and a strictly increasing ``sequence_number``); a response that is not streamed is the
@@ -18,6 +21,7 @@ same writer's final object.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,7 +60,7 @@ class _OpenItem:
     id: str
     index: int
     text: list[str] = field(default_factory=list)
-    name: str = ""  # a function_call's function
+    name: str = ""  # a function_call's function, by its qualified name (NAMESPACE.NAME in a namespace)
     call_id: str = ""
     message: int | None = None  # a function_call's Harmony message
 
@@ -86,8 +90,10 @@ class ResponseWriter:
         *,
         streaming: bool = False,
         json_call: bool = False,
+        seal: Callable[[str], str] | None = None,
     ) -> None:
         self.head = head
+        self.seal = seal
         self.json_call = json_call
         self._json_text = ""  # a JSON call's answer so far
         self._json_sent = 0  # its characters given out (the head, then arguments)
@@ -294,17 +300,22 @@ class ResponseWriter:
     def _item(self, item: _OpenItem, status: str, *, empty: bool) -> Item:
         if item.kind == "function_call":
             arguments = "" if empty else "".join(item.text)
-            return {
+            namespace, _, name = item.name.rpartition(".")
+            call = {
                 "id": item.id,
                 "type": "function_call",
                 "status": status,
                 "call_id": item.call_id,
-                "name": item.name,
+                "name": name,
                 "arguments": arguments,
             }
+            return call | {"namespace": namespace} if namespace else call
         content = [] if empty else [self._part(item.kind, "".join(item.text))]
         if item.kind == "reasoning":
-            return {"id": item.id, "type": "reasoning", "summary": [], "content": content, "status": status}
+            reasoning = {"id": item.id, "type": "reasoning", "summary": [], "content": content, "status": status}
+            if self.seal is None or empty:
+                return reasoning
+            return reasoning | {"encrypted_content": self.seal("".join(item.text))}
         return {"id": item.id, "type": "message", "role": "assistant", "status": status, "content": content}
 
     def done(self, done: StreamDone) -> list[Event]:

@@ -5,11 +5,14 @@ A response runs on the same path as a chat completion (build_job, open_choices, 
 cancellation, the prompt cache, batching and API-key tenants work the same. A finished response
 (completed or incomplete) with ``store`` is written to the response store (app/store) before its
 terminal event or its body goes out, keyed by the caller's tenant: a client told it is done can
-read it back at once, and no tenant can read or chain another's.
+read it back at once, and no tenant can read or chain another's. A reasoning item sent back with
+the ``encrypted_content`` this server sealed is opened for the caller's tenant (app.store.
+reasoning_seal), so a client that stores nothing here still gives the model its reasoning back.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -34,6 +37,7 @@ from app.http.responses_schemas import RESPONSE_ID, Item, ResponsesRequest, chat
 from app.http.sse import sse_event
 from app.http.streams import created_timestamp, off_loop, served_model, server_timing, stream_headers
 from app.prompts.builder import PromptSpec
+from app.store.reasoning_seal import ReasoningSeal, SealBroken
 from app.store.responses import StoredResponse
 
 log = structlog.get_logger("responses")
@@ -75,8 +79,8 @@ class Turn:
         self.state = state
         self.body = body
         self.history = history
-        self.input_items = body.input_items()
         self.tenant: str | None = g.get("tenant")
+        self.input_items = opened_reasoning(body.input_items(), state.reasoning, self.tenant)
 
     async def store(self, writer: ResponseWriter) -> None:
         if not self.body.store or writer.status not in STORED_STATUSES:
@@ -86,6 +90,27 @@ class Turn:
             await self.state.responses.put(self.tenant, stored)
         except Exception:  # the client still gets its answer; it cannot be retrieved or chained
             log.exception("response_store_failed", response_id=writer.head.id)
+
+
+def opened_reasoning(items: list[Item], seal: ReasoningSeal, tenant: str | None) -> list[Item]:
+    """The items with each sealed reasoning item's text opened; a blob that does not open for
+    this tenant (changed, cut short, another server's or another key's) is a 400."""
+    opened = []
+    for index, item in enumerate(items):
+        blob = item.get("encrypted_content") if item.get("type") == "reasoning" else None
+        if blob is None:
+            opened.append(item)
+            continue
+        try:
+            text = seal.open(blob, tenant)
+        except SealBroken:
+            why = "changed, cut short, or sealed for another caller or by another server"
+            message = f"input[{index}]: the reasoning item's encrypted_content does not open here ({why})"
+            raise ApiError(
+                400, message, param=f"input[{index}].encrypted_content", code="invalid_encrypted_content"
+            ) from None
+        opened.append(item | {"content": [{"type": "reasoning_text", "text": text}]})
+    return opened
 
 
 class ResponsesFramer:
@@ -180,7 +205,10 @@ def register(app: QuartTrio, state: ServerState) -> None:
             state.pipeline.metrics.report(MalformedToolCall(job.client_request_id or head.id, reason))
 
         json_call = bool(tools.forced) and not model.harmony  # answered as {"name", "arguments"} JSON
-        writer = ResponseWriter(head, tools.names, report_malformed, streaming=body.stream, json_call=json_call)
+        seal = functools.partial(state.reasoning.seal, tenant=turn.tenant) if body.sealed_reasoning else None
+        writer = ResponseWriter(
+            head, tools.names, report_malformed, streaming=body.stream, json_call=json_call, seal=seal
+        )
         headers = stream_headers(choice.handle, job, choice.started)
         group = merged_events(state, choices)
         if body.stream:

@@ -2,9 +2,11 @@
 
 ``input`` is a string or a list of items: messages (``type`` may be left out, as OpenAI allows;
 content a string or ``input_text`` / ``output_text`` parts), ``reasoning`` items, and a tool
-round trip's ``function_call`` / ``function_call_output`` items. ``tools`` (function tools in the
-Responses shape), ``tool_choice`` and ``parallel_tool_calls`` map onto chat's machinery
-(app.http.tool_fields' ToolUse): the same prompt, the same guaranteed call grammar, the same 400s.
+round trip's ``function_call`` / ``function_call_output`` items. ``tools`` (function, namespace
+and hosted tools: app.http.responses_tools), ``tool_choice`` and ``parallel_tool_calls`` map onto
+chat's machinery (app.http.tool_fields' ToolUse): the same prompt, the same guaranteed call
+grammar, the same 400s. A reasoning item may carry the ``encrypted_content`` this server sealed
+(app.store.reasoning_seal); the route opens it.
 """
 
 from __future__ import annotations
@@ -16,23 +18,24 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from app.contract.sampling import SamplingDefaults
+from app.http.responses_tools import (
+    ResponsesTool,
+    ToolChoice,
+    check_choice,
+    check_choice_type,
+    check_tool_types,
+    check_tools,
+    echo_choice,
+    echo_tools,
+    tool_use,
+)
 from app.http.schemas import NOT_TEXT_PARTS, SamplingFields
 from app.http.structured import JsonSchemaFormat, ResponseFormat, StructuredFields
-from app.http.tool_fields import (
-    MAX_TOOLS,
-    FunctionDefinition,
-    FunctionName,
-    NamedFunction,
-    ToolChoiceMode,
-    ToolUse,
-    canonical_schema,
-    check_tool_choice,
-    check_tool_names,
-)
-from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, ToolCall, ToolSpec
+from app.http.tool_fields import MAX_TOOLS, FunctionName, ToolUse
+from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, ToolCall
 
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
-NOT_FUNCTION_TOOLS = "only function tools are served here (type 'function')"
+NOT_FUNCTION_TOOLS = "only function tools are run here (type 'function')"
 TOOL_ITEMS = frozenset(  # items of OpenAI's built-in tools, which this server does not run
     {
         "custom_tool_call",
@@ -54,6 +57,22 @@ TOOL_ITEMS = frozenset(  # items of OpenAI's built-in tools, which this server d
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 MAX_METADATA_KEYS = 16  # OpenAI's bounds on metadata
 Item = dict[str, Any]
+# OpenAI's ``include`` values; "reasoning.encrypted_content" is honoured (app.store.reasoning_seal),
+# the others name outputs this server never makes.
+INCLUDE_VALUES = frozenset(
+    {
+        "reasoning.encrypted_content",
+        "message.output_text.logprobs",
+        "message.input_image.image_url",
+        "computer_call_output.output.image_url",
+        "file_search_call.results",
+        "web_search_call.results",
+        "web_search_call.action.sources",
+        "code_interpreter_call.outputs",
+    }
+)
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+MAX_SEALED = 4 * 1024 * 1024  # the body's own bound: a blob cannot be larger
 
 
 def new_id(prefix: str) -> str:
@@ -113,7 +132,7 @@ def normalize_item(raw: Any, where: str) -> Item:
         except ValidationError:
             needs = "call_id, name (a function's) and arguments (text)"
             raise ValueError(f"{where}: a function_call item needs {needs}") from None
-        return {
+        item: Item = {
             "id": _item_id(raw.get("id"), "fc"),
             "type": "function_call",
             "call_id": call.call_id,
@@ -121,6 +140,7 @@ def normalize_item(raw: Any, where: str) -> Item:
             "arguments": call.arguments,
             "status": "completed",
         }
+        return item if call.namespace is None else item | {"namespace": call.namespace}
     if kind == "function_call_output":
         try:
             result = InputFunctionCallOutput.model_validate(raw)
@@ -158,12 +178,18 @@ def normalize_item(raw: Any, where: str) -> Item:
         ):
             raise ValueError(f"{where}: a reasoning item's content is a list of reasoning_text parts")
         summary = raw.get("summary") or []
-        return {
+        reasoning: Item = {
             "id": _item_id(raw.get("id"), "rs"),
             "type": "reasoning",
             "summary": summary if isinstance(summary, list) else [],
             "content": [{"type": "reasoning_text", "text": p["text"]} for p in content],
         }
+        sealed = raw.get("encrypted_content")
+        if sealed is None:
+            return reasoning
+        if not isinstance(sealed, str) or not 0 < len(sealed) <= MAX_SEALED:
+            raise ValueError(f"{where}: a reasoning item's encrypted_content is the text this server gave")
+        return reasoning | {"encrypted_content": sealed}
     raise ValueError(f"{where}: items of type {kind!r} are not served here (message or reasoning)")
 
 
@@ -176,6 +202,7 @@ class InputFunctionCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
     call_id: CallId
     name: FunctionName
+    namespace: FunctionName | None = None  # a namespace tool's function
     arguments: str  # JSON text, as the model wrote it
 
 
@@ -214,8 +241,9 @@ def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
     for item in items:
         kind = item.get("type")
         if kind == "function_call":
-            calls.append(ToolCall(item["call_id"], item["name"], item["arguments"]))
-            called[item["call_id"]] = item["name"]
+            name = f"{item['namespace']}.{item['name']}" if "namespace" in item else item["name"]
+            calls.append(ToolCall(item["call_id"], name, item["arguments"]))
+            called[item["call_id"]] = name
             continue
         if kind == "reasoning":
             flush()  # reasoning after calls starts the next assistant message
@@ -239,17 +267,6 @@ def chat_messages(items: list[Item]) -> tuple[ChatMessage, ...]:
     return tuple(messages)
 
 
-class FunctionTool(FunctionDefinition):
-    """A function the model may call, in the Responses shape: chat's function definition, flat
-    beside ``type`` instead of nested under ``function``."""
-
-    type: Literal["function"]
-
-
-class NamedFunctionChoice(NamedFunction):
-    type: Literal["function"]
-
-
 class ResponsesRequest(SamplingFields):
     """POST /v1/responses."""
 
@@ -263,9 +280,10 @@ class ResponsesRequest(SamplingFields):
     previous_response_id: str | None = None
     store: bool = True
     stream: bool = False
-    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: ToolChoiceMode | NamedFunctionChoice | None = None  # validated after tools, which it names
+    tools: Annotated[list[ResponsesTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None  # validated after tools, which it names
     parallel_tool_calls: bool = True
+    include: Annotated[list[str], Field(max_length=len(INCLUDE_VALUES))] | None = None
     conversation_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")] = DEFAULT_CONVERSATION_DATE
     cache: bool = True  # false: never served from (or stored in) the prompt cache
 
@@ -280,35 +298,40 @@ class ResponsesRequest(SamplingFields):
 
     @field_validator("tools", mode="before")
     @classmethod
-    def _function_tools(cls, value: Any) -> Any:
-        for tool in value if isinstance(value, list) else ():
-            if isinstance(tool, dict) and tool.get("type") != "function":
-                raise ValueError(f"a {str(tool.get('type'))[:40]!r} tool: {NOT_FUNCTION_TOOLS}")
-        return value
+    def _tool_types(cls, value: Any) -> Any:
+        return check_tool_types(value)
 
     @field_validator("tools")
     @classmethod
-    def _unique_names(cls, value: list[FunctionTool] | None) -> list[FunctionTool] | None:
-        check_tool_names([tool.name for tool in value or ()])
-        return value
+    def _tools(cls, value: list[ResponsesTool] | None) -> list[ResponsesTool] | None:
+        return check_tools(value)
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_type(cls, value: Any) -> Any:
+        return check_choice_type(value)
 
     @field_validator("tool_choice")
     @classmethod
-    def _names_a_tool(
-        cls, value: ToolChoiceMode | NamedFunctionChoice | None, info: ValidationInfo
-    ) -> ToolChoiceMode | NamedFunctionChoice | None:
-        tools: list[FunctionTool] = info.data.get("tools") or []
-        named = value.name if isinstance(value, NamedFunctionChoice) else None
-        check_tool_choice(named, value == "required", {t.name for t in tools})
+    def _names_a_tool(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        return check_choice(value, info.data.get("tools"))
+
+    @field_validator("include")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if name not in INCLUDE_VALUES:
+                raise ValueError(f"include: {name[:60]!r} is not one of {', '.join(sorted(INCLUDE_VALUES))}")
         return value
+
+    @property
+    def sealed_reasoning(self) -> bool:
+        """Each reasoning item goes out with its text sealed as ``encrypted_content``."""
+        return ENCRYPTED_REASONING in (self.include or ())
 
     def tool_use(self) -> ToolUse:
         """The same ToolUse chat's tool fields give: what the model is told of, what is forced."""
-        tools = tuple(ToolSpec(t.name, t.description, canonical_schema(t.parameters)) for t in self.tools or ())
-        choice = self.tool_choice
-        if isinstance(choice, NamedFunctionChoice):
-            return ToolUse.of(tools, None, choice.name, self.parallel_tool_calls)
-        return ToolUse.of(tools, choice, None, self.parallel_tool_calls)
+        return tool_use(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @field_validator("metadata")
     @classmethod
@@ -347,11 +370,6 @@ class ResponsesRequest(SamplingFields):
         schema = JsonSchemaFormat(name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict)
         return StructuredFields(response_format=ResponseFormat(type="json_schema", json_schema=schema))
 
-    def _choice_echo(self) -> str | dict[str, str]:
-        if isinstance(self.tool_choice, NamedFunctionChoice):
-            return {"type": "function", "name": self.tool_choice.name}
-        return self.tool_choice or "auto"
-
     def echo(self, defaults: SamplingDefaults) -> dict[str, Any]:
         """The request's fields that the response object repeats (the sampling it got: its own
         values, else the model's ``defaults``)."""
@@ -371,17 +389,8 @@ class ResponsesRequest(SamplingFields):
             "reasoning": {"effort": self.reasoning.effort if self.reasoning else None, "summary": None},
             "text": {"format": text_format},
             "store": self.store,
-            "tools": [
-                {
-                    "type": "function",
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters,
-                    "strict": bool(t.strict),
-                }
-                for t in self.tools or ()
-            ],
-            "tool_choice": self._choice_echo(),
+            "tools": echo_tools(self.tools),
+            "tool_choice": echo_choice(self.tool_choice),
             "parallel_tool_calls": self.parallel_tool_calls,
             "truncation": "disabled",
         }

@@ -1,13 +1,14 @@
 """gpt-oss's tool calls in OpenAI's shapes: ``message.tool_calls``, and ``delta.tool_calls`` as
 they stream. Pure.
 
-A call is a Harmony message to ``functions.NAME`` (app.text.harmony_text names the recipient of
-each piece of text). A call the request cannot take is *malformed*: a function it did not offer
-(``python``, ``browser.search``, a name not in ``tools``) or, once the call is complete, arguments
-that are not a JSON object. It is never dropped and never a 500: its text is the answer's
-``content`` (finish_reason ``stop``, or ``length`` as the output ended), and it is counted in
-/metrics and /stats. Streamed, an unknown function is known at the call's header, so its text
-streams as content; arguments that turn out not to be JSON have gone out as fragments already,
+A call is a Harmony message to ``functions.NAME``, or ``NAMESPACE.NAME`` for a function in a
+namespace of the request's own (app.text.harmony_text names the recipient of each piece of text).
+A call the request cannot take is *malformed*: a function it did not offer (``python``,
+``browser.search``, a name not in ``tools``) or, once the call is complete, arguments that are
+not a JSON object. It is never dropped and never a 500: its text is the answer's ``content``
+(finish_reason ``stop``, or ``length`` as the output ended), and it is counted in /metrics and
+/stats. Streamed, an unknown function is known at the call's header, so its text streams as
+content; arguments that turn out not to be JSON have gone out as fragments already,
 so the stream ends with finish_reason ``stop`` instead of ``tool_calls`` (and is counted).
 """
 
@@ -44,9 +45,15 @@ def new_call_id() -> str:
 
 
 def called_function(recipient: str | None) -> str | None:
-    if recipient is None or not recipient.startswith(FUNCTIONS):
+    """The qualified name (app.prompts.builder's ToolSpec) of the function a recipient calls:
+    ``NAME`` for ``functions.NAME``, ``NAMESPACE.NAME`` as it is; None for a recipient that names
+    no function (``python``, ``assistant``)."""
+    if recipient is None:
         return None
-    return recipient[len(FUNCTIONS) :]
+    if recipient.startswith(FUNCTIONS):
+        return recipient[len(FUNCTIONS) :]
+    namespace, dot, name = recipient.partition(".")
+    return recipient if namespace and dot and name else None
 
 
 def is_call_text(token: StreamToken) -> bool:
@@ -127,7 +134,7 @@ class CallStream:
 
 # A model without Harmony, forced to call (tool_choice required or named): its whole answer is
 # the JSON {"name": ..., "arguments": {...}} under a grammar (app.http.jobs), answered as a call.
-JSON_CALL_HEAD = re.compile(r'\{"name":\s*"([A-Za-z0-9_-]{1,64})",\s*"arguments":\s*')
+JSON_CALL_HEAD = re.compile(r'\{"name":\s*"([A-Za-z0-9_-]{1,64}(?:\.[A-Za-z0-9_-]{1,64})?)",\s*"arguments":\s*')
 
 
 def json_call_schema(tools: Sequence[tuple[str, str]]) -> str:

@@ -74,7 +74,8 @@ def check_tool_choice(named: str | None, required: bool, names: Collection[str])
 @dataclass(frozen=True, slots=True)
 class ToolUse:
     """What a request offers and demands: the tools the model is told of (none for ``none``), and
-    the names a forced call must pick from (empty: the model may answer in words)."""
+    the names a forced call must pick from (empty: the model may answer in words). Functions are
+    known by their qualified names (ToolSpec.qualified) throughout."""
 
     tools: tuple[ToolSpec, ...]
     forced: tuple[str, ...]
@@ -82,7 +83,7 @@ class ToolUse:
 
     @property
     def names(self) -> frozenset[str]:
-        return frozenset(t.name for t in self.tools)
+        return frozenset(t.qualified for t in self.tools)
 
     @classmethod
     def of(cls, tools: tuple[ToolSpec, ...], choice: str | None, named: str | None, parallel: bool) -> ToolUse:
@@ -92,7 +93,7 @@ class ToolUse:
             return cls((), (), parallel)
         if named is not None:
             return cls(tools, (named,), parallel)
-        return cls(tools, tuple(t.name for t in tools) if choice == "required" else (), parallel)
+        return cls(tools, tuple(t.qualified for t in tools) if choice == "required" else (), parallel)
 
 
 class ToolFields(Lenient):

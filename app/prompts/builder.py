@@ -25,7 +25,8 @@ LARGE_TEXT = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
-    """A function call an assistant message made: its id, the function, the arguments as JSON text."""
+    """A function call an assistant message made: its id, the function (its qualified name, see
+    ToolSpec), the arguments as JSON text."""
 
     id: str
     name: str
@@ -37,7 +38,7 @@ class ChatMessage:
     role: Role
     content: str
     tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls it made (its content may be "")
-    name: str | None = None  # tool: the function whose result this is
+    name: str | None = None  # tool: the function whose result this is (its qualified name)
     tool_call_id: str | None = None  # tool: the call it answers
     # assistant: the reasoning (gpt-oss's analysis channel) that led to this message; rendered only
     # while its calls are still pending (see pending_reasoning), as Harmony's rules say.
@@ -45,12 +46,37 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolNamespace:
+    """A namespace of the request's own (Responses' ``namespace`` tool): Harmony renders it beside
+    ``functions``, and its functions are called as ``NAME.FUNCTION``."""
+
+    name: str
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ToolSpec:
-    """A function the model may call: its name, description and parameters (canonical JSON schema)."""
+    """A function the model may call: its name, description and parameters (canonical JSON schema),
+    in ``functions`` or in a namespace of the request's own."""
 
     name: str
     description: str | None
     parameters: str
+    namespace: ToolNamespace | None = None
+
+    @property
+    def qualified(self) -> str:
+        """How calls name it: ``NAME`` in ``functions``, ``NAMESPACE.NAME`` in another namespace (a
+        function's name holds no dot, so the two never meet)."""
+        return self.name if self.namespace is None else f"{self.namespace.name}.{self.name}"
+
+
+FUNCTIONS_NAMESPACE = "functions"
+
+
+def recipient(qualified: str) -> str:
+    """The Harmony recipient of a call to a function known by its qualified name."""
+    return qualified if "." in qualified else f"{FUNCTIONS_NAMESPACE}.{qualified}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +131,7 @@ def fewest_tokens(spec: PromptSpec, max_token_bytes: int) -> int:
         return len(spec.token_ids)
     texts = [spec.prompt or "", spec.instructions or "", *(m.content for m in spec.messages or ())]
     texts += [m.reasoning for m in spec.messages or ()]
-    texts += [t.parameters + (t.description or "") for t in spec.tools]
+    texts += [t.parameters + (t.description or "") + t.qualified for t in spec.tools]
     texts += [c.arguments for m in spec.messages or () for c in m.tool_calls]
     size = sum(len(text.encode("utf-8", errors="replace")) for text in texts)
     return -(-size // max(1, max_token_bytes))
@@ -171,7 +197,7 @@ def _arguments(text: str) -> Any:
 def tools_instructions(tools: tuple[ToolSpec, ...]) -> str:
     """For a chat template that cannot render tools: the functions, and the answer's shape."""
     listed = "\n".join(
-        json.dumps({"name": t.name, "description": t.description or "", "parameters": json.loads(t.parameters)})
+        json.dumps({"name": t.qualified, "description": t.description or "", "parameters": json.loads(t.parameters)})
         for t in tools
     )
     return (
@@ -196,7 +222,7 @@ def _render_template(spec: PromptSpec, tokenizer: Tokenizer) -> list[int]:
     extra: dict[str, Any] = {}
     if native_tools:
         extra["tools"] = [
-            {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": p}}
+            {"type": "function", "function": {"name": t.qualified, "description": t.description or "", "parameters": p}}
             for t in spec.tools
             if (p := json.loads(t.parameters)) is not None
         ]
@@ -273,10 +299,7 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
         developer = oh.DeveloperContent.new()
         if developer_text:
             developer = developer.with_instructions(developer_text)
-        if spec.tools:
-            # The "functions" namespace, as gpt-oss was trained; with it, the system message says
-            # that calls go to the commentary channel (openai-harmony adds that line).
-            developer = developer.with_function_tools([_harmony_tool(t) for t in spec.tools])
+        developer = _with_tools(developer, spec.tools)
         conversation.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     for i, message in enumerate(messages):
         content = message.content if message.role in ("system", "developer") else text(i, message.content)
@@ -293,14 +316,14 @@ def _render_harmony(spec: PromptSpec, tokenizer: Tokenizer | None) -> list[int]:
                 conversation.append(
                     oh.Message.from_role_and_content(oh.Role.ASSISTANT, call.arguments)
                     .with_channel("commentary")
-                    .with_recipient(f"functions.{call.name}")
+                    .with_recipient(recipient(call.name))
                     .with_content_type("<|constrain|>json")
                 )
         elif message.role == "assistant":
             reply = oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("final")
             conversation.append(reply)
         elif message.role == "tool":
-            author = oh.Author.new(oh.Role.TOOL, f"functions.{message.name}")
+            author = oh.Author.new(oh.Role.TOOL, recipient(message.name or ""))
             result = oh.Message.from_author_and_content(author, content).with_channel("commentary")
             conversation.append(result.with_recipient("assistant"))
     encoding = harmony_encoding()
@@ -332,6 +355,23 @@ def pending_reasoning(messages: tuple[ChatMessage, ...]) -> frozenset[int]:
         for i in range(start, len(messages))
         if messages[i].role == "assistant" and messages[i].tool_calls and messages[i].reasoning
     )
+
+
+def _with_tools(developer: Any, tools: tuple[ToolSpec, ...]) -> Any:
+    """The "functions" namespace, as gpt-oss was trained (with it, the system message says that
+    calls go to the commentary channel: openai-harmony adds that line), then each namespace of the
+    request's own, in the order the request first names it."""
+    import openai_harmony as oh
+
+    functions = [_harmony_tool(t) for t in tools if t.namespace is None]
+    if functions:
+        developer = developer.with_function_tools(functions)
+    namespaces = list(dict.fromkeys(t.namespace for t in tools if t.namespace is not None))
+    for namespace in namespaces:
+        members = [_harmony_tool(t) for t in tools if t.namespace == namespace]
+        config = oh.ToolNamespaceConfig(name=namespace.name, description=namespace.description, tools=members)
+        developer = developer.with_tools(config)
+    return developer
 
 
 def _harmony_tool(tool: ToolSpec) -> Any:
