@@ -98,6 +98,7 @@ async def running_server(
             prefix_cache_bytes=config.prefix_cache_bytes,
             chat_template=read_chat_template(config.chat_template),
             tool_call_parser=config.tool_call_parser,
+            grammar_compile_timeout=config.grammar_compile_timeout,
         )
         return runner_hook(loaded) if runner_hook else loaded
 
@@ -132,6 +133,7 @@ def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = 
             chat_template=read_chat_template(config.chat_template),
             tool_call_parser=config.tool_call_parser,
             prefix_cache_bytes=config.prefix_cache_bytes,
+            grammar_compile_timeout=config.grammar_compile_timeout,
         )
         server = create_server(config, loader=lambda: loaded)
         shutdown = trio.Event()
