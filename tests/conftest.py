@@ -99,6 +99,8 @@ async def running_server(
             chat_template=read_chat_template(config.chat_template),
             tool_call_parser=config.tool_call_parser,
             grammar_compile_timeout=config.grammar_compile_timeout,
+            generation_config=config.generation_config,
+            max_tokens_default=config.max_tokens_default,
         )
         return runner_hook(loaded) if runner_hook else loaded
 
@@ -134,6 +136,8 @@ def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = 
             tool_call_parser=config.tool_call_parser,
             prefix_cache_bytes=config.prefix_cache_bytes,
             grammar_compile_timeout=config.grammar_compile_timeout,
+            generation_config=config.generation_config,
+            max_tokens_default=config.max_tokens_default,
         )
         server = create_server(config, loader=lambda: loaded)
         shutdown = trio.Event()

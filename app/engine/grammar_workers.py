@@ -25,6 +25,8 @@ from multiprocessing.connection import Connection
 
 import xgrammar as xgr
 
+from app.contract.failures import first_line
+
 CONTEXT = multiprocessing.get_context("forkserver")
 CONTEXT.set_forkserver_preload([__name__])
 WORKER_START_SECONDS = 120.0  # the first start also starts the forkserver (an xgrammar import)
@@ -49,8 +51,7 @@ class CompileTimedOut(Exception):
 
 
 def engine_reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return _ENGINE_PREFIX.sub("", text)[:300]
+    return _ENGINE_PREFIX.sub("", first_line(error))[:300]
 
 
 def compile_source(engine: xgr.GrammarCompiler, kind: str, source: str) -> xgr.CompiledGrammar:
