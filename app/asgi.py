@@ -11,7 +11,8 @@ variables (the CLI has no flags of ours):
     GPTOSS_MAX_STREAMS_PER_KEY, GPTOSS_MAX_TOKENS_DEFAULT, GPTOSS_GENERATION_CONFIG (auto, vllm or a folder),
     GPTOSS_STEP_TIMEOUT, GPTOSS_PREFIX_CACHE_MB (1024; 0 turns the prefix KV cache off),
     GPTOSS_MAX_CONNECTIONS, GPTOSS_API_KEY (comma-separated keys), GPTOSS_ALLOWED_ORIGINS,
-    GPTOSS_REDIS_URL (replicas sharing a Redis), GPTOSS_REDIS_CACHE_TTL (86400), GPTOSS_REDIS_TIMEOUT (0.5)
+    GPTOSS_REDIS_URL (replicas sharing a Redis), GPTOSS_REDIS_CACHE_TTL (86400), GPTOSS_REDIS_TIMEOUT (0.5),
+    GPTOSS_GRAMMAR_COMPILE_TIMEOUT (10)
 
 The model loads during start-up: Hypercorn accepts connections once it is ready, and a model that
 cannot load fails start-up. If the pipeline dies later (an actor's fault), the process exits with
@@ -76,6 +77,7 @@ def config_from_env() -> ServerConfig:
         redis_url=os.environ.get("GPTOSS_REDIS_URL") or None,
         redis_cache_ttl=float(os.environ.get("GPTOSS_REDIS_CACHE_TTL", "86400")),
         redis_timeout=float(os.environ.get("GPTOSS_REDIS_TIMEOUT", "0.5")),
+        grammar_compile_timeout=float(os.environ.get("GPTOSS_GRAMMAR_COMPILE_TIMEOUT", "10")),
     )
 
 

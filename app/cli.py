@@ -251,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         "its chat template teaches (hermes <tool_call> JSON, llama3_json), none refuses auto",
     )
     parser.add_argument(
+        "--grammar-compile-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds one grammar (a response format, a forced call's tools) may take to compile; "
+        "past it the compile is killed and the request gets 400",
+    )
+    parser.add_argument(
         "--tensor-parallel-size",
         type=int,
         default=1,
@@ -314,6 +322,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         reasoning_key=args.reasoning_key or os.environ.get("GPTOSS_REASONING_KEY") or None,
         chat_template=args.chat_template,
         tool_call_parser=args.tool_call_parser,
+        grammar_compile_timeout=args.grammar_compile_timeout,
         tensor_parallel_size=args.tensor_parallel_size,
         expert_parallel=args.expert_parallel,
     )

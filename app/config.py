@@ -173,6 +173,9 @@ class ServerConfig:
     # tool calls in its syntax are read back from the output.
     chat_template: str | None = None
     tool_call_parser: ToolCallParser = "auto"
+    # Seconds one grammar (a response format, a forced call's tools) may take to compile; past it
+    # its worker process is killed and the request gets 400 invalid_response_format.
+    grammar_compile_timeout: float = 10.0
     # Ranks the model is sharded over (transformers' tensor-parallel plan, torch.distributed): the
     # process is one of N launched by torchrun; rank 0 serves HTTP and every rank runs each step.
     tensor_parallel_size: int = 1
@@ -187,7 +190,7 @@ class ServerConfig:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.log_format not in ("json", "console"):
             raise ConfigError(f"log format must be json or console, got {self.log_format!r}")
-        for field in ("stall_timeout", "drain_timeout", "heartbeat_seconds", "step_timeout"):
+        for field in ("stall_timeout", "drain_timeout", "heartbeat_seconds", "step_timeout", "grammar_compile_timeout"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0:

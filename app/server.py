@@ -69,6 +69,7 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             tool_call_parser=config.tool_call_parser,
             tensor_parallel_size=config.tensor_parallel_size,
             expert_parallel=config.expert_parallel,
+            grammar_compile_timeout=config.grammar_compile_timeout,
             generation_config=config.generation_config,
             max_tokens_default=config.max_tokens_default,
         )

@@ -98,6 +98,7 @@ async def running_server(
             prefix_cache_bytes=config.prefix_cache_bytes,
             chat_template=read_chat_template(config.chat_template),
             tool_call_parser=config.tool_call_parser,
+            grammar_compile_timeout=config.grammar_compile_timeout,
             generation_config=config.generation_config,
             max_tokens_default=config.max_tokens_default,
         )
@@ -131,9 +132,11 @@ def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = 
         loaded = serve_weights(
             model_weights,
             max_batch_size=config.profile.max_batch_size,
+            max_seq_len=config.max_seq_len,
             chat_template=read_chat_template(config.chat_template),
             tool_call_parser=config.tool_call_parser,
             prefix_cache_bytes=config.prefix_cache_bytes,
+            grammar_compile_timeout=config.grammar_compile_timeout,
             generation_config=config.generation_config,
             max_tokens_default=config.max_tokens_default,
         )

@@ -57,6 +57,8 @@ def test_top_p_keeps_the_nucleus() -> None:
     assert 0.45 < counts[0] / DRAWS < 0.70, counts  # 0.4 / 0.7 = 0.57 of the draws
     # The likeliest token is always kept, however small top_p is.
     assert set(draws(logits, dataclasses.replace(SAMPLED, top_p=0.01))) == {0}
+    # Even one that float32 holds as zero (issue 24: every token was dropped, the draw failed).
+    assert set(draws(logits, dataclasses.replace(SAMPLED, top_p=1e-300))) == {0}
     assert set(draws(logits, dataclasses.replace(SAMPLED, top_p=0.95))) == {0, 1, 2, 3}
 
 

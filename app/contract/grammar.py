@@ -2,11 +2,14 @@
 
 The HTTP layer turns ``response_format`` and vLLM's ``structured_outputs`` into a GrammarSpec and
 has the served model's grammar service compile it (a bad one is a 400 before any work starts);
-the runner gives each constrained sequence its own matcher over the compiled grammar.
+the runner gives each constrained sequence its own matcher over the compiled grammar. Compiling
+can take seconds: the prompt thread only asks whether a grammar is compiled (GrammarPending when
+not), and the compile itself runs elsewhere, bounded in time (app.http.streams.off_loop).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -31,9 +34,30 @@ class GrammarError(ValueError):
     """The grammar cannot be compiled (an invalid schema, a feature the engine lacks): a 400."""
 
 
+class GrammarUnavailable(GrammarError):
+    """The grammar engine itself failed (its worker could not start): the server's fault, a 503,
+    and nothing is remembered about the grammar."""
+
+
+class GrammarPending(Exception):
+    """The grammar was never compiled: ``compile()`` does it (blocking, bounded in time), then the
+    work that raised this can run again and find it compiled, or refused."""
+
+    def __init__(self, compile: Callable[[], None]) -> None:
+        super().__init__("the grammar must be compiled first")
+        self.compile = compile
+
+
 class GrammarService(Protocol):
-    """Compiles grammars for one tokenizer; compiled ones are cached by spec (bounded)."""
+    """Compiles grammars for one tokenizer; compiled ones are cached by spec (bounded), and so are
+    those that cannot be (with their reason)."""
 
     def check(self, spec: GrammarSpec) -> None:
-        """Compile ``spec`` (or find it cached); GrammarError when it cannot be served."""
+        """Compile ``spec`` (or find it cached); GrammarError when it cannot be served. Blocks for
+        up to the compile timeout: never in the prompt thread."""
+        ...
+
+    def check_compiled(self, spec: GrammarSpec) -> None:
+        """Without compiling: GrammarError when ``spec`` cannot be served (a repetition past the
+        bound, or a compile that failed before); GrammarPending when it must be compiled first."""
         ...

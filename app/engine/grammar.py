@@ -3,14 +3,16 @@
 xgrammar is the engine vLLM and SGLang use by default: JSON Schema, regex and EBNF compile to a
 token-level automaton for one tokenizer, and a step masks every constrained row at once (a
 batched bitmask fill in C++ threads, one in-place kernel over the logits). A request without a
-grammar is not touched. Compiling runs in the HTTP layer's worker thread (``check``), before any
-work starts; the runner's ``matcher`` finds the compiled grammar in the cache.
+grammar is not touched. Compiling runs in worker processes of its own, bounded in time
+(app.engine.grammar_workers); the prompt thread only asks whether a grammar is compiled
+(``check_compiled``), and the HTTP layer has it compiled (``check``) outside that thread; the
+runner's ``matcher`` finds the compiled grammar in the cache.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -20,17 +22,15 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
-from app.contract.failures import first_line
-from app.contract.grammar import GrammarError, GrammarSpec
+from app.contract.grammar import GrammarError, GrammarPending, GrammarSpec, GrammarUnavailable
+from app.engine.grammar_workers import CompileFailed, CompileTimedOut, CompileWorkers, WorkerUnavailable
 from app.engine.tool_call_grammar import ToolCallGrammar, call_plan
+from app.text.repetitions import grammar_repetition_error
 
 COMPILED_GRAMMARS = 64  # the cache's bound: compiled grammars are kept per spec, least recent out
-# xgrammar prefixes its messages with a time and a C++ source location: the client gets the reason.
-_ENGINE_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
-
-
-def _reason(error: BaseException) -> str:
-    return _ENGINE_PREFIX.sub("", first_line(error))[:300]
+REFUSED_GRAMMARS = 256  # grammars that did not compile, by reason: a repeat is refused at once
+COMPILE_WORKERS = 2  # processes: one slow compile leaves the other for everyone else
+DEFAULT_COMPILE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +47,13 @@ class HarmonyMarkers:
 
 
 class GrammarCompiler:
-    """Compiles GrammarSpecs for one tokenizer, lazily set up, thread-safe, with a bounded cache.
+    """Compiles GrammarSpecs for one tokenizer, thread-safe, with bounded caches of the compiled
+    and of the refused.
 
     Implements app.contract.grammar.GrammarService for the HTTP layer; the runner asks it for
-    matchers. The tokenizer's vocabulary is read on first use (a second or so for gpt-oss's).
+    matchers. The tokenizer's vocabulary is read on first compile (a second or so for gpt-oss's).
+    Two requests for one grammar compile it once; a compile past ``compile_timeout`` seconds is
+    killed with its worker and refused.
     """
 
     def __init__(
@@ -60,57 +63,99 @@ class GrammarCompiler:
         stop_token_ids: Iterable[int],
         harmony: HarmonyMarkers | None = None,
         capacity: int = COMPILED_GRAMMARS,
+        compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
     ) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(set(stop_token_ids))
         self.harmony = harmony
         self._capacity = capacity
-        self._compiler: xgr.GrammarCompiler | None = None
+        self._info: xgr.TokenizerInfo | None = None
         self._compiled: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
+        self._refused: OrderedDict[GrammarSpec, str] = OrderedDict()
+        self._compiling: dict[GrammarSpec, threading.Event] = {}
         self._lock = threading.Lock()
+        self._info_lock = threading.Lock()
+        self.workers = CompileWorkers(self._info_json, COMPILE_WORKERS, compile_timeout)
         self.compilations = 0  # grammars compiled (not found in the cache): what the tests count
         self._special_ids: frozenset[int] | None = None
 
-    def _engine(self) -> xgr.GrammarCompiler:
-        if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(
-                self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
-            )
-            # Our own cache is the bounded one; xgrammar's would grow without limit.
-            self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
-        return self._compiler
+    def _tokenizer_info(self) -> xgr.TokenizerInfo:
+        with self._info_lock:
+            if self._info is None:
+                self._info = xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
+                )
+            return self._info
+
+    def _info_json(self) -> str:
+        return str(self._tokenizer_info().serialize_json())
 
     def check(self, spec: GrammarSpec) -> None:
         self.compiled(spec)
 
+    def check_compiled(self, spec: GrammarSpec) -> None:
+        for key in _parts(spec):
+            if (reason := grammar_repetition_error(key.kind, key.source)) is not None:
+                raise GrammarError(reason)
+            with self._lock:
+                if key in self._compiled:
+                    continue
+                if (refused := self._refused.get(key)) is not None:
+                    raise GrammarError(refused)
+            raise GrammarPending(functools.partial(self.check, spec))
+
     def compiled(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
-        if spec.kind == "tool_call":  # its parts are: each tool's arguments (see tool_call_grammar)
-            parts = [
-                self.compiled(GrammarSpec("json_schema", json.dumps(s, sort_keys=True)))
-                for _, s in json.loads(spec.source)
-            ]
-            if not parts:
-                raise GrammarError("a forced tool call needs a tool")
-            return parts[0]
-        key = GrammarSpec(spec.kind, spec.source)  # where it applies does not change the grammar
-        with self._lock:
-            found = self._compiled.get(key)
-            if found is not None:
-                self._compiled.move_to_end(key)
-                return found
-            engine = self._engine()
-            try:
-                grammar = _compile(engine, key)
-            except GrammarError:
-                raise
-            except Exception as error:  # xgrammar raises RuntimeError (and others) for bad input
-                raise GrammarError(f"{_what(key)} cannot be used: {_reason(error)}") from error
-            self.compilations += 1
-            self._compiled[key] = grammar
-            while len(self._compiled) > self._capacity:
-                self._compiled.popitem(last=False)
+        parts = [self._compiled_one(key) for key in _parts(spec)]
+        return parts[0]  # a tool call's first tool: the runner asks for each one's itself
+
+    def _compiled_one(self, key: GrammarSpec) -> xgr.CompiledGrammar:
+        if (reason := grammar_repetition_error(key.kind, key.source)) is not None:
+            raise GrammarError(reason)
+        while True:
+            with self._lock:
+                found = self._compiled.get(key)
+                if found is not None:
+                    self._compiled.move_to_end(key)
+                    return found
+                if (refused := self._refused.get(key)) is not None:
+                    raise GrammarError(refused)
+                underway = self._compiling.get(key)
+                if underway is None:
+                    self._compiling[key] = threading.Event()
+                    break
+            underway.wait()  # another request compiles this one: its outcome lands in a cache
+        try:
+            grammar = self._compile(key)
+        except GrammarUnavailable:
+            raise
+        except GrammarError as error:
+            with self._lock:
+                self._refused[key] = str(error)
+                while len(self._refused) > REFUSED_GRAMMARS:
+                    self._refused.popitem(last=False)
+            raise
+        else:
+            with self._lock:
+                self.compilations += 1
+                self._compiled[key] = grammar
+                while len(self._compiled) > self._capacity:
+                    self._compiled.popitem(last=False)
             return grammar
+        finally:
+            with self._lock:
+                self._compiling.pop(key).set()
+
+    def _compile(self, key: GrammarSpec) -> xgr.CompiledGrammar:
+        try:
+            serialized = self.workers.compile(key.kind, key.source)
+        except CompileTimedOut:
+            raise GrammarError(f"{_what(key)} took more than {self.workers.timeout:g} s to compile") from None
+        except CompileFailed as failure:
+            raise GrammarError(f"{_what(key)} cannot be used: {failure.reason}") from None
+        except WorkerUnavailable as error:
+            raise GrammarUnavailable(str(error)) from error
+        return xgr.CompiledGrammar.deserialize_json(serialized, self._tokenizer_info())
 
     def sequence_grammar(self, spec: GrammarSpec) -> SequenceGrammar | ToolCallGrammar:
         """What constrains one sequence: a forced tool call's structure, or a matcher."""
@@ -154,20 +199,15 @@ def _what(spec: GrammarSpec) -> str:
     }[spec.kind]
 
 
-def _compile(engine: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:
-    match spec.kind:
-        case "json_object":
-            return engine.compile_builtin_json_grammar()
-        case "json_schema":
-            # Compact JSON: a grammar that allows any whitespace lets a small model pad forever.
-            return engine.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
-        case "regex":
-            return engine.compile_regex(spec.source)
-        case "choice":
-            choices = json.loads(spec.source)
-            # JSON string literals are EBNF string literals (the same escapes).
-            return engine.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in choices))
-    raise GrammarError(f"unknown grammar kind {spec.kind!r}")
+def _parts(spec: GrammarSpec) -> list[GrammarSpec]:
+    """What compiles for ``spec``: a forced tool call's is each tool's arguments schema (see
+    tool_call_grammar); where a grammar applies does not change it."""
+    if spec.kind != "tool_call":
+        return [GrammarSpec(spec.kind, spec.source)]
+    parts = [GrammarSpec("json_schema", json.dumps(schema, sort_keys=True)) for _, schema in json.loads(spec.source)]
+    if not parts:
+        raise GrammarError("a forced tool call needs a tool")
+    return parts
 
 
 @dataclass(slots=True)

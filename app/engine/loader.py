@@ -33,7 +33,7 @@ from app.contract.sampling import SamplingDefaults, SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine import moe_loading, tensor_parallel
 from app.engine.cuda_graphs import Capture, StepGraphs
-from app.engine.grammar import GrammarCompiler, HarmonyMarkers
+from app.engine.grammar import DEFAULT_COMPILE_TIMEOUT, GrammarCompiler, HarmonyMarkers
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_runner import StaticModelRunner
@@ -265,6 +265,7 @@ def serve_weights(
     prefix_cache_bytes: int = 0,
     chat_template: str | None = None,
     tool_call_parser: ToolCallParser = "auto",
+    grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
     generation_config: str = generation_defaults.AUTO,
     max_tokens_default: int | None = None,
 ) -> LoadedModel:
@@ -278,6 +279,7 @@ def serve_weights(
     ``prefix_cache_bytes``: what the prefix KV cache may hold (0: none).
     ``chat_template``: a template's text that replaces the tokenizer's (--chat-template), and
     ``tool_call_parser`` how tool calls in a template's syntax are read back (--tool-call-parser).
+    ``grammar_compile_timeout``: seconds one grammar may take to compile (--grammar-compile-timeout).
     ``generation_config`` and ``max_tokens_default``: where the default sampling comes from
     (--generation-config: auto, vllm or a folder) and --max-tokens-default
     (app.models.generation_defaults).
@@ -299,7 +301,7 @@ def serve_weights(
             stop_token_ids=weights.stop_token_ids,
             prefix_cache_bytes=prefix_cache_bytes,
         )
-    runner.grammars = grammar_compiler(weights, runner.vocab_size)
+    runner.grammars = grammar_compiler(weights, runner.vocab_size, grammar_compile_timeout)
     _warm_up(runner, weights.tokenizer)
     tokenizer = weights.tokenizer
     if chat_template is not None:
@@ -366,7 +368,9 @@ def read_chat_template(path: str | None) -> str | None:
         raise ModelLoadError(f"cannot read the chat template {path}: {first_line(error)}") from error
 
 
-def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
+def grammar_compiler(
+    weights: ModelWeights, vocab_size: int, compile_timeout: float = DEFAULT_COMPILE_TIMEOUT
+) -> GrammarCompiler:
     """The grammar engine over the model's tokenizer; its vocabulary is read on first use."""
     markers = None
     if weights.harmony:
@@ -379,7 +383,9 @@ def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
         (message_end,) = encoding.encode("<|end|>", allowed_special="all")
         (call,) = encoding.encode("<|call|>", allowed_special="all")
         markers = HarmonyMarkers(channel, message, tuple(encoding.encode("final")), end, message_end, call)
-    return GrammarCompiler(weights.tokenizer, vocab_size, weights.stop_token_ids, markers)
+    return GrammarCompiler(
+        weights.tokenizer, vocab_size, weights.stop_token_ids, markers, compile_timeout=compile_timeout
+    )
 
 
 def _static_runner(
@@ -418,6 +424,7 @@ def load_model(
     tool_call_parser: ToolCallParser = "auto",
     tensor_parallel_size: int = 1,
     expert_parallel: bool = False,
+    grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
     generation_config: str = generation_defaults.AUTO,
     max_tokens_default: int | None = None,
 ) -> LoadedModel:
@@ -439,6 +446,7 @@ def load_model(
         prefix_cache_bytes=prefix_cache_bytes,
         chat_template=template,
         tool_call_parser=tool_call_parser,
+        grammar_compile_timeout=grammar_compile_timeout,
         generation_config=generation_config,
         max_tokens_default=max_tokens_default,
     )

@@ -62,6 +62,7 @@ def _filtered_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first is always kept.
         drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop_sorted[0] = False  # kept even when top_p is below what float32 holds
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         row = row.masked_fill(drop, float("-inf"))
     return row

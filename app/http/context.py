@@ -26,3 +26,6 @@ class ServerState:
     reasoning: ReasoningSeal  # seals and opens reasoning items' encrypted_content
     # Prompt work (tokenizing a request, its cache key) runs in a worker thread, one at a time.
     prompt_work: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
+    # Threads that wait on the grammar engine's compile workers (which bound the compiles), apart
+    # from the prompt thread: a slow compile holds one of these, never a prompt.
+    grammar_work: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(4))

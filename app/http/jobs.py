@@ -110,7 +110,8 @@ def output_constraint(
     model: ServedModel, fields: SamplingFields, structured: StructuredFields | None, harmony_chat: bool
 ) -> OutputConstraint | None:
     """The request's response format, compiled by the model's grammar engine (cached): a schema
-    or regex the engine cannot serve is a 400 that says why, before any work starts."""
+    or regex the engine cannot serve is a 400 that says why, before any work starts (one never
+    compiled raises GrammarPending: see app.http.streams.off_loop)."""
     if structured is None:
         return None
     try:
@@ -126,18 +127,16 @@ def output_constraint(
             # The grammar decides where the answer ends: nothing may hold it open past that.
             raise ApiError(400, f"{name} cannot be combined with a response format", param=name, code="invalid_value")
     try:
-        model.grammars.check(constraint.grammar)
+        model.grammars.check_compiled(constraint.grammar)
     except GrammarError as error:
         raise ApiError(400, str(error), param=constraint.param, code="invalid_response_format") from None
     return constraint
 
 
-def forced_call_grammar(
-    model: ServedModel, tools: ToolUse, max_tokens: int, spec: PromptSpec, fields: SamplingFields
-) -> GrammarSpec:
-    """tool_choice ``required`` or a named function on gpt-oss: the output is one call to an
-    allowed function whose arguments follow its schema, after an analysis of at most the effort's
-    budget of tokens (less when max_tokens leaves no more room beside the call)."""
+def forced_call_grammar(model: ServedModel, tools: ToolUse, spec: PromptSpec, fields: SamplingFields) -> GrammarSpec:
+    """tool_choice ``required`` or a named function: the output is one call to an allowed
+    function whose arguments follow its schema (on gpt-oss after an analysis: see call_budget).
+    Checked before the prompt is tokenized, as it may need compiling first (GrammarPending)."""
     if model.grammars is None:
         raise ApiError(400, "structured outputs are off on this server: no call can be forced", param="tool_choice")
     for name, value in (("min_tokens", fields.min_tokens), ("ignore_eos", fields.ignore_eos)):
@@ -146,16 +145,23 @@ def forced_call_grammar(
     schemas = {t.qualified: t.parameters for t in tools.tools}
     if model.harmony and spec.messages is not None:
         pairs = [[name, json.loads(schemas[name])] for name in tools.forced]
-        source = json.dumps(pairs, sort_keys=True, separators=(",", ":"))
-        budget = max(0, min(REASONING_BUDGET[spec.reasoning_effort], max_tokens - CALL_ROOM))
-        grammar = GrammarSpec("tool_call", source, reasoning_budget=budget)
+        grammar = GrammarSpec("tool_call", json.dumps(pairs, sort_keys=True, separators=(",", ":")))
     else:  # no Harmony: the answer is {"name": ..., "arguments": ...} as JSON
         grammar = GrammarSpec("json_schema", json_call_schema([(name, schemas[name]) for name in tools.forced]))
     try:
-        model.grammars.check(grammar)
+        model.grammars.check_compiled(grammar)
     except GrammarError as error:
         raise ApiError(400, str(error), param="tools", code="invalid_value") from None
     return grammar
+
+
+def call_budget(grammar: GrammarSpec, spec: PromptSpec, max_tokens: int) -> GrammarSpec:
+    """A Harmony forced call comes after an analysis of at most the effort's budget of tokens
+    (less when max_tokens leaves no more room beside the call)."""
+    if grammar.kind != "tool_call":
+        return grammar
+    budget = max(0, min(REASONING_BUDGET[spec.reasoning_effort], max_tokens - CALL_ROOM))
+    return dataclasses.replace(grammar, reasoning_budget=budget)
 
 
 def sampling_params(
@@ -270,6 +276,7 @@ def build_job(
         # gpt-oss was trained to read the schema in its developer message ("# Response Formats").
         schema = (constraint.schema_name, constraint.schema_description, constraint.grammar.source)
         spec = dataclasses.replace(spec, response_format=schema)
+    forced = forced_call_grammar(model, tools, spec, fields) if tools is not None and forced_call else None
     tokens = prompt_tokens(spec, model)
     grammar = constraint.grammar if constraint is not None else None
     params = sampling_params(
@@ -281,9 +288,8 @@ def build_job(
         grammar=grammar,
         defaults=model.sampling_defaults,
     )
-    if forced_call:
-        assert tools is not None
-        params = dataclasses.replace(params, grammar=forced_call_grammar(model, tools, params.max_tokens, spec, fields))
+    if forced is not None:
+        params = dataclasses.replace(params, grammar=call_budget(forced, spec, params.max_tokens))
     # parallel_tool_calls false: one call at most (a forced call is one call already).
     single_call = tools is not None and bool(tools.tools) and not tools.parallel and not forced_call
     key = cache_key(PROMPT_VERSION, model.model_id, tokens, params, text_mode, tenant, single_call=single_call)

@@ -87,7 +87,7 @@ class RequestScopeMiddleware:
             async def send_or_give_up(message: Any) -> None:
                 life.sending_since = trio.current_time()
                 try:
-                    with trio.move_on_after(self.stall_timeout) as guard:
+                    with trio.CancelScope(shield=_is_last(message)), trio.move_on_after(self.stall_timeout) as guard:
                         await send(message)
                 finally:
                     life.sending_since = None
@@ -116,6 +116,15 @@ class RequestScopeMiddleware:
             if started is not None and trio.current_time() - started >= self.stall_timeout:
                 give_up()
                 return
+
+
+def _is_last(message: Any) -> bool:
+    """The response's last message. Hypercorn finishes the connection inside this send (closes a
+    ``Connection: close`` / HTTP/1.0 socket, or starts a kept-alive one's idle timer), and the same
+    send hands quart-trio the ``http.disconnect`` on which it cancels the request: unshielded, that
+    cancel lands in Hypercorn's close and the socket stays open for good. The shield has a
+    deadline (the stall timeout) and covers only what Hypercorn does with the last bytes."""
+    return bool(message.get("type") == "http.response.body" and not message.get("more_body", False))
 
 
 async def _refuse(send: ASGISendCallable, limit: int) -> None:

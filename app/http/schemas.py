@@ -30,6 +30,9 @@ LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)]
 NOT_TEXT_PARTS = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"})
 MAX_LOGIT_BIAS = 1024  # entries; OpenAI's own bound is 300
 MAX_CHOICES_PER_PROMPT = 16  # n
+# The sampler compares top_p in float32: a smaller positive value is zero there and keeps no token
+# (5e-324 was a 500). The smallest normal float32, 2**-126 (about 1.2e-38).
+MIN_TOP_P = 2.0**-126
 
 
 class TextPart(BaseModel):
@@ -120,6 +123,13 @@ class SamplingFields(Lenient):
     repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0, allow_inf_nan=False)] | None = None
     # OpenAI's: token id (a string, as JSON keys are) -> a bias of -100..100 added to its logit.
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_above_zero_in_float32(cls, value: float | None) -> float | None:
+        if value is not None and value < MIN_TOP_P:
+            raise ValueError(f"top_p must be at least {MIN_TOP_P:.2g} (smaller is zero to the sampler)")
+        return value
 
     @field_validator("logit_bias")
     @classmethod

@@ -18,18 +18,42 @@ from actors.messages import GenerationJob, StreamError, StreamRejected, StreamSt
 from actors.pipeline import NotReadyError
 from actors.stream_counts import TooManyStreams
 from actors.stream_handle import StreamHandle
+from app.contract.grammar import GrammarError, GrammarPending, GrammarUnavailable
 from app.http.context import ServerState
 from app.http.errors import ApiError
 from app.http.request_scope import on_request_close
 from app.prompts.builder import PROMPT_VERSION
 
 T = TypeVar("T")
+# Rounds of "compile what the prompt work needs, then run it again" before giving up: a request
+# names one grammar at most (a forced call's tools compile together), so it needs two rounds.
+GRAMMAR_ROUNDS = 4
 
 
 async def off_loop(state: ServerState, work: Callable[[], T]) -> T:
     """Prompt work (tokenizing, the cache key) in a worker thread, one request at a time: a 4 MiB
-    prompt must not hold the event loop, and with it every other stream and /health."""
-    return await trio.to_thread.run_sync(work, limiter=state.prompt_work)
+    prompt must not hold the event loop, and with it every other stream and /health.
+
+    A grammar the work needs and nobody compiled yet is compiled outside that thread, in the
+    grammar engine's own workers (bounded in time), and the work runs again: a slow compile
+    never holds the prompt thread, so requests without one never wait for it. The rerun finds the
+    grammar compiled, or refused with its reason (a 400 the work words with its ``param``).
+    """
+    for _ in range(GRAMMAR_ROUNDS):
+        try:
+            return await trio.to_thread.run_sync(work, limiter=state.prompt_work)
+        except GrammarPending as pending:
+            try:
+                await trio.to_thread.run_sync(pending.compile, limiter=state.grammar_work)
+            except GrammarUnavailable as error:
+                unavailable = "grammar_engine_unavailable"
+                raise ApiError(503, str(error), code=unavailable, headers={"Retry-After": "5"}) from None
+            except GrammarError:
+                pass  # remembered with its reason: the rerun raises it, worded with its param
+    # Only if each compiled grammar left the cache before its rerun (64 others compiled meanwhile).
+    raise ApiError(
+        503, "the grammar cache is too busy: try again", code="grammar_cache_busy", headers={"Retry-After": "1"}
+    )
 
 
 def start_stream(state: ServerState, job: GenerationJob, fork_from: str | None = None) -> StreamHandle:

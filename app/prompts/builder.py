@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from app.prompts.special_text import SpecialText
+
 PROMPT_VERSION = "pb-1"  # tools add to the rendering; prompts without them are unchanged
 DEFAULT_CONVERSATION_DATE = "2025-06-28"
 ReasoningEffort = Literal["low", "medium", "high"]
@@ -226,33 +228,28 @@ def _render_template(spec: PromptSpec, tokenizer: Tokenizer) -> list[int]:
             for t in spec.tools
             if (p := json.loads(t.parameters)) is not None
         ]
-    specials = _special_texts(tokenizer)
-    spelled = [i for i, m in enumerate(messages) if any(s in m["content"] for s in specials)]
-    if not spelled:
+    guard = SpecialText(_special_texts(tokenizer))
+    if not guard.spelled([messages, extra]):
         rendered = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
         )
         if isinstance(rendered, dict):  # some tokenizers return a BatchEncoding whatever is asked
             rendered = rendered["input_ids"]
         return list(rendered)
-    # A message spells a special token: render the template around markers, then tokenize the
-    # template's own text as usual and each such message's content as plain text, so that a user
-    # cannot open a turn of their own (the fast path above is kept for every other prompt).
-    nonce = uuid.uuid4().hex
-    contents = {i: messages[i]["content"] for i in spelled}
-    for i in spelled:
-        messages[i] = {**messages[i], "content": _marker(nonce, i)}
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+    # The request spells a special token somewhere the template renders it (a message, a call's
+    # arguments, a tool's description...): render it around markers, then tokenize the template's
+    # own text as usual and what the markers stand for as plain text, so that no client text can
+    # open or close a turn (the fast path above is kept for every other prompt).
+    text = tokenizer.apply_chat_template(
+        guard.neutralized(messages), add_generation_prompt=True, tokenize=False, **guard.neutralized(extra)
+    )
     if not isinstance(text, str):
         raise PromptError("the chat template did not render to text")
-    tokens: list[int] = []
-    for i in spelled:
-        before, marker, text = text.partition(_marker(nonce, i))
-        if not marker:
-            raise PromptError("the chat template dropped a message's content")
-        tokens += tokenizer.encode(before, add_special_tokens=False) if before else []
-        tokens += _as_text(tokenizer, contents[i])
-    return tokens + (tokenizer.encode(text, add_special_tokens=False) if text else [])
+
+    def template_text(part: str) -> list[int]:
+        return list(tokenizer.encode(part, add_special_tokens=False))
+
+    return guard.tokens(text, template_text, lambda part: _as_text(tokenizer, part))
 
 
 def _special_texts(tokenizer: Tokenizer) -> list[str]:
