@@ -119,7 +119,6 @@ class BaseRunner(ABC):
         max_batch_size: int,
         max_context: int,
         stop_token_ids: Iterable[int],
-        grammars: GrammarCompiler | None = None,
         prefix_cache_bytes: int = 0,
     ) -> None:
         """``prefix_cache_bytes``: what the prefix KV cache may hold (0: no prefix cache)."""
@@ -134,7 +133,8 @@ class BaseRunner(ABC):
         self._cache = cache
         self._cache_arg = cache_argument(model)
         self._seqs: dict[str, SequenceState] = {}
-        self.grammars = grammars
+        # Structured outputs: the loader sets it once it knows the vocabulary (the logits' width).
+        self.grammars: GrammarCompiler | None = None
         self._grammar_masks: GrammarMasks | None = None
         layout = LayerLayout.for_config(model.config.get_text_config())
         self.prefix_cache = PrefixKVCache(layout, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
@@ -454,7 +454,6 @@ class ModelRunner(BaseRunner):
         max_batch_size: int,
         max_context: int,
         stop_token_ids: Iterable[int],
-        grammars: GrammarCompiler | None = None,
         prefix_cache_bytes: int = 0,
     ) -> None:
         layers = model.config.get_text_config().num_hidden_layers
@@ -465,7 +464,6 @@ class ModelRunner(BaseRunner):
             max_batch_size=max_batch_size,
             max_context=max_context,
             stop_token_ids=stop_token_ids,
-            grammars=grammars,
             prefix_cache_bytes=prefix_cache_bytes,
         )
 
