@@ -1,10 +1,11 @@
 """GpuScheduler: the actor that applies the batch policy and drives the model runner.
 
 Loop: take Submit/Abort messages, let the batch (app/batching, pure) decide what joins and what
-the next step is, run that ONE prefill, decode or mixed step in a worker thread, and send what
-came of it to each request's relay with ``send_nowait``. Only this actor touches the runner, and only from
-that thread, one trip at a time, so no lock is needed; aborts that arrive during a step are applied
-before its tokens are delivered, and their rows are freed before the next step.
+the next step is, run that trip (actors/trip.py: rows freed, joiners added, ONE prefill, decode
+or mixed step) in a worker thread, and send what came of it to each request's relay with
+``send_nowait``. Only this actor touches the runner, and only from that thread, one trip at a
+time, so no lock is needed; aborts that arrive during a step are applied before its tokens are
+delivered, and their rows are freed before the next step.
 """
 
 from __future__ import annotations
@@ -45,14 +46,13 @@ from actors.metrics_events import (
     StepCompleted,
 )
 from actors.step_thread import StepCaller, thread_step_caller
+from actors.trip import run_trip
 from app.batching.admission import arrival_wait
 from app.batching.batch import Batch, Ended, Refused, SchedulerStats, Tracked, Work
 from app.batching.finish import AbortReason
-from app.batching.oom import retry_in_halves, retry_mixed_apart
-from app.batching.plan import MixedPlan, StepPlan, plan_kind, run_plan
 from app.config import Profile
 from app.contract.failures import FAILURE_MESSAGES, FailureCode
-from app.contract.step import PrefixCacheStats, StepBackend, StepOutOfMemory, StepResult
+from app.contract.step import PrefixCacheStats, StepBackend, StepPlan, StepResult
 
 log = structlog.get_logger("scheduler")
 Events = trio.MemorySendChannel[SchedulerEvent]
@@ -117,10 +117,10 @@ class GpuScheduler:
                 self._take_messages()
                 if self._closed:
                     break
-                self._end_all(self._batch.expired(self._clock()))
-                work = self._batch.next_work()
+                self._end_all(self._batch.abort_expired(self._clock()))
+                work = self._batch.take_work()
                 if work:
-                    await self._execute(work)
+                    await self._take_trip(work)
                 self._publish_stats()
             self._fail_everything()
 
@@ -159,7 +159,7 @@ class GpuScheduler:
                 now = self._clock()
                 self._end(self._batch.abort(message.request_id, message.reason, message.at, message.steps, now))
             case AbortAll():
-                self._end_all(self._batch.abort_every(message.reason, message.at, message.steps, self._clock()))
+                self._end_all(self._batch.abort_all(message.reason, message.at, message.steps, self._clock()))
 
     def _on_submit(self, submit: Submit) -> None:
         now = self._clock()
@@ -185,75 +185,36 @@ class GpuScheduler:
         log.debug("queued", request_id=submit.request_id, position=placed)
 
     # -- a trip to the worker thread ---------------------------------------------------------------
-    async def _execute(self, work: Work[Events]) -> None:
+    async def _take_trip(self, work: Work[Events]) -> None:
         now = self._clock()
         for request in work.joins:
             self._emit(request.reply, Admitted(request.request_id, now))
             self._metric(RequestAdmitted(request.request_id, now - request.received_at))
-        plan = work.plan
-        started: dict[str, int] = {}  # joiner -> prompt tokens it starts with (prefix cache, fork)
-        prefix_stats: list[PrefixCacheStats | None] = []
-
-        def in_thread() -> StepResult | None:
-            for seq_id in work.releases:
-                try:
-                    self._backend.release(seq_id)
-                except Exception:  # the other releases must still happen, or their rows leak
-                    log.exception("release_failed", request_id=seq_id)
-            for request in work.joins:
-                started[request.request_id] = self._backend.add(
-                    request.request_id,
-                    request.prompt,
-                    request.params,
-                    request.stop_token_ids,
-                    fork_from=request.fork_from,
-                )
-            if work.joins or work.releases:
-                prefix_stats.append(self._backend.prefix_cache_stats())
-            if plan is None:
-                return None
-            run = functools.partial(self._run_plan, must_continue=work.must_continue)
-            try:
-                return run(plan)
-            except StepOutOfMemory:
-                log.warning("step_out_of_memory", kind=plan_kind(plan), sequences=len(plan.seq_ids))
-                self._backend.free_cached_memory()
-                return retry_in_halves(plan, run, self._backend.split)
-            except Exception as error:
-                if not isinstance(plan, MixedPlan):
-                    raise
-                # A prompt's chunk rode along with the running streams: its fault is its own.
-                log.error("mixed_step_failed", error=repr(error), requests=list(plan.seq_ids))
-                return retry_mixed_apart(plan, run)
-
         self.busy_since = self._clock()
         try:
-            result = await self._call(in_thread)
+            trip = await self._call(functools.partial(run_trip, self._backend, work))
         except Exception as error:  # one bad step must not take the server down
             self._report_freed(work.releases)
-            failed = self._batch.step_failed(work)
+            failed = self._batch.fail_step(work)
             log.error("step_failed", error=repr(error), requests=[r.request_id for r in failed])
             for request in failed:
                 self._fail(request, "step_failed", error)
             return
         finally:
             self.busy_since = None
-            if plan is not None:
+            if work.plan is not None:
                 self.last_step_at = self._clock()
-        self._started_with(work.joins, started)
-        self._publish_prefix_cache(prefix_stats)
+        self._note_starts(work.joins, trip.started)
+        self._publish_prefix_cache(trip.prefix_stats)
         self._report_freed(work.releases)
-        if result is None or plan is None:
+        if trip.result is None or work.plan is None:
             return
         self._take_messages()  # aborts that came in during the step drop its tokens for them
-        self._deliver(plan, result)
-
-    def _run_plan(self, plan: StepPlan, must_continue: frozenset[str]) -> StepResult:
-        return run_plan(self._backend, plan, must_continue)
+        self._deliver(work.plan, trip.result)
 
     def _deliver(self, plan: StepPlan, result: StepResult) -> None:
         now = self._clock()
-        outcome = self._batch.step_done(plan, result, now)
+        outcome = self._batch.apply_step(plan, result, now)
         for request, code in outcome.failed:
             self._fail(request, code)
         for d in outcome.deliveries:
@@ -268,7 +229,7 @@ class GpuScheduler:
             result.kind,
             result.batch,
             result.new_tokens,
-            len(result.tokens),
+            result.produced,
             result.seconds,
             tuple(outcome.gaps),
             prompt_tokens=result.prefilled,
@@ -286,7 +247,7 @@ class GpuScheduler:
 
     def _finish(self, ended: Ended[Events]) -> None:
         """The request's terminal event; its metrics event too, unless its row is still to be
-        freed (an abort of a running request: that one comes with the teardown, from ``freed``)."""
+        freed (an abort of a running request: that one comes with the teardown, from ``apply_freed``)."""
         request = ended.request
         finished = Finished(request.request_id, ended.reason, len(request.prompt), request.generated, ended.at)
         self._emit(request.reply, finished)
@@ -296,7 +257,7 @@ class GpuScheduler:
         log.debug("finished", request_id=request.request_id, reason=ended.reason, tokens=request.generated)
 
     def _report_freed(self, released: list[str]) -> None:
-        for ended in self._batch.freed(released, self._clock()):
+        for ended in self._batch.apply_freed(released, self._clock()):
             self._finished_metric(ended)
 
     def _finished_metric(self, ended: Ended[Events]) -> None:
@@ -325,17 +286,17 @@ class GpuScheduler:
         for request in self._batch.clear():
             self._fail(request, "scheduler_stopped")
 
-    def _started_with(self, joins: list[Tracked[Events]], started: dict[str, int]) -> None:
+    def _note_starts(self, joins: list[Tracked[Events]], started: dict[str, int]) -> None:
         """The joiners' prompt tokens already in their rows: only the rest is prefilled, and their
         usage says how many were reused."""
-        self._batch.started_with(started)
+        self._batch.apply_starts(started)
         now = self._clock()
         for request in joins:
             if cached := started.get(request.request_id, 0):
                 self._emit(request.reply, PromptReused(request.request_id, cached, now))
 
-    def _publish_prefix_cache(self, stats: list[PrefixCacheStats | None]) -> None:
-        if stats and (now := stats[-1]) is not None and now != self._prefix_stats:
+    def _publish_prefix_cache(self, now: PrefixCacheStats | None) -> None:
+        if now is not None and now != self._prefix_stats:
             self._prefix_stats = now
             self._metric(PrefixCacheState(now))
 

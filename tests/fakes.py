@@ -11,7 +11,7 @@ import trio
 
 from actors.step_thread import StepCaller
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, PrefixCacheStats, StepResult
+from app.contract.step import PrefixCacheStats, RowOutput, StepPlan, StepResult, TokenLogprobs
 
 T = TypeVar("T")
 
@@ -19,17 +19,21 @@ T = TypeVar("T")
 @dataclass
 class FakeSequence:
     prompt: list[int]
-    pending: int
+    num_computed: int  # tokens "in its row", as a real runner counts them
     generated: int = 0
+
+    @property
+    def prompt_left(self) -> int:
+        return max(0, len(self.prompt) - self.num_computed)
 
 
 @dataclass
 class FakeBackend:
     """Token i of a sequence is ``(prompt[0] + i) % 1000``; ``stop_after`` ends sequences with a stop token.
 
-    ``fail`` decides, for each step, whether it raises (to test fault handling). It does not mask
-    stop tokens for ``must_continue`` (a real runner does): the scheduler's own rule is what the
-    actor tests see.
+    ``fail`` decides, for each step, whether it raises (to test fault handling); it is given the
+    step's kind and sequences, as ``log`` records them. It does not mask stop tokens for
+    ``must_continue`` (a real runner does): the scheduler's own rule is what the actor tests see.
     """
 
     stop_token: int = 999_999
@@ -51,14 +55,14 @@ class FakeBackend:
         fork_from: str | None = None,
     ) -> int:
         assert seq_id not in self.seqs, f"{seq_id} added twice"
-        pending = len(prompt) - min(self.cached_prefix(prompt), len(prompt) - 1)
+        start = min(self.cached_prefix(prompt), len(prompt) - 1)
         if fork_from is not None:  # a real runner copies the parent's keys: only the last token is left
             parent = self.seqs[fork_from]
-            assert parent.prompt == list(prompt) and parent.pending == 0, "forked from a parent not prefilled"
+            assert parent.prompt == list(prompt) and parent.prompt_left == 0, "forked from a parent not prefilled"
             self.forks.append((seq_id, fork_from))
-            pending = 1
-        self.seqs[seq_id] = FakeSequence(list(prompt), pending)
-        return len(prompt) - pending
+            start = len(prompt) - 1
+        self.seqs[seq_id] = FakeSequence(list(prompt), start)
+        return start
 
     def release(self, seq_id: str) -> None:
         if self.seqs.pop(seq_id, None) is not None:
@@ -71,47 +75,27 @@ class FakeBackend:
             return self.stop_token
         return (seq.prompt[0] + seq.generated - 1) % 1000
 
-    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
-        ids = [c.seq_id for c in chunks]
-        self.log.append(("prefill", tuple(ids)))
-        if (error := self.fail("prefill", ids)) is not None:
+    def step(self, plan: StepPlan, must_continue: Collection[str] = ()) -> StepResult:
+        ids = list(plan.seq_ids)
+        self.log.append((plan.kind, tuple(ids)))
+        if (error := self.fail(plan.kind, ids)) is not None:
             raise error
-        tokens = {}
-        for chunk in chunks:
+        rows = {}
+        for seq_id in plan.decode:
+            seq = self.seqs[seq_id]
+            assert seq.prompt_left == 0, "decode before prefill finished"
+            seq.num_computed += 1
+            rows[seq_id] = RowOutput(seq.num_computed, (self._next(seq_id),))
+        prompt = 0
+        for chunk in plan.chunks:
             seq = self.seqs[chunk.seq_id]
-            assert seq.pending > 0, "prefill of a sequence whose prompt is in"
-            seq.pending -= min(chunk.tokens, seq.pending)  # a real runner takes what is left too
-            if seq.pending == 0:
-                tokens[chunk.seq_id] = self._next(chunk.seq_id)
-        return StepResult(tokens, "prefill", len(chunks), sum(c.tokens for c in chunks), 0.001)
-
-    def decode(self, seq_ids: Iterable[str], must_continue: Collection[str] = ()) -> StepResult:
-        ids = list(seq_ids)
-        self.log.append(("decode", tuple(ids)))
-        if (error := self.fail("decode", ids)) is not None:
-            raise error
-        for seq_id in ids:
-            assert self.seqs[seq_id].pending == 0, "decode before prefill finished"
-        return StepResult({s: self._next(s) for s in ids}, "decode", len(ids), len(ids), 0.001)
-
-    def mixed(
-        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
-    ) -> StepResult:
-        ids = [*seq_ids, *(c.seq_id for c in chunks)]
-        self.log.append(("mixed", tuple(ids)))
-        if (error := self.fail("mixed", ids)) is not None:
-            raise error
-        for seq_id in seq_ids:
-            assert self.seqs[seq_id].pending == 0, "decode before prefill finished"
-        tokens = {s: self._next(s) for s in seq_ids}
-        for chunk in chunks:
-            seq = self.seqs[chunk.seq_id]
-            seq.pending -= chunk.tokens
-            assert seq.pending >= 0
-            if seq.pending == 0:
-                tokens[chunk.seq_id] = self._next(chunk.seq_id)
-        prompt = sum(c.tokens for c in chunks)
-        return StepResult(tokens, "mixed", len(ids), len(seq_ids) + prompt, 0.001, prompt_tokens=prompt)
+            assert seq.prompt_left > 0, "prefill of a sequence whose prompt is in"
+            take = min(chunk.tokens, seq.prompt_left)  # a real runner takes what is left too
+            seq.num_computed += take
+            prompt += take
+            tokens = () if seq.prompt_left else (self._next(chunk.seq_id),)
+            rows[chunk.seq_id] = RowOutput(seq.num_computed, tokens)
+        return StepResult(rows, plan.kind, len(ids), len(plan.decode) + prompt, 0.001, prompt_tokens=prompt)
 
     def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         middle = len(seq_ids) // 2
@@ -122,6 +106,17 @@ class FakeBackend:
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         return None
+
+
+def chosen(result: StepResult) -> dict[str, int]:
+    """The token each row got from a step that gives one at most (rows that got none left out)."""
+    assert all(len(row.tokens) <= 1 for row in result.rows.values()), "a step gave a row several tokens"
+    return {seq_id: row.tokens[0] for seq_id, row in result.rows.items() if row.tokens}
+
+
+def chosen_logprobs(result: StepResult) -> dict[str, TokenLogprobs]:
+    """The logprobs of each row's one new token (rows that asked for none left out)."""
+    return {seq_id: row.logprobs[0] for seq_id, row in result.rows.items() if row.logprobs}
 
 
 def inline_steps(seconds: float = 0.01) -> StepCaller:
@@ -190,20 +185,9 @@ class FaultInjectingRunner:
         self._faulty -= marked  # each marked sequence hangs its first step only
         time.sleep(self._hang)
 
-    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
-        self._check(c.seq_id for c in chunks)
-        return self._runner.prefill(chunks, must_continue)
-
-    def decode(self, seq_ids: Iterable[str], must_continue: Collection[str] = ()) -> StepResult:
-        ids = list(seq_ids)
-        self._check(ids)
-        return self._runner.decode(ids, must_continue)
-
-    def mixed(
-        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
-    ) -> StepResult:
-        self._check([*seq_ids, *(c.seq_id for c in chunks)])
-        return self._runner.mixed(seq_ids, chunks, must_continue)
+    def step(self, plan: StepPlan, must_continue: Collection[str] = ()) -> StepResult:
+        self._check(plan.seq_ids)
+        return self._runner.step(plan, must_continue)
 
 
 def with_faults(

@@ -4,13 +4,12 @@ runs the scheduler's steps, and the table has a row per level."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Collection
 
 import pytest
 
 from app.config import PROFILES
-from app.contract.step import StepResult
+from app.contract.step import StepPlan, StepResult
 from app.engine.loader import ModelWeights, serve_weights
 from tests.conftest import server_config, server_in_thread
 from tools import bench_overhead as bench
@@ -59,15 +58,13 @@ def test_the_bare_loop_steps_as_the_scheduler_plans(smollm2_weights: ModelWeight
     steps: list[str] = []
     runner = model.runner
 
-    def counted(kind: str, step: Callable[..., StepResult]) -> Callable[..., StepResult]:
-        def call(*args: Any, **kwargs: Any) -> StepResult:
-            steps.append(kind)
-            return step(*args, **kwargs)
+    step = runner.step
 
-        return call
+    def counted(plan: StepPlan, must_continue: Collection[str] = ()) -> StepResult:
+        steps.append(plan.kind)
+        return step(plan, must_continue)
 
-    runner.prefill = counted("prefill", runner.prefill)  # type: ignore[method-assign]
-    runner.decode = counted("decode", runner.decode)  # type: ignore[method-assign]
+    runner.step = counted  # type: ignore[method-assign]
     # Mixed steps off: every prompt token then goes through a prefill step of at most 8.
     alternating = dataclasses.replace(plan.profile, step_token_budget=0)
     figures = bench.bare_round(model, plan.prompt_ids[:2], TOKENS, alternating)

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, StepResult
+from app.contract.step import StepPlan, StepResult
 from app.engine.loader import ModelWeights
 from tests.conftest import running_server, server_config, wait_for_stats
 from tests.fakes import slow_steps
@@ -49,22 +49,12 @@ class ForkedChildrenFail:
         self._failing.discard(seq_id)
         self._runner.release(seq_id)
 
-    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
-        return self._fail(self._runner.prefill(chunks, must_continue))
-
-    def decode(self, seq_ids: Sequence[str], must_continue: Collection[str] = ()) -> StepResult:
-        return self._fail(self._runner.decode(seq_ids, must_continue))
-
-    def mixed(
-        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
-    ) -> StepResult:
-        return self._fail(self._runner.mixed(seq_ids, chunks, must_continue))
-
-    def _fail(self, result: StepResult) -> StepResult:
-        failing = self._failing.intersection(result.tokens)
-        tokens = {seq_id: token for seq_id, token in result.tokens.items() if seq_id not in failing}
+    def step(self, plan: StepPlan, must_continue: Collection[str] = ()) -> StepResult:
+        result: StepResult = self._runner.step(plan, must_continue)
+        failing = self._failing.intersection(seq_id for seq_id, row in result.rows.items() if row.tokens)
+        rows = {seq_id: row for seq_id, row in result.rows.items() if seq_id not in failing}
         return dataclasses.replace(
-            result, tokens=tokens, failed={**result.failed, **dict.fromkeys(failing, "non_finite_logits")}
+            result, rows=rows, failed={**result.failed, **dict.fromkeys(failing, "non_finite_logits")}
         )
 
 

@@ -15,6 +15,7 @@ from app.engine.attention_masks import decode_mask, prefill_mask
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.loader import ModelWeights
 from app.engine.runner import BaseRunner, ModelRunner
+from tests.fakes import chosen
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
 
@@ -79,7 +80,7 @@ def drive(
         else:
             step += 1
             continue
-        for name, token in result.tokens.items():
+        for name, token in chosen(result).items():
             out[name].append(token)
         for name in list(active):
             if len(out[name]) >= n:
@@ -126,7 +127,7 @@ def test_min_tokens_masks_stop_tokens(tiny_weights: ModelWeights) -> None:
     params = SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2)
     runner.add("a", prompt, params)
     result = runner.prefill([PrefillChunk("a", len(prompt))], must_continue={"a"})
-    assert result.tokens["a"] != first
+    assert chosen(result)["a"] != first
 
 
 def test_row_cache_moves_the_last_row_into_a_freed_one() -> None:
@@ -225,7 +226,7 @@ def test_a_sequence_with_non_finite_logits_fails_alone(tiny_weights: ModelWeight
         result = runner.decode(["good", "bad"])
     finally:
         hook.remove()
-    assert set(result.tokens) == {"good"}
+    assert set(chosen(result)) == {"good"}
     assert result.failed == {"bad": "non_finite_logits"}
 
 
@@ -235,4 +236,4 @@ def test_a_sequence_whose_sampling_fails_fails_alone(tiny_weights: ModelWeights)
     runner.add("good", [1000, 2000], GREEDY)
     runner.add("bad", [3000, 4000], SamplingParams(max_tokens=4, temperature=1e-40, seed=1))
     result = runner.prefill([PrefillChunk("good", 2), PrefillChunk("bad", 2)])
-    assert set(result.tokens) == {"good"} and result.failed == {"bad": "sampling_failed"}
+    assert set(chosen(result)) == {"good"} and result.failed == {"bad": "sampling_failed"}

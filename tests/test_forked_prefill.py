@@ -25,6 +25,7 @@ from app.engine.cuda_graphs import StepGraphs
 from app.engine.loader import ModelWeights
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.static_runner import StaticModelRunner
+from tests.fakes import chosen
 from tests.test_engine import GREEDY, random_prompts
 from tools.gpu_check.frozen_capture import FrozenCapture
 
@@ -55,15 +56,15 @@ def prefill(runner: BaseRunner, seq_id: str, chunk: int = 7) -> int:
     """Prefill a sequence in chunks; its first token."""
     while True:
         result = runner.prefill([PrefillChunk(seq_id, chunk)])
-        if seq_id in result.tokens:
-            return result.tokens[seq_id]
+        if seq_id in chosen(result):
+            return chosen(result)[seq_id]
 
 
 def unforked(runner: BaseRunner, prompt: list[int], params: SamplingParams) -> list[int]:
     runner.add("alone", prompt, params)
     tokens = [prefill(runner, "alone")]
     while len(tokens) < N:
-        tokens.append(runner.decode(["alone"]).tokens["alone"])
+        tokens.append(chosen(runner.decode(["alone"]))["alone"])
     runner.release("alone")
     return tokens
 
@@ -80,17 +81,17 @@ def test_forked_children_prefill_one_token_and_generate_what_an_unforked_run_doe
     runner.add("parent", prompt, GREEDY)
     out: dict[str, list[int]] = {"parent": [prefill(runner, "parent")]}
     for _ in range(3):  # the parent generates past its prompt: those keys must not be copied
-        out["parent"].append(runner.decode(["parent"]).tokens["parent"])
+        out["parent"].append(chosen(runner.decode(["parent"]))["parent"])
     children = {"greedy": GREEDY, "seeded": SEEDED}
     for name, params in children.items():  # the second child's row is past a row cache grown for two
         runner.add(name, prompt, params, fork_from="parent")
         assert runner.pending_prompt(name) == 1
         result = runner.prefill([PrefillChunk(name, 64)])
         assert (result.new_tokens, result.batch) == (1, 1), "the child prefilled only its last prompt token"
-        out[name] = [result.tokens[name]]
+        out[name] = [chosen(result)[name]]
     runner.release("parent")  # the children do not need it any more (the row cache moves a row here)
     while any(len(tokens) < N for name, tokens in out.items() if name != "parent"):
-        for name, token in runner.decode(list(children)).tokens.items():
+        for name, token in chosen(runner.decode(list(children))).items():
             out[name].append(token)
     assert out["greedy"] == expected
     assert out["parent"] == expected[:4]

@@ -21,6 +21,7 @@ from app.engine.loader import ModelWeights, serve_weights
 from app.engine.runner import BaseRunner
 from app.engine.sampling import choose_tokens
 from app.prompts.builder import ChatMessage, PromptSpec, build_prompt_tokens
+from tests.fakes import chosen, chosen_logprobs
 
 SCHEMA = {
     "type": "object",
@@ -48,7 +49,7 @@ def run_greedy(
     live: list[str] = []
     for _ in range(steps + 1):
         failed.update(result.failed)
-        for seq_id, token in result.tokens.items():
+        for seq_id, token in chosen(result).items():
             out[seq_id].append(token)
         live = [s for s in prompts if s not in failed and (not out[s] or out[s][-1] not in runner.stop_token_ids)]
         if not live:
@@ -157,8 +158,8 @@ def test_a_grammar_fault_fails_its_own_row_only(smollm2_weights: ModelWeights) -
     seq.grammar = BrokenGrammar(seq.grammar.matcher)
     result = runner.prefill([PrefillChunk("broken", len(prompt)), PrefillChunk("fine", len(prompt))])
     assert result.failed == {"broken": "grammar_failed"}
-    assert set(result.tokens) == {"fine"}
-    assert loaded.decode([result.tokens["fine"]]).startswith("{")
+    assert set(chosen(result)) == {"fine"}
+    assert loaded.decode([chosen(result)["fine"]]).startswith("{")
 
 
 def test_logit_bias_moves_a_greedy_choice_both_ways() -> None:
@@ -223,7 +224,7 @@ def test_logprobs_stay_raw_under_logit_bias_and_a_grammar(smollm2_weights: Model
     for seq_id, p in params.items():
         loaded.runner.add(seq_id, prompt, p)
     result = loaded.runner.prefill([PrefillChunk(seq_id, len(prompt)) for seq_id in params])
-    assert result.tokens == {"bias": cat, "grammar": brace}
-    for seq_id, token in result.tokens.items():
-        assert result.logprobs[seq_id].logprob == pytest.approx(float(raw[token]), abs=1e-4)
-        assert [t for t, _ in result.logprobs[seq_id].top] == torch.topk(raw, 2).indices.tolist()
+    assert chosen(result) == {"bias": cat, "grammar": brace}
+    for seq_id, token in chosen(result).items():
+        assert chosen_logprobs(result)[seq_id].logprob == pytest.approx(float(raw[token]), abs=1e-4)
+        assert [t for t, _ in chosen_logprobs(result)[seq_id].top] == torch.topk(raw, 2).indices.tolist()

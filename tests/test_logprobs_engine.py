@@ -12,6 +12,7 @@ from app.contract.step import PrefillChunk, TokenLogprobs
 from app.engine.loader import ModelWeights
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.static_runner import StaticModelRunner
+from tests.fakes import chosen, chosen_logprobs
 from tests.test_engine import random_prompts
 
 TOLERANCE = 1e-4
@@ -28,9 +29,9 @@ def generate_with_logprobs(
     while len(tokens) < n:
         prefilling = runner.pending_prompt("a") > 0
         result = runner.prefill([PrefillChunk("a", chunk)]) if prefilling else runner.decode(["a"])
-        if "a" in result.tokens:
-            tokens.append(result.tokens["a"])
-            logprobs.append(result.logprobs["a"])
+        if "a" in chosen(result):
+            tokens.append(chosen(result)["a"])
+            logprobs.append(chosen_logprobs(result)["a"])
     runner.release("a")
     return tokens, logprobs
 
@@ -106,8 +107,8 @@ def test_a_suppressed_stop_token_keeps_its_raw_logprob(tiny_weights: ModelWeight
     runner = ModelRunner(tiny_weights.model, max_batch_size=1, max_context=4096, stop_token_ids=[likeliest])
     runner.add("a", prompt, dataclasses.replace(ASKS, min_tokens=2))
     result = runner.prefill([PrefillChunk("a", len(prompt))], must_continue={"a"})
-    entry = result.logprobs["a"]
-    assert result.tokens["a"] != likeliest
+    entry = chosen_logprobs(result)["a"]
+    assert chosen(result)["a"] != likeliest
     assert entry.top[0][0] == likeliest and entry.top[0][1] > entry.logprob
 
 
@@ -118,14 +119,14 @@ def test_only_rows_that_asked_get_logprobs_and_each_its_own_count(tiny_weights: 
     runner.add("s1", prompts["s1"], dataclasses.replace(ASKS, logprobs=None))
     runner.add("s2", prompts["s2"], dataclasses.replace(ASKS, logprobs=0))
     result = runner.prefill([PrefillChunk(name, len(prompt)) for name, prompt in prompts.items()])
-    assert set(result.tokens) == {"s0", "s1", "s2"}
-    assert set(result.logprobs) == {"s0", "s2"}, "a row that did not ask gets none"
-    assert len(result.logprobs["s0"].top) == 5 and result.logprobs["s2"].top == ()
+    assert set(chosen(result)) == {"s0", "s1", "s2"}
+    assert set(chosen_logprobs(result)) == {"s0", "s2"}, "a row that did not ask gets none"
+    assert len(chosen_logprobs(result)["s0"].top) == 5 and chosen_logprobs(result)["s2"].top == ()
     decoded = runner.decode(["s0", "s1", "s2"])
-    assert set(decoded.logprobs) == {"s0", "s2"}
+    assert set(chosen_logprobs(decoded)) == {"s0", "s2"}
     nobody = ModelRunner(tiny_weights.model, max_batch_size=1, max_context=4096, stop_token_ids=[])
     nobody.add("x", prompts["s1"], dataclasses.replace(ASKS, logprobs=None))
-    assert nobody.prefill([PrefillChunk("x", len(prompts["s1"]))]).logprobs == {}
+    assert chosen_logprobs(nobody.prefill([PrefillChunk("x", len(prompts["s1"]))])) == {}
 
 
 def test_a_rows_logprobs_do_not_depend_on_its_batch(tiny_weights: ModelWeights) -> None:
@@ -154,10 +155,10 @@ def test_a_rows_logprobs_do_not_depend_on_its_batch(tiny_weights: ModelWeights) 
     logprobs: list[TokenLogprobs] = []
     result = runner.prefill([PrefillChunk(name, lengths[name]) for name in everyone])
     while True:
-        tokens.append(result.tokens["a"])
-        logprobs.append(result.logprobs["a"])
-        assert len(result.logprobs["s1"].top) == 7 and result.logprobs["s3"].top == ()
-        assert "s2" not in result.logprobs
+        tokens.append(chosen(result)["a"])
+        logprobs.append(chosen_logprobs(result)["a"])
+        assert len(chosen_logprobs(result)["s1"].top) == 7 and chosen_logprobs(result)["s3"].top == ()
+        assert "s2" not in chosen_logprobs(result)
         if len(tokens) == 6:
             break
         result = runner.decode(everyone)

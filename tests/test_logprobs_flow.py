@@ -22,7 +22,7 @@ from actors.messages import (
 from actors.prompt_cache import CachedResponse
 from actors.relay import TokenRelay
 from app.batching.batch import Batch
-from app.contract.step import StepResult, TokenLogprobs
+from app.contract.step import RowOutput, StepResult, TokenLogprobs
 from app.prompts.harmony_encoding import harmony_encoding
 from app.text.harmony_text import HarmonyTokenText
 from app.text.logprobs import LogprobSpeller, ShownLogprob, ShownLogprobs, spell
@@ -102,11 +102,11 @@ def test_the_batch_hands_each_token_its_logprobs() -> None:
     batch: Batch[str] = Batch(PROFILE, 4096)
     batch.offer(request("a"))
     batch.offer(request("b"))
-    work = batch.next_work()
+    work = batch.take_work()
     assert work.plan is not None
     entry = TokenLogprobs(-0.25, ((7, -0.25),))
-    result = StepResult({"a": 7, "b": 8}, "prefill", 2, 8, 0.01, logprobs={"a": entry})
-    deliveries = {d.request.request_id: d for d in batch.step_done(work.plan, result, 1.0).deliveries}
+    result = StepResult({"a": RowOutput(4, (7,), (entry,)), "b": RowOutput(4, (8,))}, "prefill", 2, 8, 0.01)
+    deliveries = {d.request.request_id: d for d in batch.apply_step(work.plan, result, 1.0).deliveries}
     assert deliveries["a"].logprobs is entry and deliveries["b"].logprobs is None
 
 

@@ -27,15 +27,15 @@ from actors.scheduler import GpuScheduler
 from app.asgi import config_from_env
 from app.batching.batch import Batch
 from app.batching.oom import retry_in_halves
-from app.batching.plan import DecodePlan, MixedPlan, PrefillPlan, SequenceView, StepPlan, halves, plan_step
+from app.batching.plan import SequenceView, halves, plan_step
 from app.cli import build_parser, config_from_args
 from app.config import PROFILES, ConfigError, Profile
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, StepOutOfMemory, StepResult
+from app.contract.step import PrefillChunk, RowOutput, StepOutOfMemory, StepPlan, StepResult
 from app.engine.loader import ModelWeights
 from app.engine.runner import BaseRunner, ModelRunner
-from tests.fakes import FakeBackend, inline_steps
-from tests.test_batch_policy import request
+from tests.fakes import FakeBackend, chosen, chosen_logprobs, inline_steps
+from tests.test_batch_policy import prefill, request, row
 from tests.test_engine import GREEDY, drive, random_prompts, reference_greedy
 from tests.test_static_decode import static_runner
 from tools import bench_mixed_steps as bench
@@ -49,27 +49,27 @@ def test_a_prompt_arriving_while_others_decode_rides_in_the_room_they_leave() ->
     views = [SequenceView("a", 0), SequenceView("b", 5), SequenceView("c", 0), SequenceView("d", 7)]
     plan = plan_step(views, consecutive_prefills=0, profile=MIXING)
     # 2 decoding rows + 4 prompt tokens = the budget of 6, prompts in admission order.
-    assert plan == MixedPlan(("a", "c"), (("b", 4),))
-    assert plan.seq_ids == ("a", "c", "b")
+    assert plan == StepPlan(("a", "c"), (PrefillChunk("b", 4),))
+    assert plan.seq_ids == ("a", "c", "b") and plan.kind == "mixed"
     plan = plan_step([SequenceView("a", 0), SequenceView("b", 1), SequenceView("d", 7)], 0, MIXING)
-    assert plan == MixedPlan(("a",), (("b", 1), ("d", 4)))
+    assert plan == StepPlan(("a",), (PrefillChunk("b", 1), PrefillChunk("d", 4)))
 
 
 def test_a_step_mixes_only_while_a_prompt_waits_and_a_lone_prefill_takes_the_chunk() -> None:
-    assert plan_step([SequenceView("a", 0), SequenceView("b", 0)], 0, MIXING) == DecodePlan(("a", "b"))
+    assert plan_step([SequenceView("a", 0), SequenceView("b", 0)], 0, MIXING) == StepPlan(("a", "b"))
     # Nothing decodes: the whole step is prompt, the prefill chunk's size.
-    assert plan_step([SequenceView("b", 20)], 0, MIXING) == PrefillPlan((("b", 8),))
+    assert plan_step([SequenceView("b", 20)], 0, MIXING) == prefill(("b", 8))
     assert plan_step([], 0, MIXING) is None
 
 
 def test_without_a_budget_or_room_in_it_prefills_and_decodes_alternate() -> None:
     views = [SequenceView("a", 0), SequenceView("b", 5)]
     off = dataclasses.replace(MIXING, step_token_budget=0)
-    assert plan_step(views, 0, off) == PrefillPlan((("b", 5),))
-    assert plan_step(views, 2, off) == DecodePlan(("a",))
+    assert plan_step(views, 0, off) == prefill(("b", 5))
+    assert plan_step(views, 2, off) == StepPlan(("a",))
     full = dataclasses.replace(MIXING, step_token_budget=1)  # the one decoding row fills it
-    assert plan_step(views, 0, full) == PrefillPlan((("b", 5),))
-    assert plan_step(views, 2, full) == DecodePlan(("a",))
+    assert plan_step(views, 0, full) == prefill(("b", 5))
+    assert plan_step(views, 2, full) == StepPlan(("a",))
 
 
 def test_the_budget_is_checked_and_the_shipped_profiles_mix() -> None:
@@ -95,23 +95,24 @@ def test_the_budget_flag_and_variable_reach_the_profile(monkeypatch: pytest.Monk
 def test_a_mixed_step_moves_the_prompt_on_delivers_the_decodes_and_counts_as_no_prefill() -> None:
     batch: Batch[str] = Batch(MIXING, max_context=100)
     batch.offer(request("a", prompt_length=2))
-    work = batch.next_work()
-    assert work.plan == PrefillPlan((("a", 2),))
-    batch.step_done(work.plan, StepResult({"a": 7}, "prefill", 1, 2, 0.1), now=1.0)
+    work = batch.take_work()
+    assert work.plan == prefill(("a", 2))
+    batch.apply_step(work.plan, StepResult({"a": row(2, 7)}, "prefill", 1, 2, 0.1), now=1.0)
     batch.offer(request("b", prompt_length=9))
     for step in range(2):
-        work = batch.next_work()
-        assert work.plan == MixedPlan(("a",), (("b", 5 if step == 0 else 4),))
-        result = StepResult({"a": 8} if step == 0 else {"a": 8, "b": 9}, "mixed", 2, 6, 0.1, prompt_tokens=5)
-        outcome = batch.step_done(work.plan, result, now=2.0 + step)
+        work = batch.take_work()
+        assert work.plan == StepPlan(("a",), (PrefillChunk("b", 5 if step == 0 else 4),))
+        rows = {"a": row(3 + step, 8), "b": row(5) if step == 0 else row(9, 9)}
+        outcome = batch.apply_step(work.plan, StepResult(rows, "mixed", 2, 6, 0.1, prompt_tokens=5), now=2.0 + step)
         assert [d.request.request_id for d in outcome.deliveries] == (["a"] if step == 0 else ["a", "b"])
         assert outcome.gaps[0] == 1.0, "the running stream got a token every step"
-    assert batch.running["b"].prompt_remaining == 0
+    assert batch.running["b"].prompt_left == 0
     # Two mixed steps in a row are not two prefills in a row: with mixing off now, the next
     # arrival's prefill still goes first.
     batch.profile = dataclasses.replace(MIXING, step_token_budget=0)
     batch.offer(request("c", prompt_length=3))
-    assert isinstance(batch.next_work().plan, PrefillPlan)
+    plan = batch.take_work().plan
+    assert plan is not None and plan.kind == "prefill"
 
 
 def test_the_prompt_tokens_of_a_mixed_step_are_counted_as_prefilled() -> None:
@@ -126,23 +127,23 @@ def test_the_prompt_tokens_of_a_mixed_step_are_counted_as_prefilled() -> None:
 
 # -- out of memory -------------------------------------------------------------------------------------
 def test_an_out_of_memory_mixed_step_runs_again_as_its_decode_and_its_prefill() -> None:
-    plan = MixedPlan(("a", "b"), (("c", 4),))
-    assert halves(plan, lambda ids: ([], [])) == [DecodePlan(("a", "b")), PrefillPlan((("c", 4),))]
+    plan = StepPlan(("a", "b"), (PrefillChunk("c", 4),))
+    assert halves(plan, lambda ids: ([], [])) == [StepPlan(("a", "b")), prefill(("c", 4))]
     ran: list[StepPlan] = []
 
     def run(part: StepPlan) -> StepResult:
         ran.append(part)
-        if isinstance(part, MixedPlan):
+        if part.kind == "mixed":
             raise StepOutOfMemory("too big")
-        if isinstance(part, PrefillPlan):
-            return StepResult({"c": 3}, "prefill", 1, 4, 0.1)
-        return StepResult(dict.fromkeys(part.seq_ids, 1), "decode", 2, 2, 0.1)
+        if part.kind == "prefill":
+            return StepResult({"c": row(4, 3)}, "prefill", 1, 4, 0.1)
+        return StepResult(dict.fromkeys(part.seq_ids, RowOutput(9, (1,))), "decode", 2, 2, 0.1)
 
     with pytest.raises(StepOutOfMemory):
         run(plan)
     result = retry_in_halves(plan, run, lambda ids: ([], []))
-    assert ran[1:] == [DecodePlan(("a", "b")), PrefillPlan((("c", 4),))]
-    assert result.kind == "mixed" and result.tokens == {"a": 1, "b": 1, "c": 3} and result.failed == {}
+    assert ran[1:] == [StepPlan(("a", "b")), prefill(("c", 4))]
+    assert result.kind == "mixed" and chosen(result) == {"a": 1, "b": 1, "c": 3} and result.failed == {}
     assert result.prefilled == 4 and result.new_tokens == 6
 
 
@@ -172,10 +173,10 @@ def drive_mixed(
             chunks.append(PrefillChunk(name, take))
             room -= take
         if decoding and chunks:
-            result = runner.mixed(decoding, chunks)
+            result = runner.step(StepPlan(tuple(decoding), tuple(chunks)))
             assert result.kind == "mixed" and result.batch == len(decoding) + len(chunks)
             assert result.prompt_tokens == sum(c.tokens for c in chunks)
-            assert set(decoding) <= set(result.tokens), "every decoding row gets its token"
+            assert set(decoding) <= set(chosen(result)), "every decoding row gets its token"
             mixed_steps += 1
         elif chunks:
             result = runner.prefill(chunks)
@@ -184,7 +185,7 @@ def drive_mixed(
         else:
             step += 1
             continue
-        for name, token in result.tokens.items():
+        for name, token in chosen(result).items():
             out[name].append(token)
         for name in list(active):
             if len(out[name]) >= n:
@@ -252,14 +253,16 @@ def test_one_choice_over_every_row_of_a_mixed_step_seeds_logprobs_and_min_tokens
 
     apart = started([])
     decoded, prefilled = apart.decode(["a"]), apart.prefill([PrefillChunk("b", len(b))])
-    mixed = started([]).mixed(["a"], [PrefillChunk("b", len(b))])
-    assert mixed.tokens == {**decoded.tokens, **prefilled.tokens}
+    both = StepPlan(("a",), (PrefillChunk("b", len(b)),))
+    mixed = started([]).step(both)
+    assert chosen(mixed) == {**chosen(decoded), **chosen(prefilled)}
+    assert {seq_id: row.num_computed for seq_id, row in mixed.rows.items()} == {"a": len(a) + 1, "b": len(b)}
     for seq_id, separate in (("a", decoded), ("b", prefilled)):
-        together = mixed.logprobs[seq_id]
-        assert together.logprob == pytest.approx(separate.logprobs[seq_id].logprob, abs=1e-4)
-        assert [token for token, _ in together.top] == [token for token, _ in separate.logprobs[seq_id].top]
-    held = started(stop=[decoded.tokens["a"]]).mixed(["a"], [PrefillChunk("b", len(b))], must_continue={"a"})
-    assert held.tokens["a"] != decoded.tokens["a"], "min_tokens: its stop token is masked in a mixed step too"
+        together = chosen_logprobs(mixed)[seq_id]
+        assert together.logprob == pytest.approx(chosen_logprobs(separate)[seq_id].logprob, abs=1e-4)
+        assert [token for token, _ in together.top] == [token for token, _ in chosen_logprobs(separate)[seq_id].top]
+    held = started(stop=[chosen(decoded)["a"]]).step(both, must_continue={"a"})
+    assert chosen(held)["a"] != chosen(decoded)["a"], "min_tokens: its stop token is masked in a mixed step too"
 
 
 def test_a_mixed_step_refuses_a_row_still_prefilling(tiny_weights: ModelWeights) -> None:
@@ -267,7 +270,7 @@ def test_a_mixed_step_refuses_a_row_still_prefilling(tiny_weights: ModelWeights)
     runner.add("a", [5, 6, 7], GREEDY)
     runner.add("b", [8, 9], GREEDY)
     with pytest.raises(ValueError, match="has not finished its prefill"):
-        runner.mixed(["a"], [PrefillChunk("b", 2)])
+        runner.step(StepPlan(("a",), (PrefillChunk("b", 2),)))
 
 
 # -- the scheduler -------------------------------------------------------------------------------------

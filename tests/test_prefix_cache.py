@@ -33,7 +33,7 @@ from app.engine.prefix_cache import LayerLayout, PrefixKVCache
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.static_runner import StaticModelRunner
 from tests.conftest import running_server, server_config, wait_for_stats
-from tests.fakes import FakeBackend, inline_steps
+from tests.fakes import FakeBackend, chosen, inline_steps
 from tools.gpu_check.frozen_capture import FrozenCapture
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
@@ -169,9 +169,9 @@ def generate(runner: BaseRunner, seq_id: str, prompt: list[int], chunk: int = 48
     out: list[int] = []
     while not out:
         result = runner.prefill([PrefillChunk(seq_id, chunk)])
-        out += [result.tokens[seq_id]] if seq_id in result.tokens else []
+        out += [chosen(result)[seq_id]] if seq_id in chosen(result) else []
     while len(out) < GREEDY.max_tokens:
-        out.append(runner.decode([seq_id]).tokens[seq_id])
+        out.append(chosen(runner.decode([seq_id]))[seq_id])
     runner.release(seq_id)
     return cached, out
 

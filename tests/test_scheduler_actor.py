@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import trio
@@ -19,21 +21,28 @@ from actors.messages import (
 )
 from actors.metrics_events import MetricsEvent, RequestFinished
 from actors.scheduler import GpuScheduler
+from actors.step_thread import StepCaller
 from app.config import Profile
 from app.contract.sampling import SamplingParams
 from tests.fakes import FakeBackend, inline_steps
 
 STOP = 999_999
+T = TypeVar("T")
 
 
 def make_scheduler(
-    backend: FakeBackend, *, max_batch: int = 4, max_queue: int = 8, chunk: int = 64, max_context: int = 4096
+    backend: FakeBackend,
+    *,
+    max_batch: int = 4,
+    max_queue: int = 8,
+    chunk: int = 64,
+    max_context: int = 4096,
+    step_caller: StepCaller | None = None,
 ) -> tuple[GpuScheduler, trio.MemoryReceiveChannel[MetricsEvent]]:
     metrics_send, metrics_receive = trio.open_memory_channel[MetricsEvent](math.inf)
     profile = Profile("test", max_batch, max_queue, chunk, 2, arrival_window_ms=0)
-    scheduler = GpuScheduler(
-        backend, profile, max_context, metrics_send, step_caller=inline_steps(0.01), clock=trio.current_time
-    )
+    caller = step_caller or inline_steps(0.01)
+    scheduler = GpuScheduler(backend, profile, max_context, metrics_send, step_caller=caller, clock=trio.current_time)
     return scheduler, metrics_receive
 
 
@@ -193,6 +202,37 @@ async def test_abort_running_frees_row_before_next_step_and_is_idempotent() -> N
     assert all(e.abort_reason == "client_disconnect" for e in finished)
     a_finished = next(e for e in finished if e.request_id == "a")
     assert a_finished.teardown_steps is not None and a_finished.teardown_steps <= 1, "freed before the next step"
+
+
+async def test_an_abort_that_arrives_during_a_step_gets_no_token_from_that_step() -> None:
+    """Breakage caught: an abort that came in while a step ran applied only on the next trip, so
+    its client gets one more token after the abort (the row is still freed on that next trip:
+    ``teardown_steps <= 1`` holds either way)."""
+    backend = FakeBackend()
+    aborted_with: list[int] = []  # the tokens the backend had made for "a" when its client left
+
+    async def abort_mid_step(fn: Callable[[], T]) -> T:
+        await trio.sleep(0.01)
+        outcome = fn()  # the step has run in the "worker thread"; the scheduler has not seen it yet
+        seq = backend.seqs.get("a")
+        if seq is not None and seq.generated == 3 and not aborted_with:
+            aborted_with.append(seq.generated)
+            scheduler.abort("a", "client_disconnect")
+        return outcome
+
+    scheduler, metrics = make_scheduler(backend, step_caller=abort_mid_step)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        channel = submit(scheduler, "a", max_tokens=1000)
+        other = submit(scheduler, "b", prompt=(50, 2, 3), max_tokens=6)
+        events = await drain(channel)
+        assert tokens_of(await drain(other)) == [50, 51, 52, 53, 54, 55], "the other stream goes on"
+        scheduler.close()
+    assert aborted_with == [3]
+    assert tokens_of(events) == [1, 2], "the third token came from the step the abort arrived in"
+    assert isinstance(events[-1], Finished) and events[-1].reason == "cancelled"
+    (finished,) = [e for e in finished_metrics(metrics) if e.request_id == "a"]
+    assert finished.teardown_steps == 1, "the step in flight ran; the row was freed before the next"
 
 
 async def test_abort_while_queued_never_reaches_the_backend() -> None:

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 
 from app.batching.oom import retry_mixed_apart
-from app.batching.plan import MixedPlan, PrefillPlan, SequenceView, StepPlan, plan_step
+from app.batching.plan import SequenceView, plan_step
 from app.batching.step_pace import MIN_CHUNK, StepPace
 from app.config import PROFILES, ConfigError
-from app.contract.step import StepResult
+from app.contract.step import PrefillChunk, RowOutput, StepPlan, StepResult
 
 
 def test_until_both_costs_are_measured_the_budget_alone_decides() -> None:
@@ -47,11 +47,11 @@ def test_the_plan_carries_the_chunk_the_pace_allows() -> None:
     profile = dataclasses.replace(PROFILES["latency_first"], step_token_budget=100)
     running = [SequenceView("a", 0), SequenceView("b", 0), SequenceView("c", 300)]
     plan = plan_step(running, 0, profile, lambda room: min(room, 24))
-    assert isinstance(plan, MixedPlan) and plan.decode == ("a", "b") and plan.chunks == (("c", 24),)
-    assert plan_step(running, 0, profile) == MixedPlan(("a", "b"), (("c", 98),))
+    assert plan == StepPlan(("a", "b"), (PrefillChunk("c", 24),))
+    assert plan_step(running, 0, profile) == StepPlan(("a", "b"), (PrefillChunk("c", 98),))
     # As many prompts waiting as rows decoding: they go in at the budget's pace, not the bound's.
     crowd = [*running, SequenceView("d", 300)]
-    assert plan_step(crowd, 0, profile, lambda room: min(room, 24)) == MixedPlan(("a", "b"), (("c", 98),))
+    assert plan_step(crowd, 0, profile, lambda room: min(room, 24)) == StepPlan(("a", "b"), (PrefillChunk("c", 98),))
 
 
 def test_the_slowdown_is_checked() -> None:
@@ -66,11 +66,12 @@ def test_a_mixed_step_that_raises_is_run_again_apart_and_only_the_faulty_part_fa
 
     def run(plan: StepPlan) -> StepResult:
         ran.append(plan)
-        if isinstance(plan, PrefillPlan):
+        if plan.chunks:
             raise RuntimeError("device-side assert triggered")
-        return StepResult(dict.fromkeys(plan.seq_ids, 7), "decode", len(plan.seq_ids), len(plan.seq_ids), 0.1)
+        rows = dict.fromkeys(plan.seq_ids, RowOutput(5, (7,)))
+        return StepResult(rows, "decode", len(plan.seq_ids), len(plan.seq_ids), 0.1)
 
-    result = retry_mixed_apart(MixedPlan(("a", "b"), (("c", 30),)), run)
-    assert [type(p).__name__ for p in ran] == ["DecodePlan", "PrefillPlan"]
-    assert result.tokens == {"a": 7, "b": 7} and result.failed == {"c": "step_failed"}
+    result = retry_mixed_apart(StepPlan(("a", "b"), (PrefillChunk("c", 30),)), run)
+    assert [p.kind for p in ran] == ["decode", "prefill"]
+    assert result.rows == dict.fromkeys("ab", RowOutput(5, (7,))) and result.failed == {"c": "step_failed"}
     assert result.kind == "mixed" and result.batch == 2

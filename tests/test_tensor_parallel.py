@@ -31,7 +31,7 @@ import trio
 from app.cli import main
 from app.config import ConfigError, ServerConfig, launch_rank
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk
+from app.contract.step import PrefillChunk, StepPlan
 from app.engine.loader import ModelWeights, serve_weights
 from app.engine.runner import BaseRunner
 from app.engine.tensor_parallel import (
@@ -133,11 +133,12 @@ def generate(backend: LeaderBackend, prompts: dict[str, tuple[list[int], Samplin
     tokens: dict[str, list[int]] = {seq_id: [] for seq_id in prompts}
     for seq_id, (prompt, params) in prompts.items():
         backend.add(seq_id, prompt, params, None)
-    result = backend.prefill([PrefillChunk(seq_id, len(prompt)) for seq_id, (prompt, _) in prompts.items()])
+    chunks = tuple(PrefillChunk(seq_id, len(prompt)) for seq_id, (prompt, _) in prompts.items())
+    result = backend.step(StepPlan(chunks=chunks))
     for _ in range(steps):
-        for seq_id, token in result.tokens.items():
-            tokens[seq_id].append(token)
-        result = backend.decode(list(prompts))
+        for seq_id, row in result.rows.items():
+            tokens[seq_id].extend(row.tokens)
+        result = backend.step(StepPlan(tuple(prompts)))
     return tokens
 
 
@@ -160,7 +161,7 @@ def test_a_follower_that_ends_up_elsewhere_stops_at_the_next_call(tiny_weights: 
     pair = leader_and_follower(tiny_weights)
     pair.leader.add("a", [200006, 1000], SamplingParams(max_tokens=4, temperature=0.0), None)
     pair.leader.runner.release("a")  # behind the follower's back: the ranks' rows differ from now on
-    pair.leader.prefill([])  # rank 0's digest of this call (no rows in use) is not the follower's
+    pair.leader.step(StepPlan())  # rank 0's digest of this call (no rows in use) is not the follower's
     assert pair.stop() == 1
 
 
@@ -429,14 +430,14 @@ def test_a_step_that_raises_on_rank_0_checks_the_group_at_once(tiny_weights: Mod
     channel = GoneAfterFirstCall()
     leader = LeaderBackend(runner, channel, on_group_lost=lost)
     with pytest.raises(GroupLost, match="tensor_parallel_group_lost"):
-        leader.decode(["nobody"])  # raises KeyError here, as the collective's error would
-    assert channel.sent == ["decode", "ping"]
+        leader.step(StepPlan(("nobody",)))  # raises KeyError here, as the collective's error would
+    assert channel.sent == ["step", "ping"]
 
 
 def test_a_step_that_raises_on_every_rank_keeps_the_group(tiny_weights: ModelWeights) -> None:
     pair = leader_and_follower(tiny_weights)
     with pytest.raises(KeyError):
-        pair.leader.decode(["nobody"])  # the follower raises the same, and the digests agree
+        pair.leader.step(StepPlan(("nobody",)))  # the follower raises the same, and the digests agree
     pair.leader.add("a", [200006, 1000], SamplingParams(max_tokens=4, temperature=0.0), None)
     assert pair.stop() == 0
     assert pair.follower.sequence_ids() == ["a"]

@@ -64,18 +64,18 @@ async def test_a_step_that_hangs_turns_health_stalled_and_is_logged(tiny_weights
 
 
 def broken_after_first_step(loaded: Any) -> Any:
-    """The runner's second decode returns a result the scheduler cannot read (its tokens a list):
+    """The runner's second decode returns a result the scheduler cannot read (its rows a list):
     the scheduler actor itself raises, outside the step (a step that raises fails its requests)."""
     runner = loaded.runner
-    real_decode = runner.decode
-    calls = {"n": 0}
+    real_step = runner.step
+    decodes = {"n": 0}
 
-    def decode(seq_ids: Any, must_continue: Any = ()) -> Any:
-        calls["n"] += 1
-        result = real_decode(seq_ids, must_continue)
-        return result if calls["n"] < 2 else dataclasses.replace(result, tokens=list(result.tokens.items()))
+    def step(plan: Any, must_continue: Any = ()) -> Any:
+        result = real_step(plan, must_continue)
+        decodes["n"] += plan.kind == "decode"
+        return result if decodes["n"] < 2 else dataclasses.replace(result, rows=list(result.rows.items()))
 
-    runner.decode = decode
+    runner.step = step
     return loaded
 
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.trip import run_trip
 from app.batching.batch import Batch, Tracked
-from app.batching.plan import run_plan
 from app.config import Profile, profile_with
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
@@ -83,17 +83,15 @@ def run_phase(runner: BaseRunner, profile: Profile, work: Workload, max_context:
             name, prompt = pending.pop(0)
             batch.offer(work.request(name, prompt, args.arrival_tokens))
             arrived[name] = time.perf_counter()
-        task = batch.next_work()
-        for seq_id in task.releases:
-            runner.release(seq_id)
-        for joining in task.joins:
-            runner.add(joining.request_id, joining.prompt, joining.params, joining.stop_token_ids)
-        if task.plan is None:
+        task = batch.take_work()
+        trip = run_trip(runner, task)
+        batch.apply_starts(trip.started)
+        if task.plan is None or trip.result is None:
             step += 1
             continue
-        result = run_plan(runner, task.plan, task.must_continue)
+        result = trip.result
         now = time.perf_counter()
-        outcome = batch.step_done(task.plan, result, now)
+        outcome = batch.apply_step(task.plan, result, now)
         if arrived:  # from the first arrival on: the latency the arrivals cause
             figures.steps[result.kind] += 1
         for delivery in outcome.deliveries:

@@ -15,8 +15,8 @@ measures the layers around the model, not what a cache saves):
 - bare: in this process, a ``ModelRunner`` over the same weights, driven by a loop that admits the
   N sequences and runs the steps the scheduler would run: the step policy is the scheduler's own
   (app.batching.batch.Batch, which plans every step with app.batching.plan.plan_step), under the
-  same profile, in a worker thread as the server's steps run. Nothing else: no event loop work, no
-  channels, no text.
+  same profile, each trip by the scheduler's own ``actors.trip.run_trip``, in a worker thread as
+  the server's steps run. Nothing else: no event loop work, no channels, no text.
 
 The two sides alternate round by round (the server sits idle while the bare loop runs) and each
 keeps its best round, so a noisy neighbour hurts both alike. Prints tokens/s of each, their ratio
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import httpx
 import trio
 
+from actors.trip import run_trip
 from app.batching.batch import Batch, Tracked
-from app.batching.plan import run_plan
 from app.config import PROFILES, Profile
 from app.contract.sampling import SamplingParams
 from app.engine.loader import LoadedModel, ModelWeights, load_weights, serve_weights
@@ -131,20 +131,13 @@ def bare_round(model: LoadedModel, prompts: Sequence[tuple[int, ...]], tokens: i
     first: dict[str, float] = {}
     last = began
     while not batch.idle:
-        work = batch.next_work()
-        for seq_id in work.releases:
-            runner.release(seq_id)
-        started = {}
-        for request in work.joins:
-            started[request.request_id] = runner.add(
-                request.request_id, request.prompt, request.params, request.stop_token_ids
-            )
-        batch.started_with(started)  # as the scheduler does: a prompt from the prefix cache is partly in
-        if work.plan is None:
+        work = batch.take_work()
+        trip = run_trip(runner, work)  # the scheduler's own trip: frees, joins, the step
+        batch.apply_starts(trip.started)  # as the scheduler does: a prompt from the prefix cache is partly in
+        if work.plan is None or trip.result is None:
             continue
-        result = run_plan(runner, work.plan, work.must_continue)
         last = time.perf_counter()
-        outcome = batch.step_done(work.plan, result, last)
+        outcome = batch.apply_step(work.plan, trip.result, last)
         if outcome.failed:
             raise RuntimeError(f"the bare loop's step failed: {outcome.failed[0][1]}")
         for delivery in outcome.deliveries:

@@ -1,10 +1,11 @@
 """The batch: every request the scheduler holds and its progress, and the policy that moves them.
 
-One owner: only this object knows which requests wait and which run, how much of each prompt is
-prefilled, how many tokens each has, and which rows are to be freed. The scheduler actor calls it
-between steps and turns what it returns into messages; ``R`` is whatever the actor replies on (a
-channel), opaque here. No trio, no torch: the actor tests run it with a fake runner, and its own
-tests call it directly.
+One owner: only this object knows which requests wait and which run, how many tokens each has,
+and which rows are to be freed. How far each one's row is (``num_computed``) it takes from the
+runner's reports alone: what ``add`` started a row with, and each step's ``RowOutput``. The
+scheduler actor calls it between steps and turns what it returns into messages; ``R`` is
+whatever the actor replies on (a channel), opaque here. No trio, no torch: the actor tests run
+it with a fake runner, and its own tests call it directly.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Generic, TypeVar
 
 from app.batching.admission import DrainRate, queue_is_full
 from app.batching.finish import ABORT_FINISH, AbortReason, FinishReason, finish_reason, must_continue
-from app.batching.plan import DecodePlan, MixedPlan, PrefillPlan, SequenceView, StepPlan, admit_count, plan_step
+from app.batching.plan import SequenceView, admit_count, plan_step
 from app.batching.step_pace import StepPace
 from app.config import Profile
 from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
-from app.contract.step import StepResult, TokenLogprobs
+from app.contract.step import StepPlan, StepResult, TokenLogprobs
 
 R = TypeVar("R")
 DEGRADED_AFTER_FAILED_STEPS = 3
@@ -42,13 +43,14 @@ class Tracked(Generic[R]):
     # waits for that one's prefill and copies its keys instead of prefilling the prompt again. Once
     # it joins, the parent it forked from, or None if it joined with a full prefill of its own.
     fork_from: str | None = None
-    prompt_remaining: int = field(init=False)  # prompt tokens not yet prefilled
-    cached_tokens: int = 0  # prompt tokens it started with, not prefilled (a fork's, the prefix cache's)
+    num_computed: int = 0  # tokens in its row (prompt, then generated), as the runner last said
     generated: int = 0
     last_token_at: float | None = None
 
-    def __post_init__(self) -> None:
-        self.prompt_remaining = len(self.prompt)
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not computed yet."""
+        return max(0, len(self.prompt) - self.num_computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +167,11 @@ class Batch(Generic[R]):
         self._aborted[request_id] = _Aborted(ended, sent_at, steps, reason)
         return ended
 
-    def abort_every(self, reason: AbortReason, sent_at: float, steps: int, now: float) -> list[Ended[R]]:
+    def abort_all(self, reason: AbortReason, sent_at: float, steps: int, now: float) -> list[Ended[R]]:
         ids = [r.request_id for r in self.all()]
         return [ended for request_id in ids if (ended := self.abort(request_id, reason, sent_at, steps, now))]
 
-    def expired(self, now: float) -> list[Ended[R]]:
+    def abort_expired(self, now: float) -> list[Ended[R]]:
         late = [r.request_id for r in self.all() if r.deadline is not None and now >= r.deadline]
         return [ended for request_id in late if (ended := self.abort(request_id, "timeout", now, self.steps, now))]
 
@@ -192,11 +194,13 @@ class Batch(Generic[R]):
         return not (self.running or self.waiting or self._releases)
 
     # -- steps -----------------------------------------------------------------------------------
-    def next_work(self) -> Work[R]:
+    def take_work(self) -> Work[R]:
+        """The next trip: the rows to free, the requests that join, and the step to run."""
         work: Work[R] = Work(releases=self._releases)
         self._releases = []
         self._admit(work)
-        views = [SequenceView(r.request_id, r.prompt_remaining) for r in self.running.values()]
+        joining = {r.request_id for r in work.joins if r.fork_from is not None}
+        views = [SequenceView(r.request_id, _prompt_left(r, joining)) for r in self.running.values()]
         slowdown = self.profile.mixed_step_slowdown
         work.plan = plan_step(
             views, self._consecutive_prefills, self.profile, lambda room: self._pace.prompt_room(room, slowdown)
@@ -220,11 +224,8 @@ class Batch(Generic[R]):
                 continue
             if request.fork_from is not None:
                 parent = self.running.get(request.fork_from)
-                if parent is not None and parent.prompt == request.prompt:
-                    # The parent's keys cover all but the last prompt token; the child prefills that
-                    # one itself, so its first token comes from its own logits and generator.
-                    request.prompt_remaining = 1
-                else:  # the parent is gone (ended, failed, or a cache hit that never came here)
+                if parent is None or parent.prompt != request.prompt:
+                    # The parent is gone (ended, failed, or a cache hit that never came here).
                     request.fork_from = None
             self.running[request.request_id] = request
             work.joins.append(request)
@@ -236,18 +237,17 @@ class Batch(Generic[R]):
             return False
         parent = self.running.get(request.fork_from)
         if parent is not None:
-            return parent.prompt_remaining > 0
+            return parent.prompt_left > 0
         return request.fork_from in waiting_ids
 
-    def started_with(self, started: dict[str, int]) -> None:
+    def apply_starts(self, started: dict[str, int]) -> None:
         """What the runner said each joiner starts with (prompt tokens already in its row): only the
         rest is left to prefill. Applied before the trip's step is (its plan was made before)."""
-        for request_id, cached in started.items():
-            if (request := self.running.get(request_id)) is not None and cached:
-                request.cached_tokens = cached
-                request.prompt_remaining = len(request.prompt) - cached
+        for request_id, computed in started.items():
+            if (request := self.running.get(request_id)) is not None:
+                request.num_computed = computed
 
-    def freed(self, released: list[str], now: float) -> list[Ended[R]]:
+    def apply_freed(self, released: list[str], now: float) -> list[Ended[R]]:
         """The rows of ``released`` are free now: the aborted requests among them, each with its
         teardown (the steps counted are those that ran since the abort, before this trip's step)."""
         done = []
@@ -258,26 +258,37 @@ class Batch(Generic[R]):
                 done.append(dataclasses.replace(aborted.ended, teardown=teardown, row_held=False))
         return done
 
-    def step_done(self, plan: StepPlan, result: StepResult, now: float) -> StepOutcome[R]:
-        """Apply a step's result: prefill progress, each new token and whether it ends its request."""
+    def apply_step(self, plan: StepPlan, result: StepResult, now: float) -> StepOutcome[R]:
+        """Apply a step's result: where each row is now, each new token and whether it ends its
+        request (a request aborted while the step ran is gone: what the step gave it is dropped)."""
         self.steps += 1
-        self.failing_steps = 0 if result.tokens or not result.failed else self.failing_steps + 1
+        self.failing_steps = 0 if result.produced or not result.failed else self.failing_steps + 1
         outcome: StepOutcome[R] = StepOutcome()
         # A mixed step decodes too: the decoders are not waiting, so it counts as no prefill.
-        self._consecutive_prefills = self._consecutive_prefills + 1 if isinstance(plan, PrefillPlan) else 0
-        if isinstance(plan, PrefillPlan | MixedPlan):
-            for seq_id, n in plan.chunks:
-                if (request := self.running.get(seq_id)) is not None and seq_id not in result.failed:
-                    # A joiner that started from a cached prefix took less than its chunk.
-                    request.prompt_remaining -= min(n, request.prompt_remaining)
+        self._consecutive_prefills = self._consecutive_prefills + 1 if plan.kind == "prefill" else 0
         for seq_id, why in result.failed.items():
             if (failed := self.running.pop(seq_id, None)) is not None:
                 self._releases.append(seq_id)
                 outcome.failed.append((failed, why))
-        for seq_id, token in result.tokens.items():
-            request = self.running.get(seq_id)
-            if request is None:  # aborted while the step ran: its token is dropped
-                continue
+        for seq_id, row in result.rows.items():
+            if (request := self.running.get(seq_id)) is not None:
+                request.num_computed = row.num_computed
+                self._deliver(request, row.tokens, row.logprobs, now, outcome)
+        if plan.decode:
+            self._drain.observe_decode(result.seconds, result.batch, len(self.running))
+        self._pace.observe(result.kind, result.seconds, result.prefilled)
+        return outcome
+
+    def _deliver(
+        self,
+        request: Tracked[R],
+        tokens: tuple[int, ...],
+        logprobs: tuple[TokenLogprobs, ...],
+        now: float,
+        outcome: StepOutcome[R],
+    ) -> None:
+        """A row's new tokens, in order, up to the one that ends its request."""
+        for i, token in enumerate(tokens):
             first = request.last_token_at is None
             if request.last_token_at is not None:
                 outcome.gaps.append(now - request.last_token_at)
@@ -291,18 +302,15 @@ class Batch(Generic[R]):
                 len(request.prompt) + request.generated,
                 self.max_context,
             )
-            logprobs = result.logprobs.get(seq_id)
-            delivery = TokenDelivery(request, token, request.generated - 1, finish, is_stop, first, logprobs)
+            chosen = logprobs[i] if i < len(logprobs) else None
+            delivery = TokenDelivery(request, token, request.generated - 1, finish, is_stop, first, chosen)
             outcome.deliveries.append(delivery)
             if finish is not None:
-                del self.running[seq_id]
-                self._releases.append(seq_id)
-        if isinstance(plan, DecodePlan | MixedPlan):
-            self._drain.observe_decode(result.seconds, result.batch, len(self.running))
-        self._pace.observe(result.kind, result.seconds, result.prefilled)
-        return outcome
+                del self.running[request.request_id]
+                self._releases.append(request.request_id)
+                return
 
-    def step_failed(self, work: Work[R]) -> list[Tracked[R]]:
+    def fail_step(self, work: Work[R]) -> list[Tracked[R]]:
         """The step raised: its requests (those that joined in it too) leave, the others go on."""
         self.failing_steps += 1
         involved = [r.request_id for r in work.joins] + list(work.plan.seq_ids if work.plan else ())
@@ -315,3 +323,13 @@ class Batch(Generic[R]):
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.steps, self.failing_steps)
+
+
+def _prompt_left(request: Tracked[R], joining_forks: set[str]) -> int:
+    """What the plan may give a sequence: the prompt tokens the runner has not computed yet. A
+    fork that joins in this trip is not added yet; the runner starts it with its parent's keys for
+    all but the last prompt token (StepBackend.add), so that one is its prefill, with its own
+    logits and generator."""
+    if request.request_id in joining_forks:
+        return 1
+    return request.prompt_left

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from app.batching.plan import DecodePlan, MixedPlan, PrefillPlan, StepPlan, halves, plan_kind
+from app.batching.plan import apart, halves
 from app.contract.failures import FailureCode
-from app.contract.step import StepOutOfMemory, StepResult
+from app.contract.step import RowOutput, StepOutOfMemory, StepPlan, StepResult
 
 
 def retry_in_halves(
@@ -20,18 +20,17 @@ def retry_in_halves(
     the runner's split of a decode). A lone sequence that did not fit fails at once."""
     ids = plan.seq_ids
     if len(ids) < 2:
-        return StepResult({}, plan_kind(plan), 0, 0, 0.0, dict.fromkeys(ids, "out_of_memory"))
+        return StepResult({}, plan.kind, 0, 0, 0.0, dict.fromkeys(ids, "out_of_memory"))
     return _run_apart(plan, halves(plan, split_rows), run, StepOutOfMemory, "out_of_memory")
 
 
-def retry_mixed_apart(plan: MixedPlan, run: Callable[[StepPlan], StepResult]) -> StepResult:
+def retry_mixed_apart(plan: StepPlan, run: Callable[[StepPlan], StepResult]) -> StepResult:
     """A mixed step raised: its decode and its prefill, each a step of its own; the sequences of
     a part that raises again fail (``step_failed``), the others go on. Nothing of the failed
-    forward stays: a sequence's length moves only after a forward that returned, and the keys it
+    forward stays: a sequence's num_computed moves only after a forward that returned, and the keys it
     wrote are written again at the same positions."""
-    parts: list[StepPlan] = [DecodePlan(plan.decode), PrefillPlan(plan.chunks)]
     # The scheduler logged the mixed step's error; a part that raises again fails its requests.
-    return _run_apart(plan, parts, run, Exception, "step_failed")
+    return _run_apart(plan, apart(plan), run, Exception, "step_failed")
 
 
 def _run_apart(
@@ -43,7 +42,7 @@ def _run_apart(
 ) -> StepResult:
     """One result for ``plan`` from its parts, each run on its own: a part that raises ``raised``
     fails its sequences with ``code``, the others keep what their part gave."""
-    tokens: dict[str, int] = {}
+    rows: dict[str, RowOutput] = {}
     failed: dict[str, FailureCode] = {}
     seconds, new_tokens, prompt_tokens = 0.0, 0, 0
     for part in parts:
@@ -52,10 +51,10 @@ def _run_apart(
         except raised:
             failed.update(dict.fromkeys(part.seq_ids, code))
             continue
-        tokens.update(result.tokens)
+        rows.update(result.rows)
         failed.update(result.failed)
         seconds += result.seconds
         new_tokens += result.new_tokens
         prompt_tokens += result.prefilled
     batch = len(plan.seq_ids) - len(failed)
-    return StepResult(tokens, plan_kind(plan), batch, new_tokens, seconds, failed, prompt_tokens=prompt_tokens)
+    return StepResult(rows, plan.kind, batch, new_tokens, seconds, failed, prompt_tokens=prompt_tokens)

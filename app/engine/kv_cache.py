@@ -24,14 +24,16 @@ class Segment:
 
 
 @dataclass(frozen=True, slots=True)
-class _DecodePlan:
+class _DecodeWrites:
     positions: torch.Tensor  # [rows], the position each row's new key is written to
     kv_length: int
     first_row: int  # the decode covers rows first_row .. first_row + len(positions) - 1
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillPlan:
+class PrefillWrites:
+    """Where a packed forward's new keys go, segment by segment (the cache's part of a step)."""
+
     segments: tuple[Segment, ...]
 
 
@@ -43,7 +45,7 @@ class PlannedCache:
     _plan: object = None
 
     def plan_prefill(self, segments: tuple[Segment, ...]) -> None:
-        self._plan = PrefillPlan(segments)
+        self._plan = PrefillWrites(segments)
 
     def clear_plan(self) -> None:
         self._plan = None
@@ -179,7 +181,7 @@ class RowKVCache(PlannedCache):
 
     # -- per-forward plans -------------------------------------------------------------------
     def plan_decode(self, positions: torch.Tensor, kv_length: int, first_row: int = 0) -> None:
-        self._plan = _DecodePlan(positions, kv_length, first_row)
+        self._plan = _DecodeWrites(positions, kv_length, first_row)
 
     # -- the interface transformers' attention layers call -----------------------------------
     def update(
@@ -187,14 +189,14 @@ class RowKVCache(PlannedCache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._layer(layer_idx, key_states)
         plan = self._plan
-        if isinstance(plan, _DecodePlan):
+        if isinstance(plan, _DecodeWrites):
             batch = key_states.shape[0]
             rows = torch.arange(plan.first_row, plan.first_row + batch, device=keys.device)
             keys[rows, :, plan.positions] = key_states[:, :, 0]
             values[rows, :, plan.positions] = value_states[:, :, 0]
             span = slice(plan.first_row, plan.first_row + batch)
             return keys[span, :, : plan.kv_length], values[span, :, : plan.kv_length]
-        if isinstance(plan, PrefillPlan):
+        if isinstance(plan, PrefillWrites):
             return write_packed_prefill(keys, values, key_states, value_states, plan.segments)
         raise RuntimeError("RowKVCache.update called without a plan for this forward")
 

@@ -2,8 +2,10 @@
 
 The scheduler owns the policy (who joins, what each step does, when a request may end); the
 runner owns the tensors. It implements app.contract.step.StepBackend: between steps sequences are
-added and released; a step is a packed prefill of prompt chunks, one decode token for every
-sequence that has finished its prompt, or both in one packed forward (a mixed step).
+added and released; a step (a ``StepPlan``) is a packed prefill of prompt chunks, one decode token
+for every sequence that has finished its prompt, or both in one packed forward (a mixed step).
+Each step reports where it left every sequence it ran (``RowOutput``): the scheduler's only
+source for its progress.
 
 ``ModelRunner`` is the dynamic path (a row cache that grows and stays compact, any shapes);
 ``app.engine.static_runner.StaticModelRunner`` is the static path behind ``--cuda-graphs``. Both
@@ -26,7 +28,15 @@ from transformers import PreTrainedModel
 
 from app.contract.failures import FailureCode
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, PrefixCacheStats, StepOutOfMemory, StepResult, TokenLogprobs
+from app.contract.step import (
+    PrefillChunk,
+    PrefixCacheStats,
+    RowOutput,
+    StepOutOfMemory,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
 from app.engine.attention_masks import MaskShapes
 from app.engine.grammar import GrammarCompiler, GrammarMasks, SequenceGrammar
 from app.engine.kv_cache import RowKVCache, Segment
@@ -48,7 +58,8 @@ class SequenceState:
     stop_token_ids: tuple[int, ...]  # masked while the scheduler says the sequence must continue
     generator: torch.Generator | None
     prompt: tuple[int, ...]
-    length: int = 0  # tokens in the cache: the prompt's first ``length`` are in while prefilling
+    # Tokens whose keys are in its row (prompt, then generated): what each step reports of it.
+    num_computed: int = 0
     last_token: int = -1  # the newest token, not yet in the cache
     history: TokenHistory | None = None  # kept only when the request has penalties
     grammar: SequenceGrammar | ToolCallGrammar | None = None  # when the request constrains its output
@@ -63,7 +74,7 @@ class SequenceState:
     @property
     def pending(self) -> tuple[int, ...]:
         """Prompt tokens not yet in the cache."""
-        return self.prompt[self.length :]
+        return self.prompt[self.num_computed :]
 
 
 class PrefillCache(Protocol):
@@ -192,11 +203,11 @@ class BaseRunner(ABC):
         if parent is not None:
             # Its first len - 1 positions hold the prompt's keys, whatever it has generated since.
             self._copy_keys(parent.row, seq.row, len(prompt) - 1)
-            seq.length = len(prompt) - 1
+            seq.num_computed = len(prompt) - 1
             seq.sliding_from = parent.sliding_from
         elif self.prefix_cache is not None:
             self._start_from_prefix(seq, self.prefix_cache.lookup(seq.prompt))
-        return seq.length
+        return seq.num_computed
 
     def _start_from_prefix(self, seq: SequenceState, match: PrefixMatch) -> None:
         if not match.blocks or self.prefix_cache is None:
@@ -208,7 +219,7 @@ class BaseRunner(ABC):
             return
         self.prefix_cache.pin(match.blocks)
         seq.prefix_blocks = match.blocks
-        seq.length = match.length
+        seq.num_computed = match.length
 
     def _leave(self, seq: SequenceState) -> None:
         """A sequence is leaving (before its row is freed): what is in its row goes to the prefix
@@ -218,7 +229,7 @@ class BaseRunner(ABC):
         self.prefix_cache.unpin(seq.prefix_blocks)
         seq.prefix_blocks = ()
         if not seq.unfit:
-            self._keep_prefix(seq, seq.length)
+            self._keep_prefix(seq, seq.num_computed)
 
     def _keep_prefix(self, seq: SequenceState, end: int) -> None:
         """Its first ``end`` positions into the prefix cache (those really in its row)."""
@@ -226,7 +237,7 @@ class BaseRunner(ABC):
             return
         tokens = (*seq.prompt, *seq.generated)[:end]
         try:
-            self.prefix_cache.store(tokens, min(end, seq.length), self._cache, seq.row, seq.sliding_from)
+            self.prefix_cache.store(tokens, min(end, seq.num_computed), self._cache, seq.row, seq.sliding_from)
         except Exception:  # a cache that cannot keep this prefix must not fail the request
             log.exception("prefix_cache_store_failed", request_id=seq.seq_id)
 
@@ -238,17 +249,18 @@ class BaseRunner(ABC):
 
     # -- steps -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
-        return self._packed_step((), chunks, must_continue)
+    def step(self, plan: StepPlan, must_continue: Collection[str] = ()) -> StepResult:
+        """The plan's forward: a decode step when it holds no prompt chunk, else one packed forward
+        in which each decode row is a segment of one token (its last one, at its next position),
+        so a new prompt's chunk rides along with the running streams instead of stalling them."""
+        if plan.chunks:
+            return self._packed_step(plan.decode, plan.chunks, must_continue)
+        return self.decode(plan.decode, must_continue)
 
     @torch.inference_mode()
-    def mixed(
-        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
-    ) -> StepResult:
-        """One forward that decodes a token for each of ``seq_ids`` and prefills ``chunks``: a
-        decode row is a packed segment of one token (its last one, at its next position), so a new
-        prompt's chunk rides along with the running streams instead of stalling them."""
-        return self._packed_step(seq_ids, chunks, must_continue)
+    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
+        """A step of prompt chunks alone (the warm-up's and the engine tests' shorthand)."""
+        return self._packed_step((), chunks, must_continue)
 
     def _packed_step(
         self, decode_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str]
@@ -265,18 +277,18 @@ class BaseRunner(ABC):
             seq = self._seqs[seq_id]
             if seq.pending or seq.last_token < 0:
                 raise ValueError(f"sequence {seq_id} has not finished its prefill")
-            segments.append(Segment(seq.row, seq.length, 1))
+            segments.append(Segment(seq.row, seq.num_computed, 1))
             input_ids.append(seq.last_token)
-            positions.append(seq.length)
+            positions.append(seq.num_computed)
             producing.append((seq, len(input_ids) - 1))
         for chunk in chunks:
             seq = self._seqs[chunk.seq_id]
             take = seq.pending[: chunk.tokens]
             if not take:
                 raise ValueError(f"sequence {chunk.seq_id} has no prompt left to prefill")
-            segments.append(Segment(seq.row, seq.length, len(take)))
+            segments.append(Segment(seq.row, seq.num_computed, len(take)))
             input_ids.extend(take)
-            positions.extend(range(seq.length, seq.length + len(take)))
+            positions.extend(range(seq.num_computed, seq.num_computed + len(take)))
             if len(take) == len(seq.pending):
                 producing.append((seq, len(input_ids) - 1))
         if not segments:
@@ -299,7 +311,7 @@ class BaseRunner(ABC):
         finally:
             self._cache.clear_plan()
         for seg, seq_id in zip(segments, [*decode_ids, *(chunk.seq_id for chunk in chunks)], strict=True):
-            self._seqs[seq_id].length += seg.length
+            self._seqs[seq_id].num_computed += seg.length
         chosen = [seq for seq, _ in producing]
         tokens, failed, logprobs = self._choose(chosen, logits, must_continue) if producing else ({}, {}, {})
         for seq in chosen[len(decode_ids) :]:  # the prompts now in: for requests that start the same way
@@ -308,9 +320,9 @@ class BaseRunner(ABC):
         seconds = time.perf_counter() - started
         prompt_tokens = len(input_ids) - len(decode_ids)
         kind = "mixed" if decode_ids else "prefill"
-        return StepResult(
-            tokens, kind, len(segments), len(input_ids), seconds, failed, logprobs, prompt_tokens=prompt_tokens
-        )
+        stepped = [*decode_ids, *(chunk.seq_id for chunk in chunks)]
+        rows = self._rows_after(stepped, tokens, failed, logprobs)
+        return StepResult(rows, kind, len(segments), len(input_ids), seconds, failed, prompt_tokens=prompt_tokens)
 
     @torch.inference_mode()
     def decode(self, seq_ids: Iterable[str], must_continue: Collection[str] = ()) -> StepResult:
@@ -327,10 +339,29 @@ class BaseRunner(ABC):
         except torch.cuda.OutOfMemoryError as error:
             raise StepOutOfMemory(str(error)) from error
         for seq in wanted:
-            seq.length += 1
+            seq.num_computed += 1
         tokens, failed, logprobs = self._choose(wanted, logits, must_continue)
         seconds = time.perf_counter() - started
-        return StepResult(tokens, "decode", len(wanted), len(wanted), seconds, failed, logprobs)
+        rows = self._rows_after([seq.seq_id for seq in wanted], tokens, failed, logprobs)
+        return StepResult(rows, "decode", len(wanted), len(wanted), seconds, failed)
+
+    def _rows_after(
+        self,
+        stepped: Sequence[str],
+        tokens: dict[str, int],
+        failed: dict[str, FailureCode],
+        logprobs: dict[str, TokenLogprobs],
+    ) -> dict[str, RowOutput]:
+        """Where the step left each sequence it ran (those that failed are in ``failed`` only)."""
+        rows = {}
+        for seq_id in stepped:
+            if seq_id in failed:
+                continue
+            token = tokens.get(seq_id)
+            entry = logprobs.get(seq_id)
+            got = () if token is None else (token,)
+            rows[seq_id] = RowOutput(self._seqs[seq_id].num_computed, got, () if entry is None else (entry,))
+        return rows
 
     def split(self, seq_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Two halves by row, so that each half decodes over (about) half the rows."""
@@ -452,7 +483,7 @@ class ModelRunner(BaseRunner):
         last_row = len(self._seqs)
         if seq.row != last_row:
             last = next(other for other in self._seqs.values() if other.row == last_row)
-            self._rows.move_row(last.row, seq.row, last.length)
+            self._rows.move_row(last.row, seq.row, last.num_computed)
             last.row = seq.row
         if not self._seqs:
             self._rows.release()
@@ -467,8 +498,8 @@ class ModelRunner(BaseRunner):
         # output is ignored.
         first = min(seq.row for seq in wanted)
         rows = self._in_row_order()[first : max(seq.row for seq in wanted) + 1]
-        positions = torch.tensor([seq.length for seq in rows], device=self.device)
-        kv_length = int(max(seq.length for seq in rows)) + 1
+        positions = torch.tensor([seq.num_computed for seq in rows], device=self.device)
+        kv_length = int(max(seq.num_computed for seq in rows)) + 1
         self._rows.reserve(len(self._seqs), kv_length)
         self._rows.plan_decode(positions, kv_length, first_row=first)
         last = [max(seq.last_token, 0) for seq in rows]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from app.engine.kv_cache import PlannedCache, PrefillPlan, write_packed_prefill
+from app.engine.kv_cache import PlannedCache, PrefillWrites, write_packed_prefill
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +46,7 @@ class SlotShape:
 
 
 @dataclass(frozen=True, slots=True)
-class _DecodePlan:
+class _DecodeWrites:
     write_positions: torch.Tensor  # [batch] on the device: where each row's new key goes
     batch: int
     kv_length: int
@@ -120,7 +120,7 @@ class SlotKVCache(PlannedCache):
     def plan_decode(self, write_positions: torch.Tensor, batch: int, kv_length: int) -> None:
         if batch > self.slots or kv_length > self.positions:
             raise ValueError(f"decode over {batch} slots x {kv_length} positions exceeds the cache")
-        self._plan = _DecodePlan(write_positions, batch, kv_length)
+        self._plan = _DecodeWrites(write_positions, batch, kv_length)
 
     # -- the interface transformers' attention layers call ---------------------------------------
     def update(
@@ -133,13 +133,13 @@ class SlotKVCache(PlannedCache):
                 f"{keys.shape[1]} heads of {keys.shape[3]}"
             )
         plan = self._plan
-        if isinstance(plan, _DecodePlan):
+        if isinstance(plan, _DecodeWrites):
             batch = plan.batch
             # [batch, heads, 1, head_dim] index: row r writes at write_positions[r] in its own slot.
             index = plan.write_positions.view(batch, 1, 1, 1).expand(batch, keys.shape[1], 1, keys.shape[3])
             keys[:batch].scatter_(2, index, key_states)
             values[:batch].scatter_(2, index, value_states)
             return keys[:batch, :, : plan.kv_length], values[:batch, :, : plan.kv_length]
-        if isinstance(plan, PrefillPlan):
+        if isinstance(plan, PrefillWrites):
             return write_packed_prefill(keys, values, key_states, value_states, plan.segments)
         raise RuntimeError("SlotKVCache.update called without a plan for this forward")

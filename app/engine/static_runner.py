@@ -81,7 +81,7 @@ class StaticModelRunner(BaseRunner):
         self._slots.copy_slot(source_row, target_row, length)
 
     def _decode_logits(self, wanted: Sequence[SequenceState]) -> torch.Tensor:
-        return self._decoder.run([DecodeRow(seq.row, seq.last_token, seq.length) for seq in wanted])
+        return self._decoder.run([DecodeRow(seq.row, seq.last_token, seq.num_computed) for seq in wanted])
 
     @torch.inference_mode()
     def capture_graphs(self, up_to_positions: int) -> int:

@@ -8,9 +8,9 @@ to the other ranks, then run here; the other ranks (``follow``) receive each cal
 their own runner, in the same order, so every rank takes the same step and picks the same tokens.
 A cancel is a ``release`` like any other call: it reaches every rank before the next step.
 
-Every call carries a digest of what rank 0's previous call gave (tokens, failures, rows in use): a
-follower whose own differs stops at once (``tensor_parallel_diverged``) rather than go on from
-another state. A collective with a rank that is gone fails at once (gloo: "Connection closed by
+Every call carries a digest of what rank 0's previous call gave (each row's progress and tokens,
+failures, rows in use): a follower whose own differs stops at once (``tensor_parallel_diverged``)
+rather than go on from another state. A collective with a rank that is gone fails at once (gloo: "Connection closed by
 peer"); the rank that sees it logs ``tensor_parallel_group_lost`` and exits 1, so no rank stays
 half-alive, and torchrun stops the rest and exits non-zero.
 
@@ -47,7 +47,7 @@ import torch.distributed as dist
 from app.config import ConfigError, launch_rank
 from app.contract.failures import first_line
 from app.contract.sampling import SamplingParams
-from app.contract.step import PrefillChunk, PrefixCacheStats, StepResult
+from app.contract.step import PrefixCacheStats, StepPlan, StepResult
 from app.engine.runner import BaseRunner
 
 log = structlog.get_logger("engine.tensor_parallel")
@@ -61,7 +61,7 @@ CONTROL_TIMEOUT = timedelta(days=365)
 # The barrier every rank meets after "stop" before it exits: the followers are idle by then.
 LEAVE_TIMEOUT = timedelta(seconds=60)
 # The calls a follower runs on its runner; anything else in a Call is a bug on rank 0.
-STEP_METHODS = frozenset({"add", "release", "prefill", "decode", "mixed", "free_cached_memory"})
+STEP_METHODS = frozenset({"add", "release", "step", "free_cached_memory"})
 
 
 class TensorParallelError(RuntimeError):
@@ -211,11 +211,13 @@ def shard_bytes(model: torch.nn.Module) -> ShardBytes:
 
 
 def digest(method: str, outcome: object, rows_in_use: int) -> str:
-    """What a call gave, in a form every rank computes alike: the tokens and failures of a step
-    (not its timings), add's start, an exception's type; and the rows in use after it."""
+    """What a call gave, in a form every rank computes alike: where a step left each row (its
+    progress and tokens) and its failures (not its timings), add's start, an exception's type; and
+    the rows in use after it."""
     shown: object = outcome
     if isinstance(outcome, StepResult):
-        shown = (outcome.kind, sorted(outcome.tokens.items()), sorted(outcome.failed.items()))
+        rows = sorted((seq_id, row.num_computed, row.tokens) for seq_id, row in outcome.rows.items())
+        shown = (outcome.kind, rows, sorted(outcome.failed.items()))
     elif isinstance(outcome, BaseException):
         shown = ("raised", type(outcome).__name__)
     text = repr((method, shown, rows_in_use)).encode()
@@ -284,18 +286,8 @@ class LeaderBackend:
     def release(self, seq_id: str) -> None:
         self._call("release", seq_id)
 
-    def prefill(self, chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()) -> StepResult:
-        result: StepResult = self._call("prefill", tuple(chunks), frozenset(must_continue))
-        return result
-
-    def decode(self, seq_ids: Sequence[str], must_continue: Collection[str] = ()) -> StepResult:
-        result: StepResult = self._call("decode", tuple(seq_ids), frozenset(must_continue))
-        return result
-
-    def mixed(
-        self, seq_ids: Sequence[str], chunks: Sequence[PrefillChunk], must_continue: Collection[str] = ()
-    ) -> StepResult:
-        result: StepResult = self._call("mixed", tuple(seq_ids), tuple(chunks), frozenset(must_continue))
+    def step(self, plan: StepPlan, must_continue: Collection[str] = ()) -> StepResult:
+        result: StepResult = self._call("step", plan, frozenset(must_continue))
         return result
 
     def free_cached_memory(self) -> None:

@@ -26,9 +26,9 @@ def static_tokens(plan: Plan, model: Any, prompt: list[int], capture: Capture | 
     graphs = StepGraphs(capture)
     runner = StaticModelRunner(model, max_batch_size=1, max_context=256, stop_token_ids=[], graphs=graphs)
     runner.add("check", prompt, SamplingParams(max_tokens=plan.check_tokens, temperature=0.0))
-    tokens = [runner.prefill([PrefillChunk("check", len(prompt))]).tokens["check"]]
+    tokens = list(runner.prefill([PrefillChunk("check", len(prompt))]).rows["check"].tokens)
     while len(tokens) < plan.check_tokens:
-        tokens.append(runner.decode(["check"]).tokens["check"])
+        tokens.extend(runner.decode(["check"]).rows["check"].tokens)
     return tokens, graphs
 
 
