@@ -12,7 +12,7 @@ import trio
 from actors.messages import GenerationJob, StreamError, StreamEvent, StreamToken
 from actors.pipeline import Pipeline
 from app.config import ServerConfig
-from app.contract.model import CallSyntax
+from app.contract.model import CallSyntax, MemoryPool
 from app.contract.sampling import SamplingParams
 from tests.fakes import FakeBackend, inline_steps
 
@@ -30,6 +30,7 @@ class FakeModel:
     stop_token_ids: frozenset[int] = frozenset({999_999})
     tokenizer: Any = None
     decode_path: str = "dynamic"
+    memory_pools: tuple[MemoryPool, ...] = ()
     grammars: None = None
     max_token_bytes: int = 16
     tool_call_syntax: CallSyntax | None = None
