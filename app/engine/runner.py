@@ -225,7 +225,7 @@ class BaseRunner(ABC):
             seq.length = len(prompt) - 1
             seq.sliding_from = parent.sliding_from
         elif self.prefix_cache is not None:
-            self._start_from_prefix(seq, self.prefix_cache.lookup(seq.prompt))
+            self._start_from_prefix(seq, self.prefix_cache.lookup(seq.prompt, seq.params.prefix_salt))
         return seq.length
 
     def _start_from_prefix(self, seq: SequenceState, match: PrefixMatch) -> None:
@@ -256,7 +256,8 @@ class BaseRunner(ABC):
             return
         tokens = (*seq.prompt, *seq.generated)[:end]
         try:
-            self.prefix_cache.store(tokens, min(end, seq.length), self._cache, seq.row, seq.sliding_from)
+            salt = seq.params.prefix_salt
+            self.prefix_cache.store(tokens, min(end, seq.length), self._cache, seq.row, seq.sliding_from, salt)
         except Exception:  # a cache that cannot keep this prefix must not fail the request
             log.exception("prefix_cache_store_failed", request_id=seq.seq_id)
 

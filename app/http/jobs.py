@@ -20,7 +20,7 @@ from app.http.structured import ConstraintError, OutputConstraint, StructuredFie
 from app.http.tool_calls import json_call_schema
 from app.http.tool_fields import ToolUse
 from app.prompts.builder import PROMPT_VERSION, PromptError, PromptSpec, build_prompt_tokens, fewest_tokens
-from app.prompts.cache_key import cache_key
+from app.prompts.cache_key import cache_key, prefix_namespace
 from app.text.pieces import TextMode
 
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
@@ -269,6 +269,7 @@ def build_job(
     tokens = prompt_tokens(spec, model)
     grammar = constraint.grammar if constraint is not None else None
     params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field, bias=bias, grammar=grammar)
+    params = dataclasses.replace(params, prefix_salt=prefix_namespace(tenant, fields.cache_salt))
     if forced_call:
         assert tools is not None
         params = dataclasses.replace(params, grammar=forced_call_grammar(model, tools, params.max_tokens, spec, fields))
