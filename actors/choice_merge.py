@@ -1,8 +1,8 @@
 """The streams of a request's choices, read as one: each event tagged with its choice, as it comes.
 
 One pump task per stream forwards that stream's events to one channel. The pumps run in the
-pipeline's nursery, as the relays do: an HTTP response body is a generator, and a generator
-cannot hold a nursery open across its yields. The merged channel is small, so a client that
+pipeline's nursery, as the relays run in a long-lived one: an HTTP response body is a generator,
+and a generator cannot hold a nursery open across its yields. The merged channel is small, so a client that
 reads slowly still holds its relays back (and their stall watch still sees it). A pump ends after
 its stream's terminal event, when its stream is aborted (the handle closes its end), or when the
 merged channel's reader has gone.

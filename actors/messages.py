@@ -38,6 +38,9 @@ class GenerationJob:
     prompt_version: str = ""
     # parallel_tool_calls false: the output ends where a second tool call would begin.
     single_call: bool = False
+    # The caller's tenant (its API key, by name; None: unkeyed): its streams count against its own
+    # --max-streams-per-key, and every cache key made for the job carries it.
+    tenant: str | None = None
 
 
 # -- to the scheduler -------------------------------------------------------------------------

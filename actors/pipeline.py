@@ -1,62 +1,42 @@
-"""The pipeline: starts the actors, loads the model, and opens one stream per request.
+"""The pipeline's life: it starts the actors, loads the model, drains and stops.
 
-Structure (all in one nursery, started with ``await nursery.start(pipeline.run)``): the metrics
-actor and the prompt cache, then the model load in a worker thread, then the GPU scheduler;
-relays are started in the same nursery, one per generation, so none lives inside an HTTP
-response generator. ``stop`` ends them in order: the scheduler first (it fails what is left, and
+Structure (one nursery, started with ``await nursery.start(pipeline.run)``): the metrics actor
+and the prompt cache, then the model load in a worker thread, then the GPU scheduler, then
+Streams (actors/streams.py), which opens each request's stream and runs its relay in a nursery of
+its own, so none lives inside an HTTP response generator. ``drain`` closes that nursery with the
+drain deadline; ``stop`` ends the actors in order: the scheduler first (it fails what is left, and
 the relays pass that on), then the cache, then whatever is still running is cancelled.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import structlog
 import trio
 
-from actors import choice_merge
 from actors.cached_response import CachedResponse
 from actors.choice_merge import ChoiceEvent
-from actors.messages import GenerationJob, SchedulerEvent, StreamEvent, Submit
+from actors.messages import GenerationJob
 from actors.metrics import MetricsActor
-from actors.metrics_events import ModelLoaded, RequestReceived
+from actors.metrics_events import ModelLoaded
 from actors.prometheus_series import GpuMemoryProbe, PrometheusSeries
 from actors.prompt_cache import PromptCache
-from actors.relay import TokenRelay
 from actors.scheduler import GpuScheduler
 from actors.shared_cache import SharedCache
 from actors.step_thread import StepCaller
 from actors.stream_handle import StreamHandle
-from app.batching.finish import AbortReason
+from actors.streams import STOP_GRACE_SECONDS, Streams
 from app.cache.store import ResponseStore
 from app.config import ServerConfig
+from app.contract.failures import first_line
 from app.contract.model import ServedModel
-from app.text.pieces import TextMode
-from app.text.token_text import token_text
 
 log = structlog.get_logger("pipeline")
 
 State = Literal["loading", "ready", "draining", "failed"]
-# Events a relay may hold for a client that reads slowly, before the relay itself waits.
-RELAY_BUFFER_EVENTS = 256
-# Seconds ``stop`` gives the scheduler and the relays to say goodbye before it cancels them.
-STOP_GRACE_SECONDS = 5.0
-
-
-def _stop_applies_to(text_mode: TextMode) -> Callable[[str | None], bool]:
-    # Stop strings end the answer; gpt-oss's reasoning (the analysis channel) is not the answer.
-    if text_mode == "harmony":
-        return lambda channel: channel != "analysis"
-    return lambda channel: True
-
-
-class TooManyStreams(RuntimeError):
-    """--max-streams streams are open: the request is refused (429) before any work starts."""
 
 
 class NotReadyError(RuntimeError):
@@ -92,25 +72,24 @@ class Pipeline:
         self.model: ServedModel | None = None
         self.scheduler: GpuScheduler | None = None
         self.started_at = clock()
+        self.streams: Streams | None = None  # once the model is up
         self._nursery: trio.Nursery | None = None
-        self._scheduler_done, self._cache_done = trio.Event(), trio.Event()
-        self._relays = 0
-        self._streams = 0
+        self._cache_done = trio.Event()
 
     @property
     def active_relays(self) -> int:
         """Generations with a relay running (several HTTP streams may share one)."""
-        return self._relays
+        return self.streams.relays if self.streams is not None else 0
 
     @property
     def active_streams(self) -> int:
         """HTTP requests with a generation stream open, cache-served ones included."""
-        return self._streams
+        return self.streams.open if self.streams is not None else 0
 
     @property
     def task_count(self) -> int:
-        """Tasks in the pipeline's nursery: the actors plus one per live relay."""
-        return len(self._nursery.child_tasks) if self._nursery is not None else 0
+        """Tasks in the pipeline's nursery (the actors, the merging pumps) plus one per live relay."""
+        return (len(self._nursery.child_tasks) if self._nursery is not None else 0) + self.active_relays
 
     async def run(
         self, *, wait_for_model: bool = False, task_status: trio.TaskStatus[Pipeline] = trio.TASK_STATUS_IGNORED
@@ -145,14 +124,14 @@ class Pipeline:
             if config.cache_max_entries > 0:
                 store = ResponseStore[CachedResponse](config.cache_max_entries, config.cache_max_bytes)
                 cache = PromptCache(store, self.metrics.sender(), clock=self.clock)
-                self.cache = await nursery.start(self._run_until_done, cache.run, self._cache_done)
+                self.cache = await nursery.start(self._run_cache, cache)
             if not wait_for_model:
                 started(self)
             try:
                 model = await trio.to_thread.run_sync(self._load)
             except Exception as error:  # any load failure: say why, in one line
                 self.state = "failed"
-                self.failure = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                self.failure = first_line(error)
                 log.error("model_load_failed", error=self.failure)
                 if wait_for_model:
                     raise
@@ -170,8 +149,10 @@ class Pipeline:
                 step_caller=self._step_caller,
                 clock=self.clock,
             )
-            self.scheduler = await nursery.start(self._run_until_done, scheduler.run, self._scheduler_done)
+            self.scheduler = await nursery.start(scheduler.run)
             nursery.start_soon(self._watch_steps, scheduler)
+            streams = Streams(model, scheduler, self.cache, self.metrics, config, pumps=nursery)
+            self.streams = await nursery.start(streams.run)
             loaded = ModelLoaded(
                 model.model_id,
                 model.model_size,
@@ -186,14 +167,12 @@ class Pipeline:
             if wait_for_model:
                 started(self)
 
-    @staticmethod
-    async def _run_until_done(
-        run: Callable[..., Awaitable[None]], done: trio.Event, *, task_status: trio.TaskStatus[Any]
-    ) -> None:
+    async def _run_cache(self, cache: PromptCache, *, task_status: trio.TaskStatus[PromptCache]) -> None:
+        # stop waits for its end: it hands on what the relays left it before anything is cancelled
         try:
-            await run(task_status=task_status)
+            await cache.run(task_status=task_status)
         finally:
-            done.set()
+            self._cache_done.set()
 
     async def _watch_steps(self, scheduler: GpuScheduler) -> None:
         """Log a step that runs past --step-timeout, once per step (/health reads the same clock)."""
@@ -206,35 +185,29 @@ class Pipeline:
                 reported = since
                 log.error("step_stalled", seconds=round(self.clock() - since, 1), bound_s=bound)
 
-    def begin_drain(self) -> None:
+    async def drain(self, timeout: float, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Refuse new work; let running streams finish for up to ``timeout`` seconds, then end
+        the rest with finish_reason ``shutdown`` and give their relays ``grace`` seconds to say
+        so (a relay whose reader does not take it by then is cancelled)."""
+        self._refuse_work()
+        if self.streams is not None and self.scheduler is not None:
+            scheduler = self.scheduler
+            await self.streams.close(timeout, lambda: scheduler.abort_all("shutdown"), grace)
+
+    def _refuse_work(self) -> None:
         if self.state == "ready":
             self.state = "draining"
-
-    async def drain(self, timeout: float) -> None:
-        """Refuse new work; let running streams finish for up to ``timeout`` seconds, then end
-        the rest with finish_reason ``shutdown`` and give their relays a moment to say so."""
-        self.begin_drain()
-        scheduler = self.scheduler
-        if scheduler is None:
-            return
-        with trio.move_on_after(timeout):
-            while scheduler.stats.running or scheduler.stats.waiting or self._relays:
-                await trio.sleep(0.05)
-        scheduler.abort_all("shutdown")
-        with trio.move_on_after(STOP_GRACE_SECONDS):
-            while self._relays:
-                await trio.sleep(0.02)
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """End the actors in order, each after the one that feeds it: the scheduler fails what it
         still holds and its relays pass that on; then the prompt cache; after ``grace`` seconds at
         most, whatever still runs is cancelled."""
+        self._refuse_work()
         with trio.move_on_after(grace):
             if self.scheduler is not None:
                 self.scheduler.close()
-                await self._scheduler_done.wait()
-            while self._relays:
-                await trio.sleep(0.01)
+            if self.streams is not None:
+                await self.streams.close(grace=grace)
             if self.cache is not None:
                 self.cache.close()
                 await self._cache_done.wait()
@@ -242,93 +215,13 @@ class Pipeline:
             self._nursery.cancel_scope.cancel()
 
     def open_stream(self, job: GenerationJob, fork_from: str | None = None) -> StreamHandle:
-        """Start a request's stream: through the prompt cache when it is cacheable, else straight
-        to the scheduler. Synchronous: nothing here can block.
-
-        ``fork_from``: the request id of an earlier stream of ours with the same prompt (choice 0
-        of the same request). The scheduler prefills the prompt once for both if that one is in
-        its batch; if not (a cache hit, or already ended), this one prefills on its own."""
-        if self.state != "ready" or self.model is None or self.scheduler is None or self._nursery is None:
+        """A request's stream (Streams.open_stream), while the pipeline is ready."""
+        if self.state != "ready" or self.streams is None:
             raise NotReadyError(self.state, self.failure or "")
-        if self._streams >= self.config.max_streams:
-            raise TooManyStreams(f"{self._streams} streams are open, the most this server keeps (--max-streams)")
-        request_id = f"req-{uuid.uuid4().hex}"  # ours, always unique: the key every actor uses
-        shown_id = job.client_request_id or request_id
-        abort: Callable[[AbortReason], None]
-        if job.cacheable and self.cache is not None:
-            cache, key = self.cache, job.cache_key
-            capacity = job.params.max_tokens + 8
-            send, receive = trio.open_memory_channel[StreamEvent](capacity)
-            start = functools.partial(self._start_generation, job, request_id, fork_from=fork_from)
-            subscriber = cache.open(key, request_id, send, job.received_at, capacity, start)
-            abort = lambda reason: cache.leave(key, subscriber)  # noqa: E731
-        else:
-            send, receive = trio.open_memory_channel[StreamEvent](RELAY_BUFFER_EVENTS)
-            abort = self._start_generation(job, request_id, send, fork_from=fork_from)
-        self.metrics.report(
-            RequestReceived(
-                request_id, len(job.prompt), job.cache_key, job.prompt_version, job.cacheable, job.client_request_id
-            )
-        )
-        self._streams += 1
-        return StreamHandle(request_id, receive, abort, self.metrics.report, self._stream_closed, shown_id=shown_id)
-
-    def _stream_closed(self) -> None:
-        self._streams -= 1
+        return self.streams.open_stream(job, fork_from)
 
     def merge(self, streams: Sequence[tuple[int, StreamHandle]]) -> trio.MemoryReceiveChannel[ChoiceEvent]:
-        """Several streams' events as one channel, each tagged with its index (the choices of one
-        request); the pumps that feed it run in this nursery (actors/choice_merge.py)."""
-        if self._nursery is None:
+        """Several streams' events as one channel (Streams.merge)."""
+        if self.streams is None:
             raise NotReadyError(self.state, self.failure or "")
-        return choice_merge.merge(self._nursery, streams)
-
-    def _start_generation(
-        self,
-        job: GenerationJob,
-        request_id: str,
-        out: trio.MemorySendChannel[StreamEvent],
-        *,
-        fork_from: str | None = None,
-    ) -> Callable[[AbortReason], None]:
-        """Start a relay writing to ``out`` and submit the job; returns how to abort it."""
-        model, scheduler, nursery = self.model, self.scheduler, self._nursery
-        if model is None or scheduler is None or nursery is None:
-            raise NotReadyError(self.state, self.failure or "")
-        # Room for every event the scheduler can send this request: it never waits on a relay.
-        to_relay, relay_in = trio.open_memory_channel[SchedulerEvent](job.params.max_tokens + 8)
-        relay = TokenRelay(
-            request_id,
-            job.received_at,
-            len(job.prompt),
-            relay_in,
-            out,
-            token_text(job.text_mode, model.decode),
-            job.params.stop,
-            scheduler.abort,
-            token_bytes=model.token_bytes,
-            stall_timeout=self.config.stall_timeout if self.config.stall_timeout > 0 else math.inf,
-            stop_applies_to=_stop_applies_to(job.text_mode),
-            single_call=job.single_call,
-        )
-        nursery.start_soon(self._run_relay, relay)
-        scheduler.submit(
-            Submit(
-                request_id,
-                job.prompt,
-                job.params,
-                model.stop_token_ids,
-                job.received_at,
-                to_relay,
-                job.deadline,
-                fork_from,
-            )
-        )
-        return functools.partial(scheduler.abort, request_id)
-
-    async def _run_relay(self, relay: TokenRelay) -> None:
-        self._relays += 1
-        try:
-            await relay.run()
-        finally:
-            self._relays -= 1
+        return self.streams.merge(streams)

@@ -2,10 +2,10 @@
 
 It turns token ids into text (held back while a character or a possible stop string is
 incomplete), ends the request at a stop string, adds the timings, and hands ready events to the
-response body. It runs in the pipeline's long-lived nursery, not inside the response generator,
-so a response that is torn down mid-``yield`` never leaves it half-run. When its reader is gone
-(the stream handle closed its end, after it aborted the request: the one path a disconnect takes)
-the relay just exits; when its reader stops reading for ``stall_timeout`` seconds, or a stop
+response body. It runs in a long-lived nursery (actors/streams.py), not inside the response
+generator, so a response that is torn down mid-``yield`` never leaves it half-run. When its
+reader is gone (the stream handle closed its end, after it aborted the request: the one path a
+disconnect takes) the relay just exits; when its reader stops reading for ``stall_timeout`` seconds, or a stop
 string ends the text, the relay aborts the request itself.
 """
 

@@ -8,6 +8,7 @@ variables (the CLI has no flags of ours):
     GPTOSS_ARRIVAL_WINDOW_MS,
     GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json),
     GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN, GPTOSS_MAX_STREAMS,
+    GPTOSS_MAX_STREAMS_PER_KEY, GPTOSS_MAX_TOKENS_DEFAULT, GPTOSS_GENERATION_CONFIG (auto, vllm or a folder),
     GPTOSS_STEP_TIMEOUT, GPTOSS_PREFIX_CACHE_MB (1024; 0 turns the prefix KV cache off),
     GPTOSS_MAX_CONNECTIONS, GPTOSS_API_KEY (comma-separated keys), GPTOSS_ALLOWED_ORIGINS,
     GPTOSS_REDIS_URL (replicas sharing a Redis), GPTOSS_REDIS_CACHE_TTL (86400), GPTOSS_REDIS_TIMEOUT (0.5)
@@ -27,6 +28,7 @@ import threading
 from app.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_STREAMS_PER_KEY,
     DEFAULT_MODEL,
     DEFAULT_PREFIX_CACHE_MB,
     ServerConfig,
@@ -64,6 +66,9 @@ def config_from_env() -> ServerConfig:
         max_seq_len=_int("GPTOSS_MAX_SEQ_LEN"),
         prefix_cache_bytes=int(float(os.environ.get("GPTOSS_PREFIX_CACHE_MB", DEFAULT_PREFIX_CACHE_MB)) * 1024 * 1024),
         max_streams=_int("GPTOSS_MAX_STREAMS") or DEFAULT_MAX_STREAMS,
+        max_streams_per_key=_int("GPTOSS_MAX_STREAMS_PER_KEY") or DEFAULT_MAX_STREAMS_PER_KEY,
+        max_tokens_default=_int("GPTOSS_MAX_TOKENS_DEFAULT"),
+        generation_config=os.environ.get("GPTOSS_GENERATION_CONFIG") or "auto",
         step_timeout=float(os.environ.get("GPTOSS_STEP_TIMEOUT", "300")),
         max_connections=_int("GPTOSS_MAX_CONNECTIONS") or DEFAULT_MAX_CONNECTIONS,
         api_keys=keys_from_env(),

@@ -18,6 +18,7 @@ from app import __version__
 from app.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_STREAMS_PER_KEY,
     DEFAULT_MODEL,
     DEFAULT_PREFIX_CACHE_MB,
     LOG_LEVELS,
@@ -27,10 +28,12 @@ from app.config import (
     ServerConfig,
     keys_from_env,
     launch_rank,
+    parse_api_keys,
     profile_with,
     split_list,
 )
 from app.logging_setup import configure_logging
+from app.models.generation_defaults import DEFAULT_MAX_TOKENS, generation_config_problem
 from app.models.registry import ModelNotFoundError, known_names, resolve
 from app.server import Server, create_server, run_follower, stop_tensor_parallel
 
@@ -146,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         action="append",
         default=None,
-        help="require Authorization: Bearer KEY on /v1/* and /generate (repeat for several keys, each "
-        "a tenant of the prompt cache); also GPTOSS_API_KEY, comma-separated",
+        help="require Authorization: Bearer KEY on /v1/* and /generate; several keys comma-separated "
+        "(KEY1,KEY2) or the flag repeated, each a tenant; also GPTOSS_API_KEY, read the same way",
     )
     parser.add_argument(
         "--allowed-origins",
@@ -165,6 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_STREAMS,
         help="open generation streams at once, cache replays included; more get 429",
+    )
+    parser.add_argument(
+        "--max-streams-per-key",
+        type=int,
+        default=DEFAULT_MAX_STREAMS_PER_KEY,
+        help="open generation streams one API key may hold at once (every unkeyed caller together "
+        "counts as one key); more get 429, and the other keys keep theirs",
+    )
+    parser.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=None,
+        metavar="N",
+        help="max_tokens for a request that sets none (capped by the room its prompt leaves); "
+        f"default: the generation config's max_new_tokens, else {DEFAULT_MAX_TOKENS}; 0: the rest of the context",
+    )
+    parser.add_argument(
+        "--generation-config",
+        default="auto",
+        metavar="auto|vllm|FOLDER",
+        help="default sampling for the fields a request leaves out (vLLM's flag): auto takes the model "
+        "card's recommendation and the model's generation_config.json, vllm the neutral values "
+        "(temperature 1, top_p 1), FOLDER that folder's generation_config.json",
     )
     parser.add_argument(
         "--responses-db",
@@ -261,9 +287,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cache_max_entries=args.cache_max_entries,
         cache_max_bytes=int(args.cache_max_mb * 1024 * 1024),
         max_streams=args.max_streams,
+        max_streams_per_key=args.max_streams_per_key,
+        max_tokens_default=args.max_tokens_default,
+        generation_config=args.generation_config,
         step_timeout=args.step_timeout,
         max_connections=args.max_connections,
-        api_keys=tuple(args.api_key) if args.api_key else keys_from_env(),
+        api_keys=parse_api_keys(args.api_key) if args.api_key else keys_from_env(),
         allowed_origins=split_list(args.allowed_origins),
         cuda_graphs=args.cuda_graphs,
         max_seq_len=args.max_seq_len,
@@ -347,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     if config.chat_template is not None and not os.path.isfile(config.chat_template):
         print(f"error: --chat-template {config.chat_template}: no such file", file=sys.stderr)
+        return 2
+    if (problem := generation_config_problem(config.generation_config)) is not None:
+        print(f"error: --generation-config {config.generation_config}: {problem}", file=sys.stderr)
         return 2
     try:
         resolve(config.model, config.served_model_name)

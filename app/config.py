@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -13,6 +13,9 @@ LogFormat = Literal["json", "console"]
 # What ``python -m app`` and ``hypercorn ... app.asgi:app`` serve when no model is named.
 DEFAULT_MODEL = "20b"
 DEFAULT_MAX_STREAMS = 256
+# One tenant's share of DEFAULT_MAX_STREAMS: four tenants that open streams and never read them
+# still leave a fifth its own.
+DEFAULT_MAX_STREAMS_PER_KEY = 64
 DEFAULT_MAX_CONNECTIONS = 512
 # About 40,000 tokens of gpt-oss-20b prefixes in bfloat16 (its full-attention layers' keys; the
 # sliding layers keep only the window before each stored end), about 22,000 of SmolLM2 in fp32.
@@ -123,6 +126,14 @@ class ServerConfig:
     # Open generation streams (cache replays included) at once; past it a request gets 429. The
     # queue bounds only what waits for the GPU: a cache hit never queues.
     max_streams: int = DEFAULT_MAX_STREAMS
+    # Of those, what one tenant (an API key; every unkeyed caller together is one) may hold at once.
+    max_streams_per_key: int = DEFAULT_MAX_STREAMS_PER_KEY
+    # max_tokens for a request that sets none (None: the generation config's max_new_tokens, else
+    # app.models.generation_defaults.DEFAULT_MAX_TOKENS; 0: the rest of the context), capped by it.
+    max_tokens_default: int | None = None
+    # Where default sampling comes from (vLLM's --generation-config): "auto" (the model card's
+    # recommendation and the model's generation_config.json), "vllm" (neutral), or a folder.
+    generation_config: str = "auto"
     # A trip to the worker thread that runs longer than this (a stuck kernel, a deadlock) turns
     # /health into 503 "stalled" and is logged; generous, as a long prefill on a CPU takes seconds.
     step_timeout: float = 300.0
@@ -177,8 +188,16 @@ class ServerConfig:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
         if self.cache_max_entries < 0 or self.cache_max_bytes < 0:
             raise ConfigError("cache bounds must not be negative")
-        if self.max_streams < 1 or self.max_connections < 1:
-            raise ConfigError("max_streams and max_connections must be at least 1")
+        if self.max_streams < 1 or self.max_connections < 1 or self.max_streams_per_key < 1:
+            raise ConfigError("max_streams, max_streams_per_key and max_connections must be at least 1")
+        if self.max_tokens_default is not None and (
+            isinstance(self.max_tokens_default, bool) or self.max_tokens_default < 0
+        ):
+            raise ConfigError(
+                f"max_tokens_default must be 0 (the rest of the context) or more, got {self.max_tokens_default!r}"
+            )
+        if not self.generation_config.strip():
+            raise ConfigError("generation_config must be auto, vllm or a folder holding generation_config.json")
         if any(len(key) < 8 or any(c.isspace() for c in key) for key in self.api_keys):
             raise ConfigError("an API key must be at least 8 characters, without spaces")
         if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or self.max_seq_len < 2):
@@ -249,6 +268,12 @@ def split_list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
+def parse_api_keys(values: Iterable[str]) -> tuple[str, ...]:
+    """--api-key's values as keys: each value may hold several, comma-separated, as
+    GPTOSS_API_KEY does, so that the flag and the variable read ``k1,k2`` alike (two keys)."""
+    return tuple(dict.fromkeys(key for value in values for key in split_list(value)))
+
+
 def keys_from_env() -> tuple[str, ...]:
     # A key given in the environment stays out of `ps` and the shell's history.
-    return split_list(os.environ.get("GPTOSS_API_KEY"))
+    return parse_api_keys([os.environ.get("GPTOSS_API_KEY") or ""])

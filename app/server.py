@@ -33,11 +33,12 @@ from app.http import generate_routes, openai_routes, ops_routes, playground_rout
 from app.http.access import ApiKeys, cors_headers
 from app.http.context import ServerState
 from app.http.errors import ApiError, error_body, error_response
+from app.http.json_response import json_response
 from app.http.request_scope import RequestScopeMiddleware
 from app.http.response_store import AsyncResponseStore
 from app.store.redis_link import RedisLink, connect, redacted
 from app.store.redis_responses import RedisResponseStore
-from app.store.responses import ResponseBackend, ResponseStore, StoreLimits
+from app.store.responses import ResponseBackend, SqliteResponseStore, StoreLimits
 
 log = structlog.get_logger("server")
 BODY_TIMEOUT_SECONDS = 30
@@ -65,6 +66,8 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
             tool_call_parser=config.tool_call_parser,
             tensor_parallel_size=config.tensor_parallel_size,
             expert_parallel=config.expert_parallel,
+            generation_config=config.generation_config,
+            max_tokens_default=config.max_tokens_default,
         )
 
     return load
@@ -104,7 +107,7 @@ def response_store(config: ServerConfig, redis: RedisLink | None = None) -> Resp
         return RedisResponseStore(redis, limits)
     from app.models.local_builds import cache_root  # torch: loaded only when the wiring runs
 
-    return ResponseStore(config.responses_db or cache_root() / "responses.db", limits)
+    return SqliteResponseStore(config.responses_db or cache_root() / "responses.db", limits)
 
 
 def model_namespace(config: ServerConfig, model: ServedModel) -> str:
@@ -219,7 +222,7 @@ def create_server(
             413: f"the request body is over the limit of {config.max_body_bytes} bytes",
         }
         body = error_body(status, messages.get(status, error.description or error.name))
-        response = Response(json.dumps(body), status=status, content_type="application/json")
+        response = json_response(body, status)
         if status == 413:
             # The rest of the body is still on the wire: this connection cannot carry another request.
             response.headers["Connection"] = "close"
@@ -229,7 +232,7 @@ def create_server(
     async def unexpected_error(error: Exception) -> Response:
         log.exception("unhandled_error", error=repr(error))
         body = error_body(500, f"internal error: {type(error).__name__}")
-        return Response(json.dumps(body), status=500, content_type="application/json")
+        return json_response(body, 500)
 
     generate_routes.register(app, state)
     openai_routes.register(app, state)

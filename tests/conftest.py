@@ -101,6 +101,8 @@ async def running_server(
             prefix_cache_bytes=config.prefix_cache_bytes,
             chat_template=read_chat_template(config.chat_template),
             tool_call_parser=config.tool_call_parser,
+            generation_config=config.generation_config,
+            max_tokens_default=config.max_tokens_default,
         )
         return runner_hook(loaded) if runner_hook else loaded
 
@@ -135,6 +137,8 @@ def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = 
             chat_template=read_chat_template(config.chat_template),
             tool_call_parser=config.tool_call_parser,
             prefix_cache_bytes=config.prefix_cache_bytes,
+            generation_config=config.generation_config,
+            max_tokens_default=config.max_tokens_default,
         )
         server = create_server(config, loader=lambda: loaded)
         shutdown = trio.Event()

@@ -113,6 +113,28 @@ def test_redis_flags_reach_the_config_and_a_bad_url_is_refused(monkeypatch: pyte
             config_from_args(build_parser().parse_args(bad))
 
 
+def test_api_key_flag_and_environment_read_a_comma_list_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTOSS_API_KEY", "key-one-001,key-two-002")
+    from_env = config_from_args(build_parser().parse_args([])).api_keys
+    from_flag = config_from_args(build_parser().parse_args(["--api-key", "key-one-001,key-two-002"])).api_keys
+    assert from_flag == from_env == ("key-one-001", "key-two-002")
+    repeated = ["--api-key", "key-one-001", "--api-key", "key-two-002, key-three-03"]
+    assert config_from_args(build_parser().parse_args(repeated)).api_keys == (*from_env, "key-three-03")
+
+
+def test_tenant_and_default_flags_reach_the_config(tmp_path: Path) -> None:
+    defaults = config_from_args(build_parser().parse_args([]))
+    assert (defaults.max_streams_per_key, defaults.max_tokens_default, defaults.generation_config) == (64, None, "auto")
+    args = ["--max-streams-per-key", "3", "--max-tokens-default", "0", "--generation-config", "vllm"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert (config.max_streams_per_key, config.max_tokens_default, config.generation_config) == (3, 0, "vllm")
+    for bad in (["--max-streams-per-key", "0"], ["--max-tokens-default", "-1"]):
+        with pytest.raises(ConfigError):
+            config_from_args(build_parser().parse_args(bad))
+    result = run_cli("--model", "tiny-gpt-oss", "--generation-config", str(tmp_path), "--port", "0")
+    assert result.returncode == 2 and "no generation_config.json there" in result.stderr
+
+
 def test_a_missing_chat_template_is_refused_at_once() -> None:
     result = run_cli("--model", "tiny-gpt-oss", "--chat-template", "/tmp/no/such/template.jinja", "--port", "0")
     assert result.returncode == 2

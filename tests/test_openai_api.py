@@ -189,6 +189,10 @@ async def test_errors_come_in_openais_shape(tiny_server: RunningServer) -> None:
         with pytest.raises(openai.BadRequestError) as too_long:
             await client.chat.completions.create(model="tiny-gpt-oss", messages=HI, max_tokens=9000)
         assert "context" in str(too_long.value)
+    # Errors are JSON as the answers are: non-ASCII as UTF-8, not as \u escapes.
+    async with httpx.AsyncClient(base_url=tiny_server.url, timeout=60) as raw:
+        unknown = await raw.get("/v1/models/modèle-é")
+    assert unknown.status_code == 404 and "modèle-é".encode() in unknown.content, unknown.content
 
 
 async def test_raw_stream_ends_with_done_and_continuous_usage(tiny_server: RunningServer) -> None:

@@ -28,7 +28,7 @@ from app.cache.store import ResponseStore
 from app.http.response_store import AsyncResponseStore, StoreUnavailable
 from app.store.redis_link import KEY_PREFIX, RedisLink, RedisUnavailable, as_bytes, connect, hashed_key, redacted
 from app.store.redis_responses import RedisResponseStore
-from app.store.responses import StoredResponse, StoreLimits
+from app.store.responses import StoredResponse, StoreLimits, encode
 from app.text.logprobs import ShownLogprob, ShownLogprobs
 from tests.redis_server import RedisServer, redis_server
 from tests.test_prompt_cache import ScriptedGeneration, drain
@@ -136,7 +136,8 @@ def test_responses_round_trip_per_tenant_and_are_json_under_hashed_keys(redis_db
     assert store.get("bob", "resp_1") is None, "another tenant reads nothing"
     assert store.get(None, "resp_1").response["output"][0]["content"] == "for nobody"  # type: ignore[union-attr]
     keys = sorted(as_bytes(key).decode() for key in redis_db.client().keys("*"))  # type: ignore[union-attr]
-    assert keys == sorted([hashed_key("resp", "alice", "resp_1"), hashed_key("resp", "", "resp_1")])
+    bookkeeping = [hashed_key(kind, tenant) for kind in ("resp-index", "resp-tally") for tenant in ("alice", "")]
+    assert keys == sorted([hashed_key("resp", "alice", "resp_1"), hashed_key("resp", "", "resp_1"), *bookkeeping])
     raw = redis_db.client().get(hashed_key("resp", "alice", "resp_1"))
     assert json.loads(raw)["response"]["id"] == "resp_1"  # type: ignore[arg-type]
     assert not store.delete("bob", "resp_1") and store.delete("alice", "resp_1")
@@ -154,6 +155,34 @@ def test_responses_expire_with_their_ttl_and_oversized_ones_are_not_stored(redis
     while store.get(None, "resp_1") is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert store.get(None, "resp_1") is None, "Redis expired it"
+
+
+def test_each_tenant_has_its_own_share_counted_by_every_replica(redis_db: RedisServer) -> None:
+    """Breakage caught: no per-tenant bound in Redis (bob's flood grew without end, or took alice's)."""
+    limits = StoreLimits(max_count=3, max_bytes=1200)
+    store, replica = (RedisResponseStore(link_to(redis_db), limits) for _ in range(2))
+    store.put("alice", stored("resp_alice"))
+    for number in range(12):
+        (store if number % 2 else replica).put("bob", stored(f"resp_{number}", "x" * 200))
+    assert store.get("alice", "resp_alice") is not None
+    assert [store.get("bob", f"resp_{n}") is not None for n in (8, 9, 10, 11)] == [False, True, True, True]
+    count, total = store.tally("bob")
+    assert count == 3 and total == sum(len(encode(stored(f"resp_{n}", "x" * 200))) for n in (9, 10, 11))
+    for number in range(30):  # past the bytes before the count
+        store.put("bob", stored(f"resp_big{number}", "x" * 400))
+    assert store.tally("bob")[1] <= 1200 and store.tally("bob")[0] == 2
+    assert store.delete("bob", "resp_big29") and store.tally("bob") == (1, len(encode(stored("resp_big28", "x" * 400))))
+    assert store.tally("alice") == (1, len(encode(stored("resp_alice"))))
+
+
+def test_what_expired_leaves_its_tenants_tally_on_the_next_write(redis_db: RedisServer) -> None:
+    clock = [1000.0]
+    store = RedisResponseStore(link_to(redis_db), StoreLimits(max_count=3, ttl_seconds=60), clock=lambda: clock[0])
+    store.put("bob", stored("resp_1"))
+    store.put("bob", stored("resp_2"))
+    clock[0] += 61
+    store.put("bob", stored("resp_3"))
+    assert store.tally("bob") == (1, len(encode(stored("resp_3"))))
 
 
 def test_a_value_that_is_not_ours_reads_as_absent(redis_db: RedisServer) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.store.responses import MEMORY, ResponseStore, StoredResponse, StoreLimits
+from app.store.responses import MEMORY, SqliteResponseStore, StoredResponse, StoreLimits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ class Clock:
 
 
 def test_the_oldest_go_first_past_the_count() -> None:
-    store = ResponseStore(MEMORY, StoreLimits(max_count=3))
+    store = SqliteResponseStore(MEMORY, StoreLimits(max_count=3))
     for number in range(5):
         store.put(None, stored(number))
     assert [store.get(None, stored(n).response["id"]) is not None for n in range(5)] == [False, False, True, True, True]
@@ -37,10 +37,10 @@ def test_the_oldest_go_first_past_the_count() -> None:
 
 
 def test_the_oldest_go_first_past_the_bytes() -> None:
-    one = ResponseStore(MEMORY)
+    one = SqliteResponseStore(MEMORY)
     one.put(None, stored(0, "x" * 1000))
     size = one.total_bytes()
-    store = ResponseStore(MEMORY, StoreLimits(max_bytes=2 * size + size // 2))
+    store = SqliteResponseStore(MEMORY, StoreLimits(max_bytes=2 * size + size // 2))
     for number in range(4):
         store.put(None, stored(number, "x" * 1000))
     assert store.count() == 2
@@ -51,7 +51,7 @@ def test_the_oldest_go_first_past_the_bytes() -> None:
 
 def test_a_response_older_than_the_ttl_is_gone_for_reads_and_writes() -> None:
     clock = Clock()
-    store = ResponseStore(MEMORY, StoreLimits(ttl_seconds=60), clock=clock)
+    store = SqliteResponseStore(MEMORY, StoreLimits(ttl_seconds=60), clock=clock)
     store.put(None, stored(0))
     clock.now += 30
     store.put(None, stored(1))
@@ -64,7 +64,7 @@ def test_a_response_older_than_the_ttl_is_gone_for_reads_and_writes() -> None:
 
 
 def test_tenants_see_only_their_own() -> None:
-    store = ResponseStore(MEMORY)
+    store = SqliteResponseStore(MEMORY)
     store.put("alice", stored(0, "alice's"))
     rid = stored(0).response["id"]
     assert store.get("bob", rid) is None
@@ -76,6 +76,26 @@ def test_tenants_see_only_their_own() -> None:
     assert store.get("alice", rid) is None
 
 
+def test_each_tenant_has_its_own_share_and_a_flood_evicts_only_the_flooders() -> None:
+    """Breakage caught: bounds over the whole store (bob's writes pushed alice's out: a 404)."""
+    one = SqliteResponseStore(MEMORY)
+    one.put(None, stored(0, "x" * 1000))
+    size = one.total_bytes()
+    store = SqliteResponseStore(MEMORY, StoreLimits(max_count=3, max_bytes=3 * size + size // 2))
+    store.put("alice", stored(0, "x" * 1000))
+    for number in range(1, 40):
+        store.put("bob", stored(number, "x" * 1000))
+    assert store.get("alice", stored(0).response["id"]) is not None
+    assert store.count("alice") == 1 and store.count("bob") == 3 <= store.limits.max_count
+    assert store.total_bytes("bob") <= 3 * size + size // 2
+    assert [store.get("bob", stored(n).response["id"]) is not None for n in (36, 37, 38, 39)] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
 def test_the_conversation_is_history_then_input_then_output() -> None:
     first = stored(0, "one")
     later = StoredResponse(stored(1, "two").response, stored(1, "two").input_items, first.conversation())
@@ -84,22 +104,22 @@ def test_the_conversation_is_history_then_input_then_output() -> None:
 
 def test_a_stored_response_survives_reopening_the_file(tmp_path: Path) -> None:
     path = tmp_path / "responses.db"
-    store = ResponseStore(path)
+    store = SqliteResponseStore(path)
     store.put("t", stored(7, "kept"))
     store.close()
-    again = ResponseStore(path)
+    again = SqliteResponseStore(path)
     found = again.get("t", stored(7).response["id"])
     assert found is not None and found.response["output"][0]["text"] == "kept"
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_a_write_that_fails_mid_transaction_loses_nothing_and_adds_nothing(tmp_path: Path) -> None:
-    class Failing(ResponseStore):
-        def _evict(self) -> None:  # after the insert, inside the transaction
+    class Failing(SqliteResponseStore):
+        def _evict(self, tenant: str) -> None:  # after the insert, inside the transaction
             raise RuntimeError("disk on fire")
 
     path = tmp_path / "responses.db"
-    good = ResponseStore(path, StoreLimits(max_count=1))
+    good = SqliteResponseStore(path, StoreLimits(max_count=1))
     good.put(None, stored(0))
     good.close()
     failing = Failing(path, StoreLimits(max_count=1))
@@ -115,8 +135,8 @@ def test_a_writer_killed_mid_transaction_loses_nothing_already_committed(tmp_pat
     path = tmp_path / "responses.db"
     code = f"""
 import os
-from app.store.responses import ResponseStore, StoredResponse
-store = ResponseStore({str(path)!r})
+from app.store.responses import SqliteResponseStore, StoredResponse
+store = SqliteResponseStore({str(path)!r})
 for n in range(3):
     store.put(None, StoredResponse({{"id": "resp_%032x" % n, "output": []}}, [], []))
 store._db.execute("BEGIN IMMEDIATE")
@@ -126,7 +146,7 @@ os._exit(9)  # killed with the transaction open
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 9, result.stderr
-    store = ResponseStore(path)
+    store = SqliteResponseStore(path)
     assert store.count() == 3
     assert store.get(None, "resp_half") is None
     assert all(store.get(None, f"resp_{n:032x}") is not None for n in range(3))
@@ -151,7 +171,7 @@ async def test_the_routes_store_runs_off_the_event_loop_one_call_at_a_time() -> 
     inside = 0
     most = 0
 
-    class Watched(ResponseStore):
+    class Watched(SqliteResponseStore):
         def put(self, tenant: str | None, response: StoredResponse) -> None:
             nonlocal inside, most
             inside += 1

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from app.engine.loader import ModelWeights
-from app.store.responses import MEMORY, ResponseStore, StoredResponse
+from app.store.responses import MEMORY, SqliteResponseStore, StoredResponse
 from tests.conftest import RunningServer, running_server, server_config, server_in_thread, wait_for_stats
 from tests.fakes import slow_steps
 from tests.scripted_harmony import THEN_FINAL, scripted_server
@@ -372,7 +372,7 @@ async def test_gpt_oss_streams_reasoning_text_events(harmony_server: RunningServ
 
 
 async def test_a_store_that_fails_does_not_cost_the_client_its_answer(tiny_weights: ModelWeights) -> None:
-    class Broken(ResponseStore):
+    class Broken(SqliteResponseStore):
         def put(self, tenant: str | None, stored: StoredResponse) -> None:
             raise sqlite3.OperationalError("disk I/O error")
 

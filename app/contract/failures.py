@@ -33,3 +33,10 @@ FAILURE_MESSAGES: dict[FailureCode, str] = {
     "scheduler_stopped": "the server stopped before this request finished",
     "stream_lost": "the generation stream ended without a result",
 }
+
+
+def first_line(error: BaseException) -> str:
+    """An exception in one line, for a log field or a short reason: its message's first line, or
+    its type's name when it says nothing."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from app.contract.grammar import GrammarService
+from app.contract.sampling import SamplingDefaults
 from app.contract.step import StepBackend
 
 # How a chat template writes tool calls, read back by app.text.template_calls.
@@ -59,6 +60,11 @@ class ServedModel(Protocol):
 
     @property
     def stop_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """What a request that leaves a sampling field (or max_tokens) out gets."""
+        ...
 
     @property
     def tokenizer(self) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from app.contract.grammar import GrammarSpec
@@ -47,3 +48,35 @@ class SamplingParams:
     def deterministic(self) -> bool:
         """The same request gives the same tokens: greedy, or sampled from a fixed seed."""
         return self.greedy or self.seed is not None
+
+
+# What a float field is when neither the request nor a default sets it: it changes nothing.
+NEUTRAL_FLOATS = {"temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field out gets (a request's own fields always win):
+    the model's recommended sampling (its card in the registry, its generation_config.json, or
+    --generation-config's folder) and the server's --max-tokens-default. None: the neutral value
+    (temperature 1, top_p 1, no top-k or min-p, no repetition penalty; max_tokens: the rest of
+    the context)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    source: str = "neutral"  # where the sampling defaults came from, as /health says
+
+    def pick(self, name: str, requested: float | None) -> float:
+        """A float field's value: the request's own always wins, then this default, then neutral."""
+        if requested is not None:
+            return requested
+        default: float | None = getattr(self, name)
+        return NEUTRAL_FLOATS[name] if default is None else default
+
+    def shown(self) -> dict[str, object]:
+        """The defaults in force, for /health: the fields set, and where they came from."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}

@@ -20,6 +20,8 @@ from collections.abc import Callable, Hashable
 import structlog
 import torch
 
+from app.contract.failures import first_line
+
 log = structlog.get_logger("engine.cuda_graphs")
 
 Step = Callable[[], torch.Tensor]
@@ -99,7 +101,7 @@ class StepGraphs:
         return replay()
 
     def _give_up(self, key: Hashable, error: Exception) -> None:
-        self.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        self.failure = f"{type(error).__name__}: {str(error).strip() and first_line(error)}"
         log.warning(
             "cuda_graphs_disabled",
             reason="capture failed; shapes without a graph run eagerly from now on",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from app.contract.failures import first_line
 from app.contract.grammar import GrammarError, GrammarSpec
 from app.engine.tool_call_grammar import ToolCallGrammar, call_plan
 
@@ -29,8 +30,7 @@ _ENGINE_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return _ENGINE_PREFIX.sub("", text)[:300]
+    return _ENGINE_PREFIX.sub("", first_line(error))[:300]
 
 
 @dataclass(frozen=True, slots=True)

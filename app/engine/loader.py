@@ -15,13 +15,21 @@ from pathlib import Path
 
 import structlog
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.distributed import DistributedConfig
 from transformers.utils import logging as hf_logging
 
 from app.config import ToolCallParser
+from app.contract.failures import first_line
 from app.contract.model import CallSyntax, MemoryPool
-from app.contract.sampling import SamplingParams
+from app.contract.sampling import SamplingDefaults, SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine import moe_loading, tensor_parallel
 from app.engine.cuda_graphs import Capture, StepGraphs
@@ -30,6 +38,7 @@ from app.engine.memory_pools import PoolReservationError
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_runner import StaticModelRunner
+from app.models import generation_defaults
 from app.models.registry import GPT_OSS_SIZES, ModelSource
 from app.models.token_bytes import TokenBytes
 from app.text.template_calls import syntax_for
@@ -70,6 +79,7 @@ class LoadedModel:
     memory_pools: tuple[MemoryPool, ...] = ()  # what the runner reserved at start-up
     max_token_bytes: int = 4096  # no token is longer: a prompt's size bounds its length in tokens
     tool_call_syntax: CallSyntax | None = None  # how its chat template writes tool calls (None: unread)
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # for the fields a request leaves out
     _token_bytes: TokenBytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -158,7 +168,7 @@ def load_weights(
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(
-            f"cannot load model {source.model_id!r} from {source.location or 'its local build'}: {_first_line(error)}"
+            f"cannot load model {source.model_id!r} from {source.location or 'its local build'}: {first_line(error)}"
         ) from error
     if expert_parallel:
         try:  # before joining: every rank refuses on its own, at once
@@ -172,7 +182,7 @@ def load_weights(
         model = _from_pretrained(location, config, torch_dtype, torch_device, tensor_parallel_size, expert_parallel)
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, RuntimeError) as error:
-        raise ModelLoadError(f"cannot load model {source.model_id!r}: {_first_line(error)}") from error
+        raise ModelLoadError(f"cannot load model {source.model_id!r}: {first_line(error)}") from error
     model.eval()
     if tensor_parallel_size > 1:
         held = tensor_parallel.shard_bytes(model)
@@ -244,7 +254,7 @@ def _from_pretrained(
         if "quantization_config" in options or moe_loading.quantization_method(config) != "mxfp4":
             raise
         # The MXFP4 kernels could not be had (most often: not in the local hub cache, offline).
-        reason = f"MXFP4 load failed: {_first_line(error)}"
+        reason = f"MXFP4 load failed: {first_line(error)}"
         options = moe_loading.load_options(config, device, mxfp4_reason=reason)
         return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **placement, **options)
 
@@ -260,6 +270,8 @@ def serve_weights(
     prefix_cache_bytes: int = 0,
     chat_template: str | None = None,
     tool_call_parser: ToolCallParser = "auto",
+    generation_config: str = generation_defaults.AUTO,
+    max_tokens_default: int | None = None,
 ) -> LoadedModel:
     """A fresh runner (and KV cache) over loaded weights, warmed up.
 
@@ -271,7 +283,11 @@ def serve_weights(
     ``prefix_cache_bytes``: what the prefix KV cache may hold (0: none).
     ``chat_template``: a template's text that replaces the tokenizer's (--chat-template), and
     ``tool_call_parser`` how tool calls in a template's syntax are read back (--tool-call-parser).
+    ``generation_config`` and ``max_tokens_default``: where the default sampling comes from
+    (--generation-config: auto, vllm or a folder) and --max-tokens-default
+    (app.models.generation_defaults).
     """
+    defaults = default_sampling(weights, generation_config, max_tokens_default)
     max_context = weights.max_context
     if max_seq_len is not None:
         max_context = min(max_context, max_seq_len)
@@ -327,7 +343,30 @@ def serve_weights(
         max_token_bytes=longest_token_bytes(weights.tokenizer),
         # gpt-oss's calls are Harmony messages (app.text.harmony_text), whatever the template.
         tool_call_syntax=None if weights.harmony else syntax_for(tokenizer.chat_template, tool_call_parser),
+        sampling_defaults=defaults,
     )
+
+
+def default_sampling(weights: ModelWeights, mode: str, max_tokens_default: int | None) -> SamplingDefaults:
+    """The sampling defaults in force for these weights under --generation-config ``mode``."""
+    try:
+        if mode == generation_defaults.VLLM:
+            file = SamplingDefaults()
+        elif mode == generation_defaults.AUTO:
+            # from_pretrained read the model's generation_config.json (unset keys are None)
+            own = getattr(weights.model, "generation_config", None)
+            file = generation_defaults.from_generation_config(
+                own.to_dict() if own is not None else {}, generation_defaults.GENERATION_CONFIG
+            )
+        else:
+            where = str(Path(mode) / generation_defaults.GENERATION_CONFIG)
+            file = generation_defaults.from_generation_config(GenerationConfig.from_pretrained(mode).to_dict(), where)
+    except (OSError, ValueError) as error:  # GenerationConfigError is a ValueError
+        raise ModelLoadError(f"--generation-config {mode}: {first_line(error)}") from error
+    card = weights.source.card_sampling
+    chosen = generation_defaults.sampling_defaults(mode, card, file, max_tokens_default)
+    log.info("sampling_defaults", generation_config=mode, **chosen.shown())
+    return chosen
 
 
 def read_chat_template(path: str | None) -> str | None:
@@ -337,7 +376,7 @@ def read_chat_template(path: str | None) -> str | None:
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ModelLoadError(f"cannot read the chat template {path}: {_first_line(error)}") from error
+        raise ModelLoadError(f"cannot read the chat template {path}: {first_line(error)}") from error
 
 
 def grammar_compiler(weights: ModelWeights, vocab_size: int) -> GrammarCompiler:
@@ -392,6 +431,8 @@ def load_model(
     tool_call_parser: ToolCallParser = "auto",
     tensor_parallel_size: int = 1,
     expert_parallel: bool = False,
+    generation_config: str = generation_defaults.AUTO,
+    max_tokens_default: int | None = None,
 ) -> LoadedModel:
     """``tensor_parallel_size`` > 1: on rank 0 the runner is wrapped in the group's leader (each
     call runs on every rank); on the other ranks it is the local runner a follower drives.
@@ -411,6 +452,8 @@ def load_model(
         prefix_cache_bytes=prefix_cache_bytes,
         chat_template=template,
         tool_call_parser=tool_call_parser,
+        generation_config=generation_config,
+        max_tokens_default=max_tokens_default,
     )
     group = tensor_parallel.joined() if tensor_parallel_size > 1 else None
     if group is None or group.rank != 0:
@@ -419,11 +462,6 @@ def load_model(
     # The scheduler drives the leader; what it reads of the runner (rows, memory) is rank 0's.
     mode = "tensor parallel, expert parallel" if expert_parallel else "tensor parallel"
     return dataclasses.replace(loaded, runner=leader, device=f"{loaded.device} x{group.size} ({mode})")  # type: ignore[arg-type]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _warm_up(runner: BaseRunner, tokenizer: PreTrainedTokenizerBase) -> None:

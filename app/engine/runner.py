@@ -111,7 +111,6 @@ class BaseRunner(ABC):
         max_batch_size: int,
         max_context: int,
         stop_token_ids: Iterable[int],
-        grammars: GrammarCompiler | None = None,
         prefix_cache_bytes: int = 0,
     ) -> None:
         """``prefix_cache_bytes``: the prefix KV cache's pool, reserved now (0: no prefix cache)."""
@@ -126,7 +125,8 @@ class BaseRunner(ABC):
         self._cache = cache
         self._cache_arg = cache_argument(model)
         self._seqs: dict[str, SequenceState] = {}
-        self.grammars = grammars
+        # Structured outputs: the loader sets it once it knows the vocabulary (the logits' width).
+        self.grammars: GrammarCompiler | None = None
         self._grammar_masks: GrammarMasks | None = None
         self.prefix_cache = None
         if prefix_cache_bytes > 0:
@@ -455,7 +455,6 @@ class ModelRunner(BaseRunner):
         max_batch_size: int,
         max_context: int,
         stop_token_ids: Iterable[int],
-        grammars: GrammarCompiler | None = None,
         prefix_cache_bytes: int = 0,
         reserve_positions: int = 0,
     ) -> None:
@@ -470,7 +469,6 @@ class ModelRunner(BaseRunner):
             max_batch_size=max_batch_size,
             max_context=max_context,
             stop_token_ids=stop_token_ids,
-            grammars=grammars,
             prefix_cache_bytes=prefix_cache_bytes,
         )
 

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from app.config import ConfigError, launch_rank
+from app.contract.failures import first_line
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk, PrefixCacheStats, StepResult
 from app.engine.runner import BaseRunner
@@ -323,7 +324,7 @@ class LeaderBackend:
         try:
             self._channel.send(call)
         except Exception as error:
-            self._lost("tensor_parallel_group_lost", rank=0, call=call.method, error=_one_line(error))
+            self._lost("tensor_parallel_group_lost", rank=0, call=call.method, error=first_line(error))
 
 
 def follow(runner: BaseRunner, channel: Channel, rank: int) -> int:
@@ -335,7 +336,7 @@ def follow(runner: BaseRunner, channel: Channel, rank: int) -> int:
         try:
             call = channel.receive()
         except Exception as error:
-            log.critical("tensor_parallel_group_lost", rank=rank, error=_one_line(error))
+            log.critical("tensor_parallel_group_lost", rank=rank, error=first_line(error))
             return 1
         if call.expect != last:
             log.critical(
@@ -382,8 +383,3 @@ def leave() -> None:
     """Tear the process groups down (after the last call)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -29,15 +29,19 @@ def choice_seed(seed: int, choice: int) -> int:
     return (seed + choice + INT64) % (2 * INT64) - INT64
 
 
-def choice_job(job: GenerationJob, choice: int, model_id: str, tenant: str | None) -> GenerationJob:
-    """Choice ``choice`` of a prompt whose choice 0 is ``job``."""
+def choice_job(job: GenerationJob, choice: int, model_id: str) -> GenerationJob:
+    """Choice ``choice`` of a prompt whose choice 0 is ``job``: its key is choice 0's but for
+    the seed, from the job's own fields (its tenant and single_call included), so that no
+    choice of one tenant's request is ever replayed to another."""
     seed = job.params.seed
     if choice == 0 or seed is None:
         return job
     params = dataclasses.replace(job.params, seed=choice_seed(seed, choice))
     if params.greedy:  # the seed changes nothing, nor the key
         return dataclasses.replace(job, params=params)
-    key = cache_key(job.prompt_version, model_id, job.prompt, params, job.text_mode, tenant)
+    key = cache_key(
+        job.prompt_version, model_id, job.prompt, params, job.text_mode, job.tenant, single_call=job.single_call
+    )
     return dataclasses.replace(job, params=params, cache_key=key)
 
 
@@ -86,5 +90,5 @@ def build_choice_jobs(
             tools=tools,
             reads_template_calls=reads_template_calls,
         )
-        groups.append(tuple(choice_job(job, j, model.model_id, tenant) for j in range(n)))
+        groups.append(tuple(choice_job(job, j, model.model_id) for j in range(n)))
     return groups

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
 from quart import Response
+
+from app.http.json_response import json_response
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -56,7 +57,7 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
 
 
 def error_response(error: ApiError) -> Response:
-    response = Response(json.dumps(error.body()), status=error.status, content_type="application/json")
+    response = json_response(error.body(), error.status)
     for name, value in error.headers.items():
         response.headers[name] = value
     return response

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from typing import Any
 
@@ -13,21 +12,16 @@ from quart_trio import QuartTrio
 
 from actors.messages import GenerationJob, StreamDone, StreamError, StreamToken
 from app.http.body import parse_body
+from app.http.choice_streams import collect, merged_events, open_choices
 from app.http.context import ServerState
 from app.http.errors import ApiError
+from app.http.event_stream import sse_response
 from app.http.jobs import build_job
+from app.http.json_response import json_response
 from app.http.logprobs_format import native_fields
 from app.http.schemas import GenerateRequest
 from app.http.sse import sse_event
-from app.http.streams import (
-    created_timestamp,
-    off_loop,
-    open_stream,
-    served_model,
-    server_timing,
-    sse_response,
-    stream_headers,
-)
+from app.http.streams import created_timestamp, off_loop, served_model, server_timing, stream_headers
 from app.prompts.builder import PROMPT_VERSION
 
 
@@ -73,7 +67,7 @@ def _done_data(event: StreamDone, shown_id: str, replayed: bool) -> dict[str, An
 
 
 class NativeFramer:
-    """Named events: start, token (one per generated token), done or error."""
+    """Named events: start, token (one per generated token), done or error (of its one choice)."""
 
     def __init__(self, start: dict[str, Any]) -> None:
         self._start = start
@@ -81,16 +75,16 @@ class NativeFramer:
     def opening(self) -> list[bytes]:
         return [sse_event("start", self._start)]
 
-    def token(self, event: StreamToken) -> list[bytes]:
+    def token(self, index: int, event: StreamToken) -> list[bytes]:
         return [sse_event("token", _token_data(event))]
 
-    def done(self, event: StreamDone) -> list[bytes]:
+    def done(self, index: int, event: StreamDone) -> list[bytes]:
         return [sse_event("done", _done_data(event, self._start["request_id"], self._start["cached"]))]
 
     def error(self, event: StreamError) -> list[bytes]:
         return [sse_event("error", {"message": event.message, "type": "server_error", "code": event.code})]
 
-    def closing(self) -> list[bytes]:
+    def closing(self, complete: bool) -> list[bytes]:
         return []
 
 
@@ -100,7 +94,8 @@ def register(app: QuartTrio, state: ServerState) -> None:
         received_at = time.monotonic()
         body = await parse_body(GenerateRequest)
         job = await build_generate_job(state, body, received_at)
-        handle, started = await open_stream(state, job)
+        choice = (await open_choices(state, [(job,)]))[0]  # a group of one, read as the others are
+        handle, started = choice.handle, choice.started
         model = served_model(state, None)
         start = {
             "request_id": handle.shown_id,
@@ -112,27 +107,18 @@ def register(app: QuartTrio, state: ServerState) -> None:
             "cached": started.cache == "HIT",
         }
         headers = stream_headers(handle, job, started)
+        group = merged_events(state, [choice])
         if body.stream:
-            return sse_response(handle, NativeFramer(start), state.config.heartbeat_seconds, headers)
-        text: list[str] = []
-        reasoning: list[str] = []
-        logprobs: list[dict[str, Any]] = []  # one per generated token, as the stream's token events
-        async for event in handle:
-            match event:
-                case StreamToken():
-                    (reasoning if event.channel == "analysis" else text).append(event.text)
-                    if event.logprobs is not None:
-                        logprobs.append({"token_id": event.token_id, **native_fields(event.logprobs)})
-                case StreamError():
-                    raise ApiError(500, event.message, code=event.code)
-                case StreamDone():
-                    result = {**start, "text": "".join(text), **_done_data(event, handle.shown_id, start["cached"])}
-                    if model.harmony:
-                        result["reasoning"] = "".join(reasoning)
-                    if job.params.logprobs is not None:
-                        result["logprobs"] = logprobs
-                    headers["Server-Timing"] = server_timing(event.timings)
-                    return Response(
-                        json.dumps(result, ensure_ascii=False), content_type="application/json", headers=headers
-                    )
-        raise ApiError(500, "the generation stream ended without a result", code="stream_lost")
+            return sse_response(group, NativeFramer(start), state.config.heartbeat_seconds, headers)
+        [(_, tokens, done)] = await collect(group)
+        text = "".join(t.text for t in tokens if t.channel != "analysis")
+        result = {**start, "text": text, **_done_data(done, handle.shown_id, start["cached"])}
+        if model.harmony:
+            result["reasoning"] = "".join(t.text for t in tokens if t.channel == "analysis")
+        if job.params.logprobs is not None:
+            # one per generated token, as the stream's token events
+            result["logprobs"] = [
+                {"token_id": t.token_id, **native_fields(t.logprobs)} for t in tokens if t.logprobs is not None
+            ]
+        headers["Server-Timing"] = server_timing(done.timings)
+        return json_response(result, headers=headers)

@@ -13,7 +13,7 @@ import re
 from actors.messages import GenerationJob
 from app.contract.grammar import GrammarError, GrammarSpec
 from app.contract.model import ServedModel
-from app.contract.sampling import SamplingParams
+from app.contract.sampling import SamplingDefaults, SamplingParams
 from app.http.errors import ApiError
 from app.http.schemas import SamplingFields
 from app.http.structured import ConstraintError, OutputConstraint, StructuredFields
@@ -40,6 +40,7 @@ AUTO_TOOLS_REFUSED = (
 AUTO_TOOLS_REFUSED_HERE = "tool_choice 'auto' is served here on gpt-oss only: on this model " + FORCE_INSTEAD
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding
 OVER = "context_length_exceeded"
+NEUTRAL = SamplingDefaults()
 # What an X-Request-Id may be: the ids proxies and clients make (UUIDs, base64, "req-42", ...).
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
@@ -68,14 +69,14 @@ def prompt_tokens(spec: PromptSpec, model: ServedModel) -> tuple[int, ...]:
         )
     at_least = fewest_tokens(spec, model.max_token_bytes)
     if at_least >= model.max_context:
-        raise ApiError(400, _too_long(model.max_context, at_least, None, at_least=True), param="messages", code=OVER)
+        raise ApiError(400, too_long(model.max_context, at_least, None, at_least=True), param="messages", code=OVER)
     try:
         return build_prompt_tokens(spec, model.tokenizer, model.harmony)
     except PromptError as error:
         raise ApiError(400, str(error), param="messages" if spec.messages else "prompt") from error
 
 
-def _too_long(context: int, prompt: int, completion: int | None, *, at_least: bool = False) -> str:
+def too_long(context: int, prompt: int, completion: int | None, *, at_least: bool = False) -> str:
     """OpenAI's wording, which LiteLLM and LangChain match to tell a context overflow apart."""
     head = f"This model's maximum context length is {context} tokens. However, "
     if completion is None:
@@ -165,15 +166,18 @@ def sampling_params(
     *,
     bias: tuple[tuple[int, float], ...] = (),
     grammar: GrammarSpec | None = None,
+    defaults: SamplingDefaults = NEUTRAL,
 ) -> SamplingParams:
-    """Check the prompt and max_tokens against the context; fill in the defaults."""
+    """Check the prompt and max_tokens against the context; fill in what the request left out
+    from ``defaults`` (the model's, app.models.generation_defaults), else the neutral values."""
     room = max_context - prompt_length
     if room < 1:
-        raise ApiError(400, _too_long(max_context, prompt_length, None), param="messages", code=OVER)
+        raise ApiError(400, too_long(max_context, prompt_length, None), param="messages", code=OVER)
     if fields.max_tokens is not None and fields.max_tokens > room:
-        message = _too_long(max_context, prompt_length, fields.max_tokens)
+        message = too_long(max_context, prompt_length, fields.max_tokens)
         raise ApiError(400, message, param=max_tokens_field, code=OVER)
-    max_tokens = fields.max_tokens if fields.max_tokens is not None else room
+    # A default limit is a bound, never a refusal: a long prompt gets what room it leaves.
+    max_tokens = fields.max_tokens if fields.max_tokens is not None else min(room, defaults.max_tokens or room)
     if fields.min_tokens > max_tokens:
         raise ApiError(
             400,
@@ -181,22 +185,22 @@ def sampling_params(
             param="min_tokens",
             code="invalid_value",
         )
-    top_k = fields.top_k if fields.top_k is not None and fields.top_k > 0 else 0
-    temperature = 1.0 if fields.temperature is None else fields.temperature
+    top_k = fields.top_k if fields.top_k is not None else defaults.top_k or 0
+    temperature = defaults.pick("temperature", fields.temperature)
     return SamplingParams(
         max_tokens=max_tokens,
         # Below this a softmax overflows to inf/nan; vLLM reads it as greedy too.
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-        top_p=1.0 if fields.top_p is None else fields.top_p,
-        top_k=top_k,
-        min_p=fields.min_p or 0.0,
+        top_p=defaults.pick("top_p", fields.top_p),
+        top_k=max(top_k, 0),  # 0 and -1: no top-k cut
+        min_p=defaults.pick("min_p", fields.min_p),
         seed=fields.seed,
         min_tokens=fields.min_tokens,
         ignore_eos=fields.ignore_eos,
         stop=fields.stop_strings(),
         presence_penalty=fields.presence_penalty or 0.0,
         frequency_penalty=fields.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if fields.repetition_penalty is None else fields.repetition_penalty,
+        repetition_penalty=defaults.pick("repetition_penalty", fields.repetition_penalty),
         logit_bias=bias,
         grammar=grammar,
         logprobs=fields.requested_logprobs(),
@@ -268,7 +272,15 @@ def build_job(
         spec = dataclasses.replace(spec, response_format=schema)
     tokens = prompt_tokens(spec, model)
     grammar = constraint.grammar if constraint is not None else None
-    params = sampling_params(fields, len(tokens), model.max_context, max_tokens_field, bias=bias, grammar=grammar)
+    params = sampling_params(
+        fields,
+        len(tokens),
+        model.max_context,
+        max_tokens_field,
+        bias=bias,
+        grammar=grammar,
+        defaults=model.sampling_defaults,
+    )
     params = dataclasses.replace(params, prefix_salt=prefix_namespace(tenant, fields.cache_salt))
     if forced_call:
         assert tools is not None
@@ -288,4 +300,5 @@ def build_job(
         cacheable=use_cache and params.deterministic and job_deadline is None,
         prompt_version=PROMPT_VERSION,
         single_call=single_call,
+        tenant=tenant,
     )

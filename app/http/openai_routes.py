@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -18,9 +17,11 @@ from actors.metrics_events import MalformedToolCall
 from app.contract.model import CallSyntax
 from app.http.body import parse_body
 from app.http.choice_jobs import build_choice_jobs, check_choice_count
-from app.http.choice_streams import collect, merged_events, open_choices, sse_response
+from app.http.choice_streams import collect, merged_events, open_choices
 from app.http.context import ServerState
 from app.http.errors import error_body
+from app.http.event_stream import sse_response
+from app.http.json_response import json_response
 from app.http.openai_format import ChunkWriter, Kind, ResponseMeta, full_response
 from app.http.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 from app.http.sse import sse_event
@@ -28,12 +29,6 @@ from app.http.streams import created_timestamp, off_loop, served_model, server_t
 from app.prompts.builder import PROMPT_VERSION, PromptSpec
 
 DONE_LINE = b"data: [DONE]\n\n"
-
-
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(data, ensure_ascii=False), status=status, content_type="application/json", headers=headers
-    )
 
 
 class OpenAIFramer:
@@ -97,7 +92,7 @@ async def _respond(
         call_syntax=call_syntax,
     )
     headers = stream_headers(first.handle, first.job, first.started)
-    events = merged_events(state, choices)
+    group = merged_events(state, choices)
     if body.stream:
         options = body.stream_options
         writer = ChunkWriter(
@@ -107,10 +102,10 @@ async def _respond(
             continuous_usage=bool(options and options.continuous_usage_stats),
         )
         framer = OpenAIFramer(writer, [choice.index for choice in choices])
-        return sse_response(choices, events, framer, state.config.heartbeat_seconds, headers)
-    results = [(r.index, r.tokens, r.done) for r in await collect(choices, events) if r.done is not None]
+        return sse_response(group, framer, state.config.heartbeat_seconds, headers)
+    results = await collect(group)
     headers["Server-Timing"] = server_timing(results[0][2].timings)
-    return _json(full_response(kind, meta, results), headers=headers)
+    return json_response(full_response(kind, meta, results), headers=headers)
 
 
 def _raw_prompt_spec(body: CompletionRequest, prompt: str | tuple[int, ...]) -> PromptSpec:
@@ -184,8 +179,8 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @app.get("/v1/models")
     async def list_models() -> Response:
         model = served_model(state, None)
-        return _json({"object": "list", "data": [_model_card(model)]})
+        return json_response({"object": "list", "data": [_model_card(model)]})
 
     @app.get("/v1/models/<path:model_id>")
     async def get_model(model_id: str) -> Response:
-        return _json(_model_card(served_model(state, model_id)))
+        return json_response(_model_card(served_model(state, model_id)))

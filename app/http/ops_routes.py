@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,10 +12,7 @@ from quart_trio import QuartTrio
 from actors.pipeline import Pipeline
 from app.contract.model import ServedModel
 from app.http.context import ServerState
-
-
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(json.dumps(data), status=status, content_type="application/json")
+from app.http.json_response import json_response
 
 
 def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
@@ -40,6 +36,8 @@ def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
         "profile": state.config.profile.name,
         "profile_settings": dataclasses.asdict(state.config.profile),
         "max_context": model.max_context if model else None,
+        # What a request that leaves a sampling field (or max_tokens) out gets, and from where.
+        "sampling_defaults": model.sampling_defaults.shown() if model else None,
         "memory_pools": pools_body(model),
         "version": state.version,
         "uptime_s": round(pipeline.clock() - pipeline.started_at, 3),
@@ -131,11 +129,11 @@ def register(app: QuartTrio, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> Response:
         body, status = health_body(state)
-        return _json(body, status)
+        return json_response(body, status)
 
     @app.get("/stats")
     async def stats() -> Response:
-        return _json(stats_body(state))
+        return json_response(stats_body(state))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -10,10 +10,8 @@ read it back at once, and no tenant can read or chain another's.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import structlog
@@ -23,15 +21,18 @@ from quart_trio import QuartTrio
 from actors.messages import StreamDone, StreamError, StreamToken
 from actors.metrics_events import MalformedToolCall
 from app.http.body import parse_body
-from app.http.choice_streams import Choice, abort_all, collect, merged_events, open_choices, with_heartbeats
+from app.http.choice_streams import collect, merged_events, open_choices
 from app.http.context import ServerState
 from app.http.errors import ApiError
+from app.http.event_stream import sse_response
 from app.http.jobs import build_job
+from app.http.json_response import json_response
 from app.http.response_store import StoreUnavailable
 from app.http.responses_format import ResponseHead, ResponseWriter
+from app.http.responses_limits import check_items_fit, check_store_share
 from app.http.responses_schemas import RESPONSE_ID, Item, ResponsesRequest, chat_messages, new_id
-from app.http.sse import SSE_HEADERS, sse_comment, sse_event
-from app.http.streams import Heartbeat, created_timestamp, off_loop, served_model, server_timing, stream_headers
+from app.http.sse import sse_event
+from app.http.streams import created_timestamp, off_loop, served_model, server_timing, stream_headers
 from app.prompts.builder import PromptSpec
 from app.store.responses import StoredResponse
 
@@ -39,12 +40,6 @@ log = structlog.get_logger("responses")
 T = TypeVar("T")
 STORED_STATUSES = ("completed", "incomplete")
 MAX_LIST_LIMIT = 100
-
-
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(data, ensure_ascii=False), status=status, content_type="application/json", headers=headers
-    )
 
 
 def _not_found(response_id: str, param: str | None = None) -> ApiError:
@@ -93,38 +88,30 @@ class Turn:
             log.exception("response_store_failed", response_id=writer.head.id)
 
 
-async def _sse_body(turn: Turn, choice: Choice, events: Any, writer: ResponseWriter) -> AsyncIterator[bytes]:
-    # A client that leaves: the request's close callbacks abort the generation (start_stream).
-    def framed(items: list[dict[str, Any]]) -> list[bytes]:
+class ResponsesFramer:
+    """The writer's typed events, each an SSE event named by its type; the terminal one last."""
+
+    def __init__(self, writer: ResponseWriter) -> None:
+        self._writer = writer
+
+    @staticmethod
+    def _framed(items: list[dict[str, Any]]) -> list[bytes]:
         return [sse_event(item["type"], item) for item in items]
 
-    finished = False
-    with events:
-        for data in framed(writer.opening()):
-            yield data
-        async with aclosing(with_heartbeats(events, turn.state.config.heartbeat_seconds)) as stream:
-            async for item in stream:
-                if isinstance(item, Heartbeat):
-                    yield sse_comment("keep-alive")
-                    continue
-                match item.event:
-                    case StreamToken() as token:
-                        out = writer.token(token)
-                    case StreamDone() as done:
-                        out, finished = writer.done(done), True
-                    case StreamError() as error:
-                        out, finished = writer.error(error), True
-                for data in framed(out):
-                    yield data
-                if finished:
-                    break
-        if not finished:  # the pump ended without the stream's end
-            abort_all([choice.handle])
-            for data in framed(writer.error(StreamError(choice.handle.request_id, "stream_lost"))):
-                yield data
-    await turn.store(writer)
-    for data in framed(writer.closing()):
-        yield data
+    def opening(self) -> list[bytes]:
+        return self._framed(self._writer.opening())
+
+    def token(self, index: int, event: StreamToken) -> list[bytes]:
+        return self._framed(self._writer.token(event))
+
+    def done(self, index: int, event: StreamDone) -> list[bytes]:
+        return self._framed(self._writer.done(event))
+
+    def error(self, event: StreamError) -> list[bytes]:
+        return self._framed(self._writer.error(event))
+
+    def closing(self, complete: bool) -> list[bytes]:
+        return self._framed(self._writer.closing())
 
 
 def register(app: QuartTrio, state: ServerState) -> None:
@@ -160,6 +147,9 @@ def register(app: QuartTrio, state: ServerState) -> None:
         )
 
         def build() -> Any:
+            check_items_fit(model, turn.input_items)  # reasoning items too, which a prompt may leave out
+            if body.store:
+                check_store_share(turn.input_items, history, state.config.responses_max_bytes)
             return build_job(
                 model,
                 spec,
@@ -181,7 +171,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             id=new_id("resp"),
             created_at=created_timestamp(),
             model=model.model_id,
-            echo=body.echo(),
+            echo=body.echo(model.sampling_defaults),
             input_tokens=len(job.prompt),
             cached=choice.started.cache == "HIT",
         )
@@ -192,19 +182,18 @@ def register(app: QuartTrio, state: ServerState) -> None:
         json_call = bool(tools.forced) and not model.harmony  # answered as {"name", "arguments"} JSON
         writer = ResponseWriter(head, tools.names, report_malformed, streaming=body.stream, json_call=json_call)
         headers = stream_headers(choice.handle, job, choice.started)
-        events = merged_events(state, choices)
+        group = merged_events(state, choices)
         if body.stream:
-            response = Response(_sse_body(turn, choice, events, writer), headers={**SSE_HEADERS, **headers})
-            response.timeout = None  # Quart would cut the body at 60 s otherwise
-            return response
-        result = (await collect(choices, events))[0]
-        for token in result.tokens:
+            # Stored before the terminal event goes out: a client told it is done can read it back.
+            heartbeat = state.config.heartbeat_seconds
+            return sse_response(group, ResponsesFramer(writer), heartbeat, headers, lambda: turn.store(writer))
+        [(_, tokens, done)] = await collect(group)
+        for token in tokens:
             writer.token(token)
-        assert result.done is not None  # collect returns only finished choices
-        writer.done(result.done)
-        headers["Server-Timing"] = server_timing(result.done.timings)
+        writer.done(done)
+        headers["Server-Timing"] = server_timing(done.timings)
         await turn.store(writer)
-        return _json(writer.response(), headers=headers)
+        return json_response(writer.response(), headers=headers)
 
     async def _stored(response_id: str) -> StoredResponse:
         if not RESPONSE_ID.fullmatch(response_id):
@@ -216,7 +205,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
 
     @app.get("/v1/responses/<response_id>")
     async def get_response(response_id: str) -> Response:
-        return _json((await _stored(response_id)).response)
+        return json_response((await _stored(response_id)).response)
 
     @app.delete("/v1/responses/<response_id>")
     async def delete_response(response_id: str) -> Response:
@@ -224,7 +213,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
             raise _not_found(response_id)
         if not await _needing_store(state.responses.delete(g.get("tenant"), response_id)):
             raise _not_found(response_id)
-        return _json({"id": response_id, "object": "response", "deleted": True})
+        return json_response({"id": response_id, "object": "response", "deleted": True})
 
     @app.get("/v1/responses/<response_id>/input_items")
     async def list_input_items(response_id: str) -> Response:
@@ -243,7 +232,7 @@ def register(app: QuartTrio, state: ServerState) -> None:
                 raise ApiError(400, f"after names no input item of {response_id}", param="after", code="invalid_value")
             items = items[ids.index(after) + 1 :]
         page = items[: int(raw_limit)]
-        return _json(
+        return json_response(
             {
                 "object": "list",
                 "data": page,

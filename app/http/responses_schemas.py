@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from app.contract.sampling import SamplingDefaults
 from app.http.schemas import NOT_TEXT_PARTS, SamplingFields
 from app.http.structured import JsonSchemaFormat, ResponseFormat, StructuredFields
 from app.http.tool_fields import (
@@ -25,6 +26,8 @@ from app.http.tool_fields import (
     ToolChoiceMode,
     ToolUse,
     canonical_schema,
+    check_tool_choice,
+    check_tool_names,
 )
 from app.prompts.builder import DEFAULT_CONVERSATION_DATE, ChatMessage, ToolCall, ToolSpec
 
@@ -286,9 +289,7 @@ class ResponsesRequest(SamplingFields):
     @field_validator("tools")
     @classmethod
     def _unique_names(cls, value: list[FunctionTool] | None) -> list[FunctionTool] | None:
-        names = [tool.name for tool in value or ()]
-        if duplicated := sorted({name for name in names if names.count(name) > 1}):
-            raise ValueError(f"two tools are named {duplicated[0]!r}")
+        check_tool_names([tool.name for tool in value or ()])
         return value
 
     @field_validator("tool_choice")
@@ -297,11 +298,8 @@ class ResponsesRequest(SamplingFields):
         cls, value: ToolChoiceMode | NamedFunctionChoice | None, info: ValidationInfo
     ) -> ToolChoiceMode | NamedFunctionChoice | None:
         tools: list[FunctionTool] = info.data.get("tools") or []
-        if isinstance(value, NamedFunctionChoice):
-            if value.name not in {t.name for t in tools}:
-                raise ValueError(f"tool_choice names {value.name!r}, which is not in tools")
-        elif value == "required" and not tools:
-            raise ValueError("tool_choice 'required' needs tools")
+        named = value.name if isinstance(value, NamedFunctionChoice) else None
+        check_tool_choice(named, value == "required", {t.name for t in tools})
         return value
 
     def tool_use(self) -> ToolUse:
@@ -354,8 +352,9 @@ class ResponsesRequest(SamplingFields):
             return {"type": "function", "name": self.tool_choice.name}
         return self.tool_choice or "auto"
 
-    def echo(self) -> dict[str, Any]:
-        """The request's fields that the response object repeats."""
+    def echo(self, defaults: SamplingDefaults) -> dict[str, Any]:
+        """The request's fields that the response object repeats (the sampling it got: its own
+        values, else the model's ``defaults``)."""
         fmt = self.text.format if self.text is not None and self.text.format is not None else TextFormat()
         text_format: dict[str, Any] = {"type": fmt.type}
         if fmt.type == "json_schema":
@@ -367,8 +366,8 @@ class ResponsesRequest(SamplingFields):
             "metadata": self.metadata or {},
             "previous_response_id": self.previous_response_id,
             "max_output_tokens": self.max_output_tokens,
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "temperature": defaults.pick("temperature", self.temperature),
+            "top_p": defaults.pick("top_p", self.top_p),
             "reasoning": {"effort": self.reasoning.effort if self.reasoning else None, "summary": None},
             "text": {"format": text_format},
             "store": self.store,

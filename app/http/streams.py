@@ -1,36 +1,26 @@
-"""Opening a generation stream for an HTTP request, and reading it with heartbeats.
+"""Opening a generation stream for an HTTP request, and what every generation route shares.
 
-Shared by the native and the OpenAI-compatible routes: they differ only in how events are framed.
+The streams are read by app/http/choice_streams.py (a request's choices as one group) and framed
+by app/http/event_stream.py (the SSE loop).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import trio
-from quart import Response, request
+from quart import request
 
-from actors.messages import (
-    GenerationJob,
-    StreamDone,
-    StreamError,
-    StreamEvent,
-    StreamRejected,
-    StreamStarted,
-    StreamToken,
-    Timings,
-)
-from actors.pipeline import NotReadyError, TooManyStreams
+from actors.messages import GenerationJob, StreamError, StreamRejected, StreamStarted, Timings
+from actors.pipeline import NotReadyError
+from actors.stream_counts import TooManyStreams
 from actors.stream_handle import StreamHandle
 from app.http.context import ServerState
 from app.http.errors import ApiError
 from app.http.request_scope import on_request_close
-from app.http.sse import SSE_HEADERS, sse_comment
 from app.prompts.builder import PROMPT_VERSION
 
 T = TypeVar("T")
@@ -40,17 +30,6 @@ async def off_loop(state: ServerState, work: Callable[[], T]) -> T:
     """Prompt work (tokenizing, the cache key) in a worker thread, one request at a time: a 4 MiB
     prompt must not hold the event loop, and with it every other stream and /health."""
     return await trio.to_thread.run_sync(work, limiter=state.prompt_work)
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """Nothing arrived for a while: the framing layer sends a comment so proxies keep the line."""
-
-
-async def open_stream(state: ServerState, job: GenerationJob) -> tuple[StreamHandle, StreamStarted]:
-    """Submit the job and wait until it is queued (or refused: raised as an ApiError)."""
-    handle = start_stream(state, job)
-    return handle, await first_event(handle)
 
 
 def start_stream(state: ServerState, job: GenerationJob, fork_from: str | None = None) -> StreamHandle:
@@ -85,66 +64,6 @@ async def first_event(handle: StreamHandle) -> StreamStarted:
         case StreamError():
             raise ApiError(500, first.message, code=first.code)
     raise ApiError(500, f"unexpected first event {type(first).__name__}")
-
-
-async def events_with_heartbeats(
-    handle: StreamHandle, interval: float
-) -> AsyncGenerator[StreamToken | StreamDone | StreamError | Heartbeat, None]:
-    """The stream's events until its terminal one; a Heartbeat after each quiet ``interval``."""
-    while True:
-        with trio.move_on_after(interval) as quiet:
-            try:
-                event: StreamEvent = await handle.next_event()
-            except trio.EndOfChannel:
-                event = StreamError(handle.request_id, "stream_lost")
-        if quiet.cancelled_caught:
-            yield Heartbeat()
-            continue
-        if isinstance(event, StreamToken | StreamDone | StreamError):
-            yield event
-        if isinstance(event, StreamDone | StreamError):
-            return
-
-
-class SseFramer(Protocol):
-    """How one endpoint frames a stream's events as SSE bytes."""
-
-    def opening(self) -> list[bytes]: ...
-
-    def token(self, event: StreamToken) -> list[bytes]: ...
-
-    def done(self, event: StreamDone) -> list[bytes]: ...
-
-    def error(self, event: StreamError) -> list[bytes]: ...
-
-    def closing(self) -> list[bytes]: ...
-
-
-async def _sse_body(handle: StreamHandle, framer: SseFramer, heartbeat: float) -> AsyncIterator[bytes]:
-    # No abort here: however the response ends, the request's close callback (open_stream) aborts.
-    for data in framer.opening():
-        yield data
-    async with aclosing(events_with_heartbeats(handle, heartbeat)) as events:
-        async for event in events:
-            match event:
-                case Heartbeat():
-                    framed = [sse_comment("keep-alive")]
-                case StreamToken():
-                    framed = framer.token(event)
-                case StreamDone():
-                    framed = framer.done(event)
-                case StreamError():
-                    framed = framer.error(event)
-            for data in framed:
-                yield data
-    for data in framer.closing():
-        yield data
-
-
-def sse_response(handle: StreamHandle, framer: SseFramer, heartbeat: float, headers: dict[str, str]) -> Response:
-    response = Response(_sse_body(handle, framer, heartbeat), headers={**SSE_HEADERS, **headers})
-    response.timeout = None  # Quart would cut the body at 60 s otherwise
-    return response
 
 
 def server_timing(timings: Timings) -> str:

@@ -8,6 +8,7 @@ and how its calls are read are app.prompts.builder's and app.text.harmony_text's
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -55,6 +56,21 @@ def canonical_schema(schema: dict[str, Any] | None) -> str:
     return json.dumps(NO_ARGUMENTS if schema is None else schema, sort_keys=True, separators=(",", ":"))
 
 
+def check_tool_names(names: Sequence[str]) -> None:
+    """``tools``' names are unique: a call names the function it means (chat's and Responses')."""
+    if duplicated := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"two tools are named {duplicated[0]!r}")
+
+
+def check_tool_choice(named: str | None, required: bool, names: Collection[str]) -> None:
+    """A ``tool_choice`` that names a function names one of ``tools``; ``required`` needs one."""
+    if named is not None:
+        if named not in names:
+            raise ValueError(f"tool_choice names {named!r}, which is not in tools")
+    elif required and not names:
+        raise ValueError("tool_choice 'required' needs tools")
+
+
 @dataclass(frozen=True, slots=True)
 class ToolUse:
     """What a request offers and demands: the tools the model is told of (none for ``none``), and
@@ -87,9 +103,7 @@ class ToolFields(Lenient):
     @field_validator("tools")
     @classmethod
     def _unique_names(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
-        names = [tool.function.name for tool in value or ()]
-        if duplicated := sorted({name for name in names if names.count(name) > 1}):
-            raise ValueError(f"two tools are named {duplicated[0]!r}")
+        check_tool_names([tool.function.name for tool in value or ()])
         return value
 
     @field_validator("tool_choice")
@@ -98,11 +112,8 @@ class ToolFields(Lenient):
         cls, value: ToolChoiceMode | NamedToolChoice | None, info: ValidationInfo
     ) -> ToolChoiceMode | NamedToolChoice | None:
         tools: list[ToolDefinition] = info.data.get("tools") or []
-        if isinstance(value, NamedToolChoice):
-            if value.function.name not in {t.function.name for t in tools}:
-                raise ValueError(f"tool_choice names {value.function.name!r}, which is not in tools")
-        elif value == "required" and not tools:
-            raise ValueError("tool_choice 'required' needs tools")
+        named = value.function.name if isinstance(value, NamedToolChoice) else None
+        check_tool_choice(named, value == "required", {t.function.name for t in tools})
         return value
 
     def tool_use(self) -> ToolUse:
