@@ -24,6 +24,7 @@ from app.engine.loader import KV_RESERVED_POSITIONS, ModelLoadError, ModelWeight
 from app.engine.runner import ModelRunner
 from app.engine.slot_cache import SlotShape
 from tests.conftest import running_server, server_config
+from tests.test_disconnect import runner_of
 from tools.server_process import ROOT
 
 GREEDY = SamplingParams(max_tokens=3, temperature=0.0)
@@ -75,15 +76,14 @@ def test_a_prefix_cache_that_fills_and_evicts_allocates_nothing(tiny_weights: Mo
 
 
 @pytest.mark.parametrize(
-    ("overrides", "lower"),
-    [({"prefix_cache_bytes": 2**50}, "--prefix-cache-mb"), ({"max_batch_size": 2**30}, "--max-batch-size")],
+    ("prefix_cache_bytes", "max_batch_size", "lower"),
+    [(2**50, 2, "--prefix-cache-mb"), (0, 2**30, "--max-batch-size")],
 )
 def test_a_pool_that_cannot_be_reserved_is_a_load_error(
-    tiny_weights: ModelWeights, overrides: dict[str, int], lower: str
+    tiny_weights: ModelWeights, prefix_cache_bytes: int, max_batch_size: int, lower: str
 ) -> None:
-    settings = {"max_batch_size": 2, "prefix_cache_bytes": 0, **overrides}
     with pytest.raises(ModelLoadError) as raised:
-        serve_weights(tiny_weights, **settings)
+        serve_weights(tiny_weights, max_batch_size=max_batch_size, prefix_cache_bytes=prefix_cache_bytes)
     message = str(raised.value)
     assert "\n" not in message and "MiB" in message and "free" in message and message.endswith(f"lower {lower}")
 
@@ -110,7 +110,7 @@ async def test_health_and_stats_show_what_was_reserved(tiny_weights: ModelWeight
         with trio.fail_after(30):
             health = (await client.get("/health")).json()
             stats = (await client.get("/stats")).json()
-    runner = server.server.pipeline.model.runner  # type: ignore[union-attr]
+    runner = runner_of(server)
     pools = health["memory_pools"]
     assert set(pools) == {"kv_cache", "prefix_cache", "grammar_masks"}
     assert pools["kv_cache"] == {

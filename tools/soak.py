@@ -3,7 +3,9 @@
 The P0 plan's load (tools.p0.load: 96-word prompts, greedy, streamed, some dropped mid-answer by
 the client), run for longer, with the server's RSS read from /stats at start and after every
 ``--every`` requests: a leak shows as a climb, a pool reserved at start-up as a flat line. Prints
-a Markdown table (requests, RSS MiB, change since the start, the prefix cache's blocks).
+a Markdown table (requests, RSS MiB, change since the start, the prefix cache's blocks). Several
+``--url``s (a server before a change and after, say) are soaked one after the other, never at
+once (they would share the CPU), and tabled side by side.
 """
 
 from __future__ import annotations
@@ -66,19 +68,25 @@ async def soak(url: str, settings: LoadSettings, every: int) -> tuple[list[Sampl
     return samples, dropped, failed
 
 
-def table(samples: list[Sample]) -> str:
-    start = samples[0].rss_bytes
-    lines = ["| requests | RSS MiB | since start MiB | prefix cache blocks |", "|---|---|---|---|"]
-    for s in samples:
-        lines.append(
-            f"| {s.requests} | {s.rss_bytes / MiB:.0f} | {(s.rss_bytes - start) / MiB:+.0f} | {s.prefix_blocks} |"
-        )
+def table(soaks: list[tuple[str, list[Sample]]]) -> str:
+    """One row per sample point, three columns per server: RSS, its change since the start, blocks."""
+    head, rule = ["requests"], ["---"]
+    for url, _ in soaks:
+        head += [f"{url} RSS MiB", "since start", "prefix blocks"]
+        rule += ["---"] * 3
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for index, first in enumerate(soaks[0][1]):
+        cells = [str(first.requests)]
+        for _, samples in soaks:
+            s, start = samples[index], samples[0].rss_bytes
+            cells += [f"{s.rss_bytes / MiB:.0f}", f"{(s.rss_bytes - start) / MiB:+.0f}", str(s.prefix_blocks)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--url", action="append", help="a server to soak (repeat: one after the other)")
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--every", type=int, default=100, help="sample after every N finished requests")
     parser.add_argument("--concurrency", type=int, default=8)
@@ -95,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         disconnect_share=args.disconnect_share,
         seed=args.seed,
     )
-    samples, dropped, failed = trio.run(soak, args.url, settings, args.every)
-    print(table(samples))
-    print(f"\n{args.requests} requests, {dropped} dropped by the client mid-stream, {failed} failed")
-    return 1 if failed else 0
+    soaks, failures = [], 0
+    for url in args.url or ["http://127.0.0.1:8000"]:
+        samples, dropped, failed = trio.run(soak, url, settings, args.every)
+        soaks.append((url, samples))
+        failures += failed
+        print(f"{url}: {args.requests} requests, {dropped} dropped by the client mid-stream, {failed} failed")
+    print("\n" + table(soaks))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
