@@ -67,6 +67,9 @@ def server_config(**overrides: object) -> ServerConfig:
         "profile": profile,
         "log_level": "warning",
         "responses_db": ":memory:",  # no test server writes the user's cache folder
+        # The prefix cache's pool is zero-filled at start-up: the default GiB would cost every
+        # test server a second or two; this is thousands of the tiny models' blocks.
+        "prefix_cache_bytes": 64 * 1024 * 1024,
     }
     fields.update(overrides)
     return ServerConfig(**fields)  # type: ignore[arg-type]

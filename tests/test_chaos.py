@@ -236,7 +236,7 @@ async def test_chaos_loses_nothing_and_leaks_nothing(tiny_weights: ModelWeights)
     # Nothing left running.
     assert stats["active_sequences"] == 0 and stats["queue_depth"] == 0 and stats["active_streams"] == 0
     assert relays_after == 0 and tasks_after == tasks_before, "no relay or actor task is left behind"
-    assert runner.sequence_ids() == [] and runner.kv_cache_bytes == 0  # type: ignore[attr-defined]
+    assert runner.sequence_ids() == [] and runner.free_rows == runner.max_batch_size  # type: ignore[attr-defined]
     # The cache holds only complete outputs.
     assert cached, "the repeated requests were stored"
     for entry in cached:

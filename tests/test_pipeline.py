@@ -17,7 +17,7 @@ from actors.pipeline import NotReadyError, Pipeline
 from actors.stream_handle import StreamHandle
 from actors.streams import RELAY_BUFFER_EVENTS
 from app.config import ServerConfig
-from app.contract.model import CallSyntax
+from app.contract.model import CallSyntax, MemoryPool
 from app.contract.sampling import SamplingDefaults, SamplingParams
 from tests.fakes import FakeBackend, inline_steps
 
@@ -35,6 +35,7 @@ class FakeModel:
     stop_token_ids: frozenset[int] = frozenset({999_999})
     tokenizer: Any = None
     decode_path: str = "dynamic"
+    memory_pools: tuple[MemoryPool, ...] = ()
     grammars: None = None
     max_token_bytes: int = 16
     tool_call_syntax: CallSyntax | None = None

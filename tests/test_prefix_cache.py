@@ -29,6 +29,7 @@ from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine.cuda_graphs import StepGraphs
 from app.engine.loader import ModelWeights
+from app.engine.memory_pools import PagePool, PageShape
 from app.engine.prefix_cache import LayerLayout, PrefixKVCache
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.static_runner import StaticModelRunner
@@ -61,13 +62,18 @@ FULL_ONLY = LayerLayout(full=(0, 1), sliding=(), window=None)
 BLOCK_BYTES = 2 * 2 * 2 * BLOCK * 4 * 4  # layers x (keys, values) x heads x positions x head_dim x fp32
 
 
+def cache_of(layout: LayerLayout, max_bytes: int) -> PrefixKVCache:
+    """A prefix cache over a pool of ``max_bytes`` for Rows' shape (2 heads of 4, fp32, CPU)."""
+    return PrefixKVCache(layout, PagePool(PageShape(2, BLOCK, 4), max_bytes, torch.float32, torch.device("cpu")))
+
+
 def tokens(seed: int, n: int = 4 * BLOCK) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(1, 50_000) for _ in range(n)]
 
 
 def test_blocks_stay_within_bytes_and_the_least_recently_used_leave_first() -> None:
-    cache = PrefixKVCache(FULL_ONLY, max_bytes=8 * BLOCK_BYTES, block_tokens=BLOCK)
+    cache = cache_of(FULL_ONLY, 8 * BLOCK_BYTES)
     rows = Rows()
     a, b, c = tokens(1), tokens(2), tokens(3)
     assert cache.store(a, len(a), rows, 0) == 4 and cache.store(b, len(b), rows, 1) == 4
@@ -84,7 +90,7 @@ def test_blocks_stay_within_bytes_and_the_least_recently_used_leave_first() -> N
 
 
 def test_a_chain_is_evicted_from_its_end() -> None:
-    cache = PrefixKVCache(FULL_ONLY, max_bytes=6 * BLOCK_BYTES, block_tokens=BLOCK)
+    cache = cache_of(FULL_ONLY, 6 * BLOCK_BYTES)
     rows = Rows()
     a, b = tokens(1), tokens(2, 2 * BLOCK)
     cache.store(a, len(a), rows, 0)
@@ -94,7 +100,7 @@ def test_a_chain_is_evicted_from_its_end() -> None:
 
 
 def test_pinned_blocks_are_never_evicted_and_unpinned_ones_are() -> None:
-    cache = PrefixKVCache(FULL_ONLY, max_bytes=4 * BLOCK_BYTES, block_tokens=BLOCK)
+    cache = cache_of(FULL_ONLY, 4 * BLOCK_BYTES)
     rows = Rows()
     a = tokens(1)
     cache.store(a, len(a), rows, 0)
@@ -110,7 +116,7 @@ def test_pinned_blocks_are_never_evicted_and_unpinned_ones_are() -> None:
 
 
 def test_a_match_copies_the_keys_and_leaves_the_last_prompt_token() -> None:
-    cache = PrefixKVCache(FULL_ONLY, max_bytes=MiB, block_tokens=BLOCK)
+    cache = cache_of(FULL_ONLY, MiB)
     rows = Rows()
     a = tokens(1)
     cache.store(a, len(a), rows, 0)
@@ -124,7 +130,7 @@ def test_a_match_copies_the_keys_and_leaves_the_last_prompt_token() -> None:
 
 def test_sliding_layers_keep_only_the_window_before_each_end() -> None:
     layout = LayerLayout(full=(0,), sliding=(1,), window=2 * BLOCK)
-    cache = PrefixKVCache(layout, max_bytes=MiB, block_tokens=BLOCK)
+    cache = cache_of(layout, MiB)
     rows = Rows()
     a = tokens(1, 6 * BLOCK)
     cache.store(a, len(a), rows, 0)
@@ -143,7 +149,7 @@ def test_sliding_layers_keep_only_the_window_before_each_end() -> None:
 
 def test_a_branch_keeps_the_window_before_it_for_the_next_prompt_that_shares_it() -> None:
     layout = LayerLayout(full=(0,), sliding=(1,), window=2 * BLOCK)
-    cache = PrefixKVCache(layout, max_bytes=MiB, block_tokens=BLOCK)
+    cache = cache_of(layout, MiB)
     rows = Rows()
     system = tokens(1, 3 * BLOCK)
     first, second, third = (system + tokens(seed, 2 * BLOCK) for seed in (2, 3, 4))
@@ -155,7 +161,7 @@ def test_a_branch_keeps_the_window_before_it_for_the_next_prompt_that_shares_it(
 
 def test_a_prefix_the_row_does_not_really_hold_is_not_kept() -> None:
     layout = LayerLayout(full=(0,), sliding=(1,), window=2 * BLOCK)
-    cache = PrefixKVCache(layout, max_bytes=MiB, block_tokens=BLOCK)
+    cache = cache_of(layout, MiB)
     a = tokens(1, 6 * BLOCK)
     # The row's sliding keys are real only from block 5 on: the window before 6 needs block 4 too.
     cache.store(a, len(a), Rows(), 0, sliding_from=5 * BLOCK)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from app.contract.grammar import GrammarService
@@ -11,6 +12,15 @@ from app.contract.step import StepBackend
 
 # How a chat template writes tool calls, read back by app.text.template_calls.
 CallSyntax = Literal["hermes", "llama3_json"]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPool:
+    """Memory the runner reserved at start-up and holds for its whole life (/health, /stats)."""
+
+    name: str  # "kv_cache", "prefix_cache", "grammar_masks"
+    bytes: int
+    figures: tuple[tuple[str, int], ...] = ()  # what it is made of: ("rows", 16), ("pages", 728), ...
 
 
 class ServedModel(Protocol):
@@ -71,6 +81,11 @@ class ServedModel(Protocol):
 
     @property
     def decode_path(self) -> str: ...
+
+    @property
+    def memory_pools(self) -> tuple[MemoryPool, ...]:
+        """What was reserved at start-up (the KV cache, the prefix cache's pool, ...)."""
+        ...
 
     @property
     def max_token_bytes(self) -> int:

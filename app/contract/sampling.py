@@ -31,6 +31,10 @@ class SamplingParams:
     # None: no logprobs; k (0..20): each token's logprob and its k likeliest alternatives.
     logprobs: int | None = None
     grammar: GrammarSpec | None = None  # constrained decoding (structured outputs)
+    # The prefix KV cache's namespace: a hash of the tenant and the request's cache_salt (made by
+    # the HTTP layer, never a client's text), the parent of the first block's key, so prefixes are
+    # shared only within it. b"": no API key and no salt, the one shared namespace.
+    prefix_salt: bytes = b""
 
     @property
     def greedy(self) -> bool:

@@ -254,6 +254,10 @@ class GrammarMasks:
         self._bitmask = xgr.allocate_token_bitmask(rows, vocab_size)
         self._batch = xgr.BatchGrammarMatcher(max_threads=2)
 
+    @property
+    def nbytes(self) -> int:
+        return int(self._bitmask.numel() * self._bitmask.element_size())
+
     def apply(self, logits: torch.Tensor, grammars: Sequence[SequenceGrammar | ToolCallGrammar | None]) -> None:
         """Mask ``logits`` [rows, vocab] in place for the rows whose grammar constrains now."""
         self._fill(logits, grammars)

@@ -3,15 +3,25 @@
 transformers' attention layers call ``update(key, value, layer_idx)``; which rows and positions the
 new keys go to is set by the runner for each forward (``plan_decode`` / ``plan_prefill``). Sequences
 join by taking a free row and leave by having the last row moved into theirs, so the rows in use
-are always ``0..rows_in_use-1`` and a decode step attends over a plain slice. Storage grows by
-doubling (rows and positions) and is dropped when the last sequence leaves.
+are always ``0..rows_in_use-1`` and a decode step attends over a plain slice.
+
+A server's row cache is reserved at start-up (``reserve_at_start``: every row, the first positions
+of each) and kept for the process's life, so its memory does not follow the traffic; a sequence
+longer than the reservation grows the positions (doubling, up to ``max_positions``), which stay.
+Without a reservation (a runner built for a test or a tool) storage grows by doubling, rows and
+positions, and is dropped when the last sequence leaves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import structlog
 import torch
+
+from app.engine.memory_pools import MiB, PoolReservationError, check_fits
+
+log = structlog.get_logger("engine.kv_cache")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +113,38 @@ class RowKVCache(PlannedCache):
         self._positions = 0
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
+        self.reserved_positions = 0  # kept from start-up on (0: none, storage follows the rows in use)
 
     # -- storage -----------------------------------------------------------------------------
     @property
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
+
+    @staticmethod
+    def bytes_needed(
+        num_layers: int, rows: int, kv_heads: int, positions: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return 2 * num_layers * rows * kv_heads * positions * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def reserve_at_start(
+        self, kv_heads: int, head_dim: int, positions: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """Every row and ``positions`` positions of every layer, zero-filled now (resident) and kept:
+        a PoolReservationError when the device has not that much free."""
+        positions = min(positions, self.max_positions)
+        needed = self.bytes_needed(self.num_layers, self.max_rows, kv_heads, positions, head_dim, dtype)
+        what = f"the KV cache ({self.max_rows} rows x {positions} positions)"
+        check_fits(needed, device, what, "--max-batch-size")
+        shape = (self.max_rows, kv_heads, positions, head_dim)
+        try:
+            for store in (self._keys, self._values):
+                for layer in range(self.num_layers):
+                    store[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            self.release()
+            raise PoolReservationError(f"{what} needs {needed / MiB:.0f} MiB on {device}: it did not fit") from error
+        self._rows, self._positions = self.max_rows, positions
+        self.reserved_positions = positions
 
     def reserve(self, rows: int, positions: int) -> None:
         """Make room for ``rows`` rows of ``positions`` positions; existing contents are kept.
@@ -131,9 +168,13 @@ class RowKVCache(PlannedCache):
                 bigger[: old.shape[0], :, : old.shape[2]] = old
                 store[layer] = bigger
         self._rows, self._positions = new_rows, new_positions
+        if self.reserved_positions:
+            log.warning("kv_cache_grown", rows=new_rows, positions=new_positions, mib=self.allocated_bytes // MiB)
 
     def release(self) -> None:
-        """Drop all storage (the runner calls this when no sequence is left)."""
+        """Drop all storage (the runner calls this when no sequence is left); a reservation stays."""
+        if self.reserved_positions:
+            return
         self._keys = [None] * self.num_layers
         self._values = [None] * self.num_layers
         self._rows = self._positions = 0

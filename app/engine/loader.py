@@ -28,12 +28,13 @@ from transformers.utils import logging as hf_logging
 
 from app.config import ToolCallParser
 from app.contract.failures import first_line
-from app.contract.model import CallSyntax
+from app.contract.model import CallSyntax, MemoryPool
 from app.contract.sampling import SamplingDefaults, SamplingParams
 from app.contract.step import PrefillChunk
 from app.engine import moe_loading, tensor_parallel
 from app.engine.cuda_graphs import Capture, StepGraphs
 from app.engine.grammar import DEFAULT_COMPILE_TIMEOUT, GrammarCompiler, HarmonyMarkers
+from app.engine.memory_pools import PoolReservationError
 from app.engine.runner import BaseRunner, ModelRunner
 from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_runner import StaticModelRunner
@@ -47,6 +48,9 @@ log = structlog.get_logger("engine.loader")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # With --cuda-graphs every slot holds this many positions from start-up, unless --max-seq-len says.
 STATIC_DEFAULT_SEQ_LEN = 4096
+# The dynamic path's KV cache, reserved at start-up: every row, this many positions each (the
+# model's context when shorter). A longer sequence grows it, once, up to the context.
+KV_RESERVED_POSITIONS = 1024
 # Decode graphs captured at start-up: every batch bucket, kv buckets up to this many positions
 # (longer ones are captured on first use).
 PRECAPTURE_POSITIONS = 1024
@@ -72,6 +76,7 @@ class LoadedModel:
     vocab_size: int = 0  # the logits' width
     grammars: GrammarCompiler | None = None  # structured outputs (xgrammar), over this tokenizer
     decode_path: str = "dynamic"  # "dynamic", "static" (eager) or "static+cuda_graphs"
+    memory_pools: tuple[MemoryPool, ...] = ()  # what the runner reserved at start-up
     max_token_bytes: int = 4096  # no token is longer: a prompt's size bounds its length in tokens
     tool_call_syntax: CallSyntax | None = None  # how its chat template writes tool calls (None: unread)
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # for the fields a request leaves out
@@ -291,17 +296,24 @@ def serve_weights(
     elif cuda_graphs:
         max_context = min(max_context, STATIC_DEFAULT_SEQ_LEN)
     runner: BaseRunner
-    if cuda_graphs:
-        runner = _static_runner(weights, max_batch_size, max_context, capture, prefix_cache_bytes)
-    else:
-        runner = ModelRunner(
-            weights.model,
-            max_batch_size=max_batch_size,
-            max_context=max_context,
-            stop_token_ids=weights.stop_token_ids,
-            prefix_cache_bytes=prefix_cache_bytes,
-        )
+    try:
+        if cuda_graphs:
+            runner = _static_runner(weights, max_batch_size, max_context, capture, prefix_cache_bytes)
+        else:
+            runner = ModelRunner(
+                weights.model,
+                max_batch_size=max_batch_size,
+                max_context=max_context,
+                stop_token_ids=weights.stop_token_ids,
+                prefix_cache_bytes=prefix_cache_bytes,
+                reserve_positions=min(max_context, KV_RESERVED_POSITIONS),
+            )
+    except PoolReservationError as error:
+        raise ModelLoadError(str(error)) from error
     runner.grammars = grammar_compiler(weights, runner.vocab_size, grammar_compile_timeout)
+    runner.reserve_grammar_masks()
+    pools = runner.memory_pools()
+    log.info("memory_reserved", **{p.name: {"mib": round(p.bytes / 2**20, 1), **dict(p.figures)} for p in pools})
     _warm_up(runner, weights.tokenizer)
     tokenizer = weights.tokenizer
     if chat_template is not None:
@@ -329,6 +341,7 @@ def serve_weights(
         grammars=runner.grammars,
         vocab_size=runner.vocab_size,
         decode_path=decode_path,
+        memory_pools=pools,
         max_token_bytes=longest_token_bytes(weights.tokenizer),
         # gpt-oss's calls are Harmony messages (app.text.harmony_text), whatever the template.
         tool_call_syntax=None if weights.harmony else syntax_for(tokenizer.chat_template, tool_call_parser),

@@ -13,9 +13,15 @@ that resumes at ``L`` needs its sliding layers' keys for ``[L - w, L)`` only (th
 positions of its row may hold anything: the attention mask hides them). A match at ``L`` is valid
 only when those blocks have their sliding part.
 
-Bounded in bytes, least recently used out first; a block that a running sequence matched is
-pinned (reference counted) until that sequence is released, and is never evicted. Along a chain a
-parent is always used more recently than its children, so eviction takes the deepest blocks first.
+The first block's parent is the request's namespace (``SamplingParams.prefix_salt``: a hash of
+its tenant and its ``cache_salt``, made by the HTTP layer), so a chain is found only by requests
+of the same tenant and salt: one tenant cannot learn from ``cached_tokens`` what another sent.
+
+Kept in a page pool reserved at start-up (app.engine.memory_pools; a page is one layer's part of
+one block), so a full cache holds no more memory than an empty one; least recently used out
+first. A block that a running sequence matched is pinned (reference counted) until that sequence
+is released, and is never evicted. Along a chain a parent is always used more recently than its
+children, so eviction takes the deepest blocks first.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from app.contract.step import PrefixCacheStats
+from app.engine.memory_pools import PagePool
 
 DEFAULT_BLOCK_TOKENS = 32
 _ROOT = b""
@@ -73,12 +80,12 @@ class KeyRows(Protocol):
 class _Block:
     parent: bytes
     tokens: tuple[int, ...]
-    full: torch.Tensor | None  # [full layers, 2, heads, B, head_dim]
-    sliding: torch.Tensor | None  # [sliding layers, 2, heads, B, head_dim], near end points only
+    full: tuple[int, ...]  # a page per full-attention layer (none when the model has none)
+    sliding: tuple[int, ...] | None  # a page per sliding layer, near end points only
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.full, self.sliding) if t is not None)
+    def pages(self) -> tuple[int, ...]:
+        return self.full + (self.sliding or ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,18 @@ class _Counters:
     pins: Counter[bytes] = field(default_factory=Counter)
 
 
+@dataclass(slots=True)
+class _Placed:
+    """What one store takes pages for before any is written: blocks to add (chain index, key, block)
+    and sliding parts to complete (chain index, pages)."""
+
+    new: list[tuple[int, bytes, _Block]] = field(default_factory=list)
+    completed: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+
+    def pages(self) -> list[tuple[int, ...]]:
+        return [block.pages for _, _, block in self.new] + [pages for _, pages in self.completed]
+
+
 def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
     digest = hashlib.blake2b(parent, digest_size=16)
     digest.update(array("q", tokens).tobytes())
@@ -109,26 +128,25 @@ def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
 
 
 class PrefixKVCache:
-    def __init__(self, layout: LayerLayout, max_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
-        if max_bytes < 0 or block_tokens < 1:
-            raise ValueError(
-                f"a prefix cache needs max_bytes >= 0 and block_tokens >= 1, got {max_bytes}, {block_tokens}"
-            )
+    def __init__(self, layout: LayerLayout, pool: PagePool) -> None:
         self.layout = layout
-        self.max_bytes = max_bytes
-        self.block_tokens = block_tokens
+        self.pool = pool
+        self.block_tokens = pool.shape.block_tokens
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
-        self._bytes = 0
         self._counts = _Counters()
 
     # -- what the runner asks --------------------------------------------------------------------
     @property
+    def max_bytes(self) -> int:
+        return self.pool.reserved_bytes
+
+    @property
     def size_bytes(self) -> int:
-        return self._bytes
+        return self.pool.used_pages * self.pool.page_bytes
 
     def stats(self) -> PrefixCacheStats:
         c = self._counts
-        return PrefixCacheStats(c.lookups, c.hits, c.hit_tokens, self._bytes, len(self._blocks), c.evictions)
+        return PrefixCacheStats(c.lookups, c.hits, c.hit_tokens, self.size_bytes, len(self._blocks), c.evictions)
 
     def pinned(self, key: bytes) -> int:
         return self._counts.pins[key]
@@ -141,21 +159,21 @@ class PrefixKVCache:
     def __contains__(self, key: bytes) -> bool:
         return key in self._blocks
 
-    def chain(self, tokens: Sequence[int]) -> list[bytes]:
-        """The keys of ``tokens``' whole blocks, root first (whether cached or not)."""
-        keys, parent, size = [], _ROOT, self.block_tokens
+    def chain(self, tokens: Sequence[int], salt: bytes = _ROOT) -> list[bytes]:
+        """The keys of ``tokens``' whole blocks in namespace ``salt``, root first (cached or not)."""
+        keys, parent, size = [], salt, self.block_tokens
         for start in range(0, len(tokens) - size + 1, size):
             parent = block_key(parent, tokens[start : start + size])
             keys.append(parent)
         return keys
 
-    def lookup(self, prompt: Sequence[int]) -> PrefixMatch:
-        """The longest cached prefix ``prompt`` may start from, always short of its last token (whose
-        logits give the first new token). Counted as a lookup when the prompt is long enough to
-        match a block at all; the blocks matched are touched."""
+    def lookup(self, prompt: Sequence[int], salt: bytes = _ROOT) -> PrefixMatch:
+        """The longest cached prefix ``prompt`` may start from in namespace ``salt``, always short of
+        its last token (whose logits give the first new token). Counted as a lookup when the prompt
+        is long enough to match a block at all; the blocks matched are touched."""
         if len(prompt) > self.block_tokens:
             self._counts.lookups += 1
-        size, parent = self.block_tokens, _ROOT
+        size, parent = self.block_tokens, salt
         found: list[bytes] = []
         for start in range(0, len(prompt) - 1 - size + 1, size):
             ids = tuple(prompt[start : start + size])
@@ -191,83 +209,102 @@ class PrefixKVCache:
         window before its end. Returns the first position the sliding layers hold for real."""
         if not match.blocks:
             return 0
-        size, length = self.block_tokens, match.length
         blocks = [self._blocks[key] for key in match.blocks]
-        if self.layout.full:
-            full = torch.cat([b.full for b in blocks if b.full is not None], dim=3)
-            for index, layer in enumerate(self.layout.full):
-                rows.write_keys(row, layer, 0, full[index, 0], full[index, 1])
-        sliding_from = length
+        for index, layer in enumerate(self.layout.full):
+            rows.write_keys(row, layer, 0, *self.pool.read([b.full[index] for b in blocks]))
+        sliding_from = match.length
         if self.layout.sliding:
-            first = self._first_sliding_block(length)
-            sliding = torch.cat([b.sliding for b in blocks[first:] if b.sliding is not None], dim=3)
-            sliding_from = first * size
+            first = self._first_sliding_block(match.length)
+            sliding_from = first * self.block_tokens
+            near = [b.sliding for b in blocks[first:] if b.sliding is not None]
             for index, layer in enumerate(self.layout.sliding):
-                rows.write_keys(row, layer, sliding_from, sliding[index, 0], sliding[index, 1])
+                rows.write_keys(row, layer, sliding_from, *self.pool.read([pages[index] for pages in near]))
         return sliding_from
 
     @torch.inference_mode()
-    def store(self, tokens: Sequence[int], end: int, rows: KeyRows, row: int, sliding_from: int = 0) -> int:
-        """Keep the whole blocks of ``row``'s first ``end`` positions (``tokens[:end]`` in it): the full
-        layers' part of each, the sliding layers' part of those in the window before ``end`` (and at
-        or after ``sliding_from``, the first position whose sliding keys in the row are real).
-        Returns the blocks added or completed; stops, without evicting, when the rest would not fit."""
-        if self.max_bytes == 0:
-            return 0
+    def store(
+        self, tokens: Sequence[int], end: int, rows: KeyRows, row: int, sliding_from: int = 0, salt: bytes = _ROOT
+    ) -> int:
+        """Keep the whole blocks of ``row``'s first ``end`` positions (``tokens[:end]`` in it, in
+        namespace ``salt``): the full layers' part of each, the sliding layers' part of those in
+        the window before ``end`` (and at or after ``sliding_from``, the first position whose
+        sliding keys in the row are real). Returns the blocks added or completed; stops, without
+        evicting what it needs, when the rest would not fit."""
         size = self.block_tokens
-        keys = self.chain(tokens[: (end // size) * size])
-        if not keys:
+        keys = self.chain(tokens[: (end // size) * size], salt)
+        if not keys or not self.pool.pages:
             return 0
-        whole = len(keys) * size
         need_full = [i for i, key in enumerate(keys) if key not in self._blocks]
         # The sliding layers' window before the end, and before the point where this sequence leaves
         # a chain already cached (a branch: the next prompt that shares that start resumes there).
         ends = [len(keys)] + ([need_full[0]] if need_full and need_full[0] > 0 else [])
         windows = sorted({i for end in ends for i in self._sliding_blocks(end)})
-        need_sliding = [
+        need_sliding = {
             i
             for i in windows
             if i * size >= sliding_from and (keys[i] not in self._blocks or self._blocks[keys[i]].sliding is None)
-        ]
+        }
         if not need_full and not need_sliding:
             self._touch(keys)
             return 0
-        # Read only from the first block wanted (the blocks before it are cached already).
-        full_from = need_full[0] * size if need_full else whole
-        sliding_from_block = need_sliding[0] * size if need_sliding else whole
-        full = self._read(rows, row, self.layout.full, full_from, whole) if need_full and self.layout.full else None
-        sliding = self._read(rows, row, self.layout.sliding, sliding_from_block, whole) if need_sliding else None
-        if (need_full and self.layout.full and full is None) or (need_sliding and sliding is None):
+        layers = (*self.layout.full, *self.layout.sliding)
+        if any(rows.read_keys(row, layer, 0, len(keys) * size) is None for layer in layers):
             return 0  # the row has no storage (it never ran a forward)
         self._touch([key for key in keys if key in self._blocks])
-        protected = set(keys)
-        added = 0
-        wanted_sliding = set(need_sliding)
-        for i, key in enumerate(keys):
-            span = slice(i * size, (i + 1) * size)
-            full_span = slice(i * size - full_from, (i + 1) * size - full_from)
-            sliding_span = slice(i * size - sliding_from_block, (i + 1) * size - sliding_from_block)
-            block = self._blocks.get(key)
-            if block is None:
-                part = None if full is None else full[:, :, :, full_span].clone()
-                extra = sliding[:, :, :, sliding_span].clone() if sliding is not None and i in wanted_sliding else None
-                block = _Block(keys[i - 1] if i else _ROOT, tuple(tokens[span]), part, extra)
-                if not self._make_room(block.nbytes, protected):
-                    break
-                self._blocks[key] = block
-                self._bytes += block.nbytes
-                added += 1
-            elif i in wanted_sliding and sliding is not None:
-                extra = sliding[:, :, :, sliding_span].clone()
-                if not self._make_room(extra.numel() * extra.element_size(), protected):
-                    break
-                block.sliding = extra
-                self._bytes += extra.numel() * extra.element_size()
-                added += 1
+        placed = self._place(tokens, keys, salt, need_sliding)
+        try:
+            self._copy_in(rows, row, self.layout.full, [(i, block.full) for i, _, block in placed.new])
+            sliding = [(i, block.sliding) for i, _, block in placed.new if block.sliding is not None]
+            self._copy_in(rows, row, self.layout.sliding, sorted([*sliding, *placed.completed]))
+        except Exception:
+            for pages in placed.pages():
+                self.pool.give(pages)
+            raise
+        for _, key, block in placed.new:
+            self._blocks[key] = block
+        for i, pages in placed.completed:
+            self._blocks[keys[i]].sliding = pages
         self._touch([key for key in keys if key in self._blocks])
-        return added
+        return len(placed.new) + len(placed.completed)
 
     # -- inside -----------------------------------------------------------------------------------
+    def _place(self, tokens: Sequence[int], keys: list[bytes], salt: bytes, need_sliding: set[int]) -> _Placed:
+        """Pages for the blocks to add and the sliding parts to complete, in chain order, as far as
+        room can be made for them (the least recently used others evicted); nothing is kept yet."""
+        protected, placed = set(keys), _Placed()
+        full_pages, sliding_pages, size = len(self.layout.full), len(self.layout.sliding), self.block_tokens
+        for i, key in enumerate(keys):
+            block = self._blocks.get(key)
+            if block is None:
+                wanted = full_pages + (sliding_pages if i in need_sliding else 0)
+                if not self._make_room(wanted, protected):
+                    break
+                pages = self.pool.take(wanted)
+                sliding = pages[full_pages:] if i in need_sliding else None
+                ids = tuple(tokens[i * size : (i + 1) * size])
+                placed.new.append((i, key, _Block(keys[i - 1] if i else salt, ids, pages[:full_pages], sliding)))
+            elif i in need_sliding:
+                if not self._make_room(sliding_pages, protected):
+                    break
+                placed.completed.append((i, self.pool.take(sliding_pages)))
+        return placed
+
+    def _copy_in(
+        self, rows: KeyRows, row: int, layers: tuple[int, ...], blocks: list[tuple[int, tuple[int, ...]]]
+    ) -> None:
+        """Each of ``blocks`` (chain index, a page per layer of ``layers``) from ``row`` into its
+        pages: one copy per layer for each run of consecutive blocks."""
+        if not layers:
+            return
+        size = self.block_tokens
+        for run in _runs(blocks):
+            start, end = run[0][0] * size, (run[-1][0] + 1) * size
+            for index, layer in enumerate(layers):
+                kv = rows.read_keys(row, layer, start, end)
+                if kv is None:
+                    raise RuntimeError(f"row {row} holds no keys of layer {layer}")
+                self.pool.write([pages[index] for _, pages in run], *kv)
+
     def _sliding_blocks(self, blocks: int) -> range:
         """The blocks whose sliding part a sequence resuming after ``blocks`` blocks needs."""
         if not self.layout.sliding:
@@ -292,26 +329,26 @@ class PrefixKVCache:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
 
-    def _make_room(self, nbytes: int, protected: set[bytes]) -> bool:
-        if nbytes > self.max_bytes:
+    def _make_room(self, pages: int, protected: set[bytes]) -> bool:
+        if pages > self.pool.pages:
             return False
         pins = self._counts.pins
         victims = iter([key for key in self._blocks if key not in pins and key not in protected])
-        while self._bytes + nbytes > self.max_bytes:
+        while self.pool.free_pages < pages:
             victim = next(victims, None)
             if victim is None:
                 return False
-            self._bytes -= self._blocks.pop(victim).nbytes
+            self.pool.give(self._blocks.pop(victim).pages)
             self._counts.evictions += 1
         return True
 
-    @staticmethod
-    def _read(rows: KeyRows, row: int, layers: tuple[int, ...], start: int, end: int) -> torch.Tensor | None:
-        """[layers, 2, heads, end - start, head_dim]: ``row``'s positions ``start..end-1`` of ``layers``."""
-        parts = []
-        for layer in layers:
-            kv = rows.read_keys(row, layer, start, end)
-            if kv is None:
-                return None
-            parts.append(torch.stack(kv))
-        return torch.stack(parts)
+
+def _runs(blocks: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """``blocks`` (sorted by chain index) cut into runs of consecutive indices."""
+    runs: list[list[tuple[int, tuple[int, ...]]]] = []
+    for block in blocks:
+        if runs and runs[-1][-1][0] + 1 == block[0]:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return runs

@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from app.contract.failures import FailureCode
+from app.contract.model import MemoryPool
 from app.contract.sampling import SamplingParams
 from app.contract.step import (
     PrefillChunk,
@@ -41,8 +42,10 @@ from app.engine.attention_masks import MaskShapes
 from app.engine.grammar import GrammarCompiler, GrammarMasks, SequenceGrammar
 from app.engine.kv_cache import RowKVCache, Segment
 from app.engine.logprobs import RawLogprobs
-from app.engine.prefix_cache import LayerLayout, PrefixKVCache, PrefixMatch
+from app.engine.memory_pools import PagePool, PageShape
+from app.engine.prefix_cache import DEFAULT_BLOCK_TOKENS, LayerLayout, PrefixKVCache, PrefixMatch
 from app.engine.sampling import TokenHistory, choose_tokens, seeded_generator
+from app.engine.slot_cache import SlotShape
 from app.engine.tool_call_grammar import ToolCallGrammar
 
 log = structlog.get_logger("engine.runner")
@@ -121,7 +124,7 @@ class BaseRunner(ABC):
         stop_token_ids: Iterable[int],
         prefix_cache_bytes: int = 0,
     ) -> None:
-        """``prefix_cache_bytes``: what the prefix KV cache may hold (0: no prefix cache)."""
+        """``prefix_cache_bytes``: the prefix KV cache's pool, reserved now (0: no prefix cache)."""
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
@@ -136,8 +139,12 @@ class BaseRunner(ABC):
         # Structured outputs: the loader sets it once it knows the vocabulary (the logits' width).
         self.grammars: GrammarCompiler | None = None
         self._grammar_masks: GrammarMasks | None = None
-        layout = LayerLayout.for_config(model.config.get_text_config())
-        self.prefix_cache = PrefixKVCache(layout, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.prefix_cache = None
+        if prefix_cache_bytes > 0:
+            shape = SlotShape.for_model(model)
+            page = PageShape(shape.kv_heads, DEFAULT_BLOCK_TOKENS, shape.head_dim)
+            pool = PagePool(page, prefix_cache_bytes, self.dtype, self.device)
+            self.prefix_cache = PrefixKVCache(LayerLayout.for_config(model.config.get_text_config()), pool)
 
     # -- membership ----------------------------------------------------------------------------
     @property
@@ -147,6 +154,29 @@ class BaseRunner(ABC):
     @property
     def kv_cache_bytes(self) -> int:
         return self._cache.allocated_bytes
+
+    def memory_pools(self) -> tuple[MemoryPool, ...]:
+        """What this runner holds for its whole life (reserved at start-up): /health and /stats."""
+        pools = [self._kv_pool()]
+        if self.prefix_cache is not None:
+            pool = self.prefix_cache.pool
+            figures = (
+                ("pages", pool.pages),
+                ("page_bytes", pool.page_bytes),
+                ("block_tokens", self.prefix_cache.block_tokens),
+            )
+            pools.append(MemoryPool("prefix_cache", pool.reserved_bytes, figures))
+        if self._grammar_masks is not None:
+            pools.append(MemoryPool("grammar_masks", self._grammar_masks.nbytes, (("rows", self.max_batch_size),)))
+        return tuple(pools)
+
+    def _kv_pool(self) -> MemoryPool:
+        return MemoryPool("kv_cache", self._cache.allocated_bytes, (("rows", self.max_batch_size),))
+
+    def reserve_grammar_masks(self) -> None:
+        """The grammar engine's bitmask for every row, now rather than at the first constrained step."""
+        if self._grammar_masks is None:
+            self._grammar_masks = GrammarMasks(self.max_batch_size, self.vocab_size, self.device)
 
     def sequence_ids(self) -> list[str]:
         return [seq.seq_id for seq in sorted(self._seqs.values(), key=lambda seq: seq.row)]
@@ -206,7 +236,7 @@ class BaseRunner(ABC):
             seq.num_computed = len(prompt) - 1
             seq.sliding_from = parent.sliding_from
         elif self.prefix_cache is not None:
-            self._start_from_prefix(seq, self.prefix_cache.lookup(seq.prompt))
+            self._start_from_prefix(seq, self.prefix_cache.lookup(seq.prompt, seq.params.prefix_salt))
         return seq.num_computed
 
     def _start_from_prefix(self, seq: SequenceState, match: PrefixMatch) -> None:
@@ -237,7 +267,8 @@ class BaseRunner(ABC):
             return
         tokens = (*seq.prompt, *seq.generated)[:end]
         try:
-            self.prefix_cache.store(tokens, min(end, seq.num_computed), self._cache, seq.row, seq.sliding_from)
+            salt = seq.params.prefix_salt
+            self.prefix_cache.store(tokens, min(end, seq.num_computed), self._cache, seq.row, seq.sliding_from, salt)
         except Exception:  # a cache that cannot keep this prefix must not fail the request
             log.exception("prefix_cache_store_failed", request_id=seq.seq_id)
 
@@ -429,9 +460,9 @@ class BaseRunner(ABC):
         """What masks this step's constrained rows (None when no row is constrained now)."""
         if not any(g is not None and (g.constrains or isinstance(g, ToolCallGrammar)) for g in grammars):
             return None
-        if self._grammar_masks is None:
-            self._grammar_masks = GrammarMasks(self.max_batch_size, self.vocab_size, self.device)
+        self.reserve_grammar_masks()
         masks = self._grammar_masks
+        assert masks is not None
         return lambda logits: masks.apply(logits, grammars)
 
     def _advance_grammar(self, seq: SequenceState, token: int) -> bool:
@@ -445,7 +476,8 @@ class BaseRunner(ABC):
 
 
 class ModelRunner(BaseRunner):
-    """The dynamic path: a row cache that grows on demand and stays compact (rows 0..n-1)."""
+    """The dynamic path: a row cache that stays compact (rows 0..n-1), reserved at start-up for
+    ``reserve_positions`` positions per row (0: none, it grows on demand and is dropped when idle)."""
 
     def __init__(
         self,
@@ -455,9 +487,13 @@ class ModelRunner(BaseRunner):
         max_context: int,
         stop_token_ids: Iterable[int],
         prefix_cache_bytes: int = 0,
+        reserve_positions: int = 0,
     ) -> None:
         layers = model.config.get_text_config().num_hidden_layers
         self._rows = RowKVCache(layers, max_batch_size, max_context)
+        if reserve_positions > 0:
+            shape = SlotShape.for_model(model)
+            self._rows.reserve_at_start(shape.kv_heads, shape.head_dim, reserve_positions, model.dtype, model.device)
         super().__init__(
             model,
             self._rows,
@@ -466,6 +502,10 @@ class ModelRunner(BaseRunner):
             stop_token_ids=stop_token_ids,
             prefix_cache_bytes=prefix_cache_bytes,
         )
+
+    def _kv_pool(self) -> MemoryPool:
+        figures = (("rows", self.max_batch_size), ("positions", self._rows.reserved_positions))
+        return MemoryPool("kv_cache", self._rows.allocated_bytes, (*figures, ("max_positions", self.max_context)))
 
     def _in_row_order(self) -> list[SequenceState]:
         return sorted(self._seqs.values(), key=lambda seq: seq.row)

@@ -20,7 +20,7 @@ from app.http.structured import ConstraintError, OutputConstraint, StructuredFie
 from app.http.tool_calls import json_call_schema
 from app.http.tool_fields import ToolUse
 from app.prompts.builder import PROMPT_VERSION, PromptError, PromptSpec, build_prompt_tokens, fewest_tokens
-from app.prompts.cache_key import cache_key
+from app.prompts.cache_key import cache_key, prefix_namespace
 from app.text.pieces import TextMode
 
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
@@ -288,6 +288,7 @@ def build_job(
         grammar=grammar,
         defaults=model.sampling_defaults,
     )
+    params = dataclasses.replace(params, prefix_salt=prefix_namespace(tenant, fields.cache_salt))
     if forced is not None:
         params = dataclasses.replace(params, grammar=call_budget(forced, spec, params.max_tokens))
     # parallel_tool_calls false: one call at most (a forced call is one call already).

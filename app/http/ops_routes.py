@@ -10,6 +10,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from actors.pipeline import Pipeline
+from app.contract.model import ServedModel
 from app.http.context import ServerState
 from app.http.json_response import json_response
 
@@ -37,6 +38,7 @@ def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
         "max_context": model.max_context if model else None,
         # What a request that leaves a sampling field (or max_tokens) out gets, and from where.
         "sampling_defaults": model.sampling_defaults.shown() if model else None,
+        "memory_pools": pools_body(model),
         "version": state.version,
         "uptime_s": round(pipeline.clock() - pipeline.started_at, 3),
         "runtime": state.runtime(),
@@ -50,6 +52,13 @@ def health_body(state: ServerState) -> tuple[dict[str, Any], int]:
         body["last_step_age_s"] = None if last is None else round(now - last, 3)
         body["step_running_s"] = None if step_running is None else round(step_running, 3)
     return body, 200 if status == "ok" else 503
+
+
+def pools_body(model: ServedModel | None) -> dict[str, Any] | None:
+    """What the runner reserved at start-up, by pool: its bytes and what it is made of."""
+    if model is None:
+        return None
+    return {pool.name: {"bytes": pool.bytes, **dict(pool.figures)} for pool in model.memory_pools}
 
 
 def memory_body(state: ServerState) -> dict[str, Any]:
@@ -96,10 +105,17 @@ def stats_body(state: ServerState) -> dict[str, Any]:
             "active_generations": pipeline.active_relays,
             "scheduler_steps": scheduler.steps if scheduler else 0,
             "cache": cache_body(pipeline),
+            "memory_pools": pools_body(pipeline.model),
         }
     )
     prefix_max = state.config.prefix_cache_bytes
-    figures["prefix_cache"] = {"enabled": prefix_max > 0, "max_bytes": prefix_max, **figures["prefix_cache"]}
+    reserved = (figures["memory_pools"] or {}).get("prefix_cache", {}).get("bytes", 0)
+    figures["prefix_cache"] = {
+        "enabled": prefix_max > 0,
+        "max_bytes": prefix_max,
+        "reserved_bytes": reserved,
+        **figures["prefix_cache"],
+    }
     model_id = pipeline.model.model_id if pipeline.model else state.config.model
     return {
         "model_metrics": {model_id: figures},

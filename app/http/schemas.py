@@ -33,6 +33,9 @@ MAX_CHOICES_PER_PROMPT = 16  # n
 # The sampler compares top_p in float32: a smaller positive value is zero there and keeps no token
 # (5e-324 was a 500). The smallest normal float32, 2**-126 (about 1.2e-38).
 MIN_TOP_P = 2.0**-126
+# vLLM's cache_salt: a string that isolates a request's prefix KV cache (per end user, say); any
+# text up to this long. Strict: a number or an object is refused, not read as a string.
+MAX_CACHE_SALT = 256
 
 
 class TextPart(BaseModel):
@@ -121,6 +124,8 @@ class SamplingFields(Lenient):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
     # vLLM's extension; below 0.01 the penalised logits overflow to infinity.
     repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0, allow_inf_nan=False)] | None = None
+    # vLLM's: mixed into the first block's key of the prefix KV cache, beside the API key's tenant.
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT, strict=True)] | None = None
     # OpenAI's: token id (a string, as JSON keys are) -> a bias of -100..100 added to its logit.
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
 

@@ -49,6 +49,16 @@ def canonical_sampling(params: SamplingParams) -> dict[str, Any]:
     }
 
 
+def prefix_namespace(tenant: str | None, cache_salt: str | None) -> bytes:
+    """The prefix KV cache's namespace for a request (SamplingParams.prefix_salt): a hash of its
+    tenant (the API key by name, never the key) and its cache_salt, so that prefixes are shared
+    only by requests that have both the same. b"" without either: the one shared namespace."""
+    if tenant is None and cache_salt is None:
+        return b""
+    document = json.dumps([tenant, cache_salt], separators=(",", ":"), ensure_ascii=True)
+    return hashlib.blake2b(document.encode("ascii"), digest_size=16, person=b"prefix-kv").digest()
+
+
 def cache_key(
     prompt_version: str,
     model_id: str,
@@ -70,6 +80,8 @@ def cache_key(
     }
     if tenant is not None:
         document["tenant"] = tenant
+    if params.prefix_salt:  # the tenant's and the cache_salt's namespace: a salted answer is its own
+        document["prefix_salt"] = params.prefix_salt.hex()
     if single_call:  # only when set: other keys stay as they were
         document["single_call"] = True
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)

@@ -40,14 +40,11 @@ async def settled(client: httpx.AsyncClient, timeout: float, sequences: int = 0)
 
 
 def memory_of(stats: dict[str, Any]) -> tuple[int, int]:
-    """RSS and GPU bytes allocated, less what the prefix KV cache holds: bounded by --prefix-cache-mb,
-    it fills under a load by design, and a leak check must not count it (it lives on the model's
-    device: GPU memory on CUDA, else the process's)."""
-    figures = model_figures(stats)
-    memory = figures.get("memory", {})
-    rss, gpu = int(memory.get("rss_bytes", 0)), int(memory.get("gpu_allocated_bytes", 0))
-    held = int(figures.get("prefix_cache", {}).get("bytes", 0))
-    return (rss, max(0, gpu - held)) if gpu else (max(0, rss - held), gpu)
+    """RSS and GPU bytes allocated, as they are: the server reserves its caches' pools at start-up
+    (/stats ``memory_pools``), so nothing it holds by design grows under a load, and a check counts
+    every byte that does."""
+    memory = model_figures(stats).get("memory", {})
+    return int(memory.get("rss_bytes", 0)), int(memory.get("gpu_allocated_bytes", 0))
 
 
 async def wait_idle(client: httpx.AsyncClient, timeout: float = 10.0) -> dict[str, Any]:
