@@ -11,6 +11,7 @@ once (they would share the CPU), and tabled side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 
@@ -94,7 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--disconnect-share", type=float, default=1 / 3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--body-json",
+        default="{}",
+        help='fields added to every /generate body, e.g. \'{"guided_regex": "[a-z ]{1,400}", "logprobs": 5}\' '
+        "to soak the per-request grammar matchers or logprob buffers",
+    )
     args = parser.parse_args(argv)
+    extra = json.loads(args.body_json)
+    if not isinstance(extra, dict):
+        parser.error("--body-json takes a JSON object")
     settings = LoadSettings(
         concurrency=args.concurrency,
         requests=args.requests,
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.output_tokens,
         disconnect_share=args.disconnect_share,
         seed=args.seed,
+        extra_body=tuple(extra.items()),
     )
     soaks, failures = [], 0
     for url in args.url or ["http://127.0.0.1:8000"]:

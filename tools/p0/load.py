@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
 import trio
@@ -31,6 +31,8 @@ class LoadSettings:
     disconnect_share: float = 0.0  # this share of streams is dropped by the client mid-answer
     seed: int = 0
     request_timeout: float = 300.0
+    # Fields added to every request body (a grammar, logprobs: what a soak holds per request).
+    extra_body: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +71,9 @@ class Progress:
         self._stream.flush()
 
 
-async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, drop_after: int | None) -> RequestRecord:
+async def one_stream(client: httpx.AsyncClient, body: dict[str, Any], drop_after: int | None) -> RequestRecord:
     try:
-        tally = await stream_generate(client, generate_body(prompt, max_tokens), StreamTally(), drop_after)
+        tally = await stream_generate(client, body, StreamTally(), drop_after)
     except httpx.HTTPError as error:
         return RequestRecord(False, False, None, None, 0, f"{type(error).__name__}: {error}")
     e2e = None if tally.dropped or not tally.done else tally.seconds
@@ -97,7 +99,8 @@ async def run_load(
     async def run(prompt: str, drop_after: int | None) -> None:
         async with limiter:
             with trio.move_on_after(settings.request_timeout) as scope:
-                record = await one_stream(client, prompt, settings.max_tokens, drop_after)
+                body = {**generate_body(prompt, settings.max_tokens), **dict(settings.extra_body)}
+                record = await one_stream(client, body, drop_after)
             if scope.cancelled_caught:
                 record = RequestRecord(False, False, None, None, 0, f"no answer in {settings.request_timeout} s")
             records.append(record)
