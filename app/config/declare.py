@@ -160,8 +160,8 @@ def _from_text(declaration: Setting, text: str | None) -> Any:
     try:
         value = declaration.read(text)
     except ValueError:
-        kind = getattr(declaration.read, "__name__", "value")
-        raise ConfigError(f"{declaration.env} must be a {kind}, got {text!r}") from None
+        kind = {int: "an integer", float: "a number"}.get(declaration.read, "readable")
+        raise ConfigError(f"{declaration.env} must be {kind}, got {text!r}") from None
     if declaration.repeat:
         return _joined([value])
     return int(value * declaration.unit) if declaration.unit != 1 else value

@@ -38,8 +38,7 @@ class ModelSettings:
         "(where batched greedy output then equals unbatched output)",
     )
     device: str = setting("auto", "--device", help="auto, cpu, cuda or cuda:N")
-    # The static decode path: a slot cache allocated at start-up and decode steps captured as CUDA
-    # graphs (eager without CUDA). Off by default until it has been measured on a GPU.
+    # Off until it has been measured on a GPU.
     cuda_graphs: bool = setting(
         False,
         "--cuda-graphs",
@@ -54,9 +53,6 @@ class ModelSettings:
         help="most tokens (prompt + generated) per sequence; default: the model's context, or 4096 "
         "with --cuda-graphs (every slot holds that many positions)",
     )
-    # The prefix KV cache: keys and values that finished and running sequences leave behind, reused
-    # by prompts that start with the same tokens (a shared system prompt, a chat's earlier turns);
-    # bytes it may hold on the model's device, least recently used out first. 0 turns it off.
     # 1024 MiB: about 40,000 tokens of gpt-oss-20b prefixes in bfloat16 (its full-attention layers'
     # keys; the sliding layers keep only the window before each stored end), about 22,000 of
     # SmolLM2 in fp32.
@@ -69,8 +65,7 @@ class ModelSettings:
         "earlier sequence (a shared system prompt, a chat's earlier turns) prefill only the rest; "
         "least recently used out first; 0 turns it off",
     )
-    # max_tokens for a request that sets none (None: the generation config's max_new_tokens, else
-    # app.models.generation_defaults.DEFAULT_MAX_TOKENS; 0: the rest of the context), capped by it.
+    # None: app.models.generation_defaults decides.
     max_tokens_default: int | None = setting(
         None,
         "--max-tokens-default",
@@ -79,8 +74,6 @@ class ModelSettings:
         help="max_tokens for a request that sets none (capped by the room its prompt leaves); "
         "default: the generation config's max_new_tokens, else {max_tokens}; 0: the rest of the context",
     )
-    # Where default sampling comes from (vLLM's --generation-config): "auto" (the model card's
-    # recommendation and the model's generation_config.json), "vllm" (neutral), or a folder.
     generation_config: str = setting(
         "auto",
         "--generation-config",
@@ -89,8 +82,6 @@ class ModelSettings:
         "card's recommendation and the model's generation_config.json, vllm the neutral values "
         "(temperature 1, top_p 1), FOLDER that folder's generation_config.json",
     )
-    # A Jinja chat template file that replaces the tokenizer's (None: the model's own), and how
-    # tool calls in its syntax are read back from the output.
     chat_template: str | None = setting(
         None,
         "--chat-template",
@@ -105,8 +96,7 @@ class ModelSettings:
         help="how a model without Harmony writes tool calls (tool_choice auto): auto reads the syntax "
         "its chat template teaches (hermes <tool_call> JSON, llama3_json), none refuses auto",
     )
-    # Ranks the model is sharded over (transformers' tensor-parallel plan, torch.distributed): the
-    # process is one of N launched by torchrun; rank 0 serves HTTP and every rank runs each step.
+    # Every rank runs each step; app.config.values.launch_rank checks torchrun's WORLD_SIZE.
     tensor_parallel_size: int = setting(
         1,
         "--tensor-parallel-size",
@@ -116,8 +106,6 @@ class ModelSettings:
         help="shard the model over N ranks with transformers' tensor-parallel plan (NCCL on GPUs, "
         "gloo on the CPU); launch with torchrun --nproc-per-node N -m app ...: rank 0 serves HTTP",
     )
-    # With tensor_parallel_size N > 1: also shard a MoE model's experts over the N ranks (its
-    # expert-parallel plan), each rank holding whole experts, 1/N of them.
     expert_parallel: bool = setting(
         False,
         "--expert-parallel",

@@ -19,20 +19,18 @@ class Profile:
     max_batch_size: int = declared_field(
         metadata=flag("--max-batch-size", read=int, help="most sequences decoded together (overrides the profile)")
     )
-    # Requests waiting beyond the batch; more get 429.
     max_queue: int = declared_field(
         metadata=flag(
             "--max-queue", read=int, help="most requests waiting for the batch; more get 429 (overrides the profile)"
         )
     )
-    # Prompt tokens per prefill step, all sequences together.
+    # All sequences' prompt tokens together.
     prefill_chunk_tokens: int = declared_field(
         metadata=flag("--prefill-chunk", read=int, help="most prompt tokens per prefill step (overrides the profile)")
     )
     max_consecutive_prefills: int  # prefill steps in a row before the running batch decodes
-    # When the batch is empty and a request arrives, wait this long for others before the first
-    # prefill: clients that were answered in the same step come back together, and one prefill
-    # of all of them beats a lone one that the others then wait behind (p95 TTFT).
+    # Clients that were answered in the same step come back together, and one prefill of all of
+    # them beats a lone one that the others then wait behind (p95 TTFT).
     arrival_window_ms: int = setting(
         2,
         "--arrival-window-ms",
@@ -40,10 +38,9 @@ class Profile:
         help="when the batch is empty, wait this long for more requests before the first prefill "
         "(overrides the profile)",
     )
-    # Tokens one mixed step carries, decoding rows and prompt chunks together: a prompt that
-    # arrives while others decode is prefilled in the room the decoding rows leave, in the same
-    # forward as their tokens (chunked prefill), so the running streams are not stalled by it.
-    # 0: no mixed steps (prefill steps and decode steps alternate, max_consecutive_prefills).
+    # The prompt chunk fills the room the decoding rows leave, in the same forward as their tokens
+    # (chunked prefill), so the running streams are not stalled by it. 0: prefill steps and decode
+    # steps alternate (max_consecutive_prefills).
     step_token_budget: int = setting(
         0,
         "--step-token-budget",

@@ -33,8 +33,7 @@ class SchedulingSettings:
         overrides=Profile,
         help="scheduler profile",
     )
-    # A trip to the worker thread that runs longer than this (a stuck kernel, a deadlock) turns
-    # /health into 503 "stalled" and is logged; generous, as a long prefill on a CPU takes seconds.
+    # Generous: a long prefill on a CPU takes seconds; a stuck kernel or a deadlock takes forever.
     step_timeout: float = setting(
         300.0,
         "--step-timeout",
@@ -81,7 +80,6 @@ class HttpSettings:
 class AccessSettings:
     """Who may call (each API key a tenant, each web origin let in) and how much they may hold open."""
 
-    # Bearer keys /v1/* and /generate require (none: open); each key is a tenant of the cache.
     api_keys: tuple[str, ...] = setting(
         (),
         "--api-key",
@@ -91,32 +89,30 @@ class AccessSettings:
         help="require Authorization: Bearer KEY on /v1/* and /generate; several keys comma-separated "
         "(KEY1,KEY2) or the flag repeated, each a tenant; also GPTOSS_API_KEY, read the same way",
     )
-    # Connections with a request in progress; past it 503 (/health and /metrics still answer).
-    # Hypercorn closes an idle connection after 5 s (keep_alive_timeout), so those are bounded
-    # in time rather than in number.
+    # Idle connections are not counted: Hypercorn closes one after 5 s (keep_alive_timeout), so
+    # those are bounded in time rather than in number.
     max_connections: int = setting(
         512,
         "--max-connections",
         read=int,
         help="connections with a request in progress; more get 503 (/health and /metrics excepted)",
     )
-    # Web origins that get CORS headers ("*" for any); none: no CORS headers at all.
     allowed_origins: tuple[str, ...] = setting(
         (),
         "--allowed-origins",
         read=split_list,
         help="comma-separated web origins that get CORS headers ('*' for any); default: none",
     )
-    # Open generation streams (cache replays included) at once; past it a request gets 429. The
-    # queue bounds only what waits for the GPU: a cache hit never queues.
+    # The profile's queue bounds only what waits for the GPU (a cache hit never queues); this
+    # bounds what is held open.
     max_streams: int = setting(
         256,
         "--max-streams",
         read=int,
         help="open generation streams at once, cache replays included; more get 429",
     )
-    # Of those, what one tenant (an API key; every unkeyed caller together is one) may hold at
-    # once: four tenants that open streams and never read them still leave a fifth its own.
+    # A quarter of max_streams: four tenants that open streams and never read them still leave a
+    # fifth its own.
     max_streams_per_key: int = setting(
         64,
         "--max-streams-per-key",
@@ -149,8 +145,6 @@ class StoreSettings:
         unit=MIB,
         help="megabytes the prompt cache may hold (least recently used out)",
     )
-    # The /v1/responses store: a SQLite file (None: responses.db under the user's cache folder;
-    # ":memory:": nothing on disk), bounded by count, bytes and age (seconds), oldest out first.
     responses_db: str | None = setting(
         None,
         "--responses-db",
@@ -170,9 +164,6 @@ class StoreSettings:
     responses_ttl: float = setting(
         30 * 24 * 3600, "--responses-ttl", read=float, help="seconds a stored response is kept (30 days)"
     )
-    # Replicas: a Redis that holds the prompt cache's shared tier and the /v1/responses store (None:
-    # the embedded ones), each cached answer for redis_cache_ttl seconds; every Redis call gives up
-    # after about redis_timeout seconds (an outage is a cache miss, not a slow request).
     redis_url: str | None = setting(
         None,
         "--redis-url",
@@ -187,14 +178,14 @@ class StoreSettings:
         read=float,
         help="seconds a cached answer is kept in Redis (each hit renews it); with --redis-url",
     )
+    # Short: a Redis outage is a cache miss, not a slow request.
     redis_timeout: float = setting(
         0.5,
         "--redis-timeout",
         read=float,
         help="seconds a Redis call may take before the request goes on without it (a miss); with --redis-url",
     )
-    # The secret that seals reasoning items' encrypted_content (app.store.reasoning_seal); replicas
-    # share one. None: one generated once and kept beside the response store.
+    # app.store.reasoning_seal; not in repr: a secret.
     reasoning_key: str | None = setting(
         None,
         "--reasoning-key",
