@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass
 from typing import Any
 
@@ -64,14 +64,14 @@ def flag(*flags: str, help: str, **options: Any) -> dict[str, Setting]:
 
 
 def declared(settings: type) -> Iterator[tuple[Field[Any], Setting]]:
-    """The fields of a settings dataclass that are settings, with their declarations, and the
-    flags a preset's overrides add."""
+    """The fields of a settings dataclass that are settings, with their declarations."""
     for field in dataclasses.fields(settings):
         if SETTING in field.metadata:
             yield field, field.metadata[SETTING]
 
 
 def every_setting(settings: type) -> Iterator[tuple[Field[Any], Setting]]:
+    """``declared``, and after a preset's field the fields that override it (a flag each)."""
     for field, declaration in declared(settings):
         yield field, declaration
         if declaration.overrides is not None:
@@ -129,7 +129,7 @@ def values_from_args(settings: type, args: argparse.Namespace, env: Mapping[str,
         elif declaration.repeat and raw is not None:
             values[field.name] = _joined(declaration.read(value) for value in raw)
         elif raw is not None:
-            values[field.name] = int(raw * declaration.unit) if declaration.unit != 1 else raw
+            values[field.name] = _in_units(declaration, raw)
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -160,12 +160,16 @@ def _from_text(declaration: Setting, text: str | None) -> Any:
     try:
         value = declaration.read(text)
     except ValueError:
-        kind = {int: "an integer", float: "a number"}.get(declaration.read, "readable")
+        kind = "an integer" if declaration.read is int else "a number" if declaration.read is float else "readable"
         raise ConfigError(f"{declaration.env} must be {kind}, got {text!r}") from None
     if declaration.repeat:
         return _joined([value])
+    return _in_units(declaration, value)
+
+
+def _in_units(declaration: Setting, value: Any) -> Any:
     return int(value * declaration.unit) if declaration.unit != 1 else value
 
 
-def _joined(parts: Iterator[tuple[str, ...]] | list[tuple[str, ...]]) -> tuple[str, ...]:
+def _joined(parts: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(item for part in parts for item in part))
