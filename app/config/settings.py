@@ -14,7 +14,7 @@ from typing import Literal
 from app.config.declare import setting
 from app.config.model import MIB, ModelSettings
 from app.config.profiles import PROFILES, Profile, profile_with
-from app.config.values import ConfigError, check_redis_url, split_list
+from app.config.values import ConfigError, check_positive, check_redis_url, split_list
 
 LogFormat = Literal["json", "console"]
 MIN_REASONING_KEY = 32  # characters: `openssl rand -base64 32` gives 44
@@ -42,7 +42,7 @@ class SchedulingSettings:
     )
 
     def __post_init__(self) -> None:
-        _positive(self, "step_timeout")
+        check_positive(self, "step_timeout")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class HttpSettings:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         for field in ("stall_timeout", "drain_timeout", "heartbeat_seconds"):
-            _positive(self, field)
+            check_positive(self, field)
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
 
@@ -240,8 +240,3 @@ class ServerConfig(LogSettings, StoreSettings, AccessSettings, HttpSettings, Sch
     def __post_init__(self) -> None:
         for concern in CONCERNS:
             concern.__post_init__(self)
-
-
-def _positive(settings: object, field: str) -> None:
-    if getattr(settings, field) <= 0:
-        raise ConfigError(f"{field} must be positive, got {getattr(settings, field)}")

@@ -10,6 +10,11 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names it."""
 
 
+def check_positive(settings: object, field: str) -> None:
+    if getattr(settings, field) <= 0:
+        raise ConfigError(f"{field} must be positive, got {getattr(settings, field)}")
+
+
 def check_redis_url(url: str) -> None:
     """redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss:// (TLS) or unix://PATH; never echoes a
     password back."""
