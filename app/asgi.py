@@ -1,18 +1,10 @@
 """The ASGI app for the plain Hypercorn CLI: ``hypercorn --config hypercorn.toml app.asgi:app``.
 
 Hypercorn imports this module and takes ``app``; the model and settings come from environment
-variables (the CLI has no flags of ours):
-
-    GPTOSS_MODEL (default 20b), GPTOSS_PROFILE (latency_first), GPTOSS_DTYPE (auto),
-    GPTOSS_DEVICE (auto), GPTOSS_MAX_BATCH_SIZE, GPTOSS_MAX_QUEUE, GPTOSS_PREFILL_CHUNK, GPTOSS_STEP_TOKEN_BUDGET,
-    GPTOSS_ARRIVAL_WINDOW_MS,
-    GPTOSS_SERVED_MODEL_NAME, GPTOSS_LOG_LEVEL (info), GPTOSS_LOG_FORMAT (json),
-    GPTOSS_CUDA_GRAPHS (1 turns on the static decode path), GPTOSS_MAX_SEQ_LEN, GPTOSS_MAX_STREAMS,
-    GPTOSS_MAX_STREAMS_PER_KEY, GPTOSS_MAX_TOKENS_DEFAULT, GPTOSS_GENERATION_CONFIG (auto, vllm or a folder),
-    GPTOSS_STEP_TIMEOUT, GPTOSS_PREFIX_CACHE_MB (1024; 0 turns the prefix KV cache off),
-    GPTOSS_MAX_CONNECTIONS, GPTOSS_API_KEY (comma-separated keys), GPTOSS_ALLOWED_ORIGINS,
-    GPTOSS_REDIS_URL (replicas sharing a Redis), GPTOSS_REDIS_CACHE_TTL (86400), GPTOSS_REDIS_TIMEOUT (0.5),
-    GPTOSS_GRAMMAR_COMPILE_TIMEOUT (10)
+variables (the CLI has no flags of ours): each flag of ``python -m app`` has one, named after it
+(``--max-batch-size 32``: GPTOSS_MAX_BATCH_SIZE=32; a switch: GPTOSS_CUDA_GRAPHS=1), read the
+same way, except --host, --port, --drain-timeout (Hypercorn's own) and the tensor-parallel flags
+(one process). An unset or empty variable keeps the flag's default (app.config declares both).
 
 The model loads during start-up: Hypercorn accepts connections once it is ready, and a model that
 cannot load fails start-up. If the pipeline dies later (an actor's fault), the process exits with
@@ -25,60 +17,16 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Mapping
 
-from app.config import (
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_STREAMS,
-    DEFAULT_MAX_STREAMS_PER_KEY,
-    DEFAULT_MODEL,
-    DEFAULT_PREFIX_CACHE_MB,
-    ServerConfig,
-    keys_from_env,
-    profile_with,
-    split_list,
-)
+from app.config import ServerConfig
+from app.config.declare import values_from_env
 from app.logging_setup import configure_logging
 from app.server import create_server
 
 
-def _int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
-
-
-def config_from_env() -> ServerConfig:
-    profile = profile_with(
-        os.environ.get("GPTOSS_PROFILE", "latency_first"),
-        max_batch_size=_int("GPTOSS_MAX_BATCH_SIZE"),
-        max_queue=_int("GPTOSS_MAX_QUEUE"),
-        prefill_chunk_tokens=_int("GPTOSS_PREFILL_CHUNK"),
-        step_token_budget=_int("GPTOSS_STEP_TOKEN_BUDGET"),
-        arrival_window_ms=_int("GPTOSS_ARRIVAL_WINDOW_MS"),
-    )
-    return ServerConfig(
-        model=os.environ.get("GPTOSS_MODEL", DEFAULT_MODEL),
-        served_model_name=os.environ.get("GPTOSS_SERVED_MODEL_NAME") or None,
-        profile=profile,
-        dtype=os.environ.get("GPTOSS_DTYPE", "auto"),
-        device=os.environ.get("GPTOSS_DEVICE", "auto"),
-        log_level=os.environ.get("GPTOSS_LOG_LEVEL", "info"),
-        log_format=os.environ.get("GPTOSS_LOG_FORMAT", "json"),  # type: ignore[arg-type]
-        cuda_graphs=os.environ.get("GPTOSS_CUDA_GRAPHS", "0").lower() in ("1", "true", "yes", "on"),
-        max_seq_len=_int("GPTOSS_MAX_SEQ_LEN"),
-        prefix_cache_bytes=int(float(os.environ.get("GPTOSS_PREFIX_CACHE_MB", DEFAULT_PREFIX_CACHE_MB)) * 1024 * 1024),
-        max_streams=_int("GPTOSS_MAX_STREAMS") or DEFAULT_MAX_STREAMS,
-        max_streams_per_key=_int("GPTOSS_MAX_STREAMS_PER_KEY") or DEFAULT_MAX_STREAMS_PER_KEY,
-        max_tokens_default=_int("GPTOSS_MAX_TOKENS_DEFAULT"),
-        generation_config=os.environ.get("GPTOSS_GENERATION_CONFIG") or "auto",
-        step_timeout=float(os.environ.get("GPTOSS_STEP_TIMEOUT", "300")),
-        max_connections=_int("GPTOSS_MAX_CONNECTIONS") or DEFAULT_MAX_CONNECTIONS,
-        api_keys=keys_from_env(),
-        allowed_origins=split_list(os.environ.get("GPTOSS_ALLOWED_ORIGINS")),
-        redis_url=os.environ.get("GPTOSS_REDIS_URL") or None,
-        redis_cache_ttl=float(os.environ.get("GPTOSS_REDIS_CACHE_TTL", "86400")),
-        redis_timeout=float(os.environ.get("GPTOSS_REDIS_TIMEOUT", "0.5")),
-        grammar_compile_timeout=float(os.environ.get("GPTOSS_GRAMMAR_COMPILE_TIMEOUT", "10")),
-    )
+def config_from_env(env: Mapping[str, str] = os.environ) -> ServerConfig:
+    return ServerConfig(**values_from_env(ServerConfig, env))
 
 
 # Seconds between a fatal pipeline failure and the exit: the open streams' error events go out.

@@ -57,22 +57,7 @@ def default_loader(config: ServerConfig) -> Callable[[], ServedModel]:
     source = resolve(config.model, config.served_model_name)
 
     def load() -> ServedModel:
-        return load_model(
-            source,
-            dtype=config.dtype,
-            device=config.device,
-            max_batch_size=config.profile.max_batch_size,
-            cuda_graphs=config.cuda_graphs,
-            max_seq_len=config.max_seq_len,
-            prefix_cache_bytes=config.prefix_cache_bytes,
-            chat_template=config.chat_template,
-            tool_call_parser=config.tool_call_parser,
-            tensor_parallel_size=config.tensor_parallel_size,
-            expert_parallel=config.expert_parallel,
-            grammar_compile_timeout=config.grammar_compile_timeout,
-            generation_config=config.generation_config,
-            max_tokens_default=config.max_tokens_default,
-        )
+        return load_model(source, config, max_batch_size=config.profile.max_batch_size)
 
     return load
 

@@ -22,9 +22,9 @@ from hypercorn.trio import serve
 
 from actors.step_thread import StepCaller
 from app.cli import hypercorn_config
-from app.config import PROFILES, ServerConfig
+from app.config import PROFILES, ModelSettings, ServerConfig
 from app.contract.model import ServedModel
-from app.engine.loader import ModelWeights, load_weights, read_chat_template, serve_weights
+from app.engine.loader import ModelWeights, load_weights, serve_weights
 from app.logging_setup import configure_logging
 from app.models.registry import resolve
 from app.server import Server, create_server
@@ -38,6 +38,10 @@ pytest_plugins = ["tests.rerun_guard"]
 def weights(name: str) -> ModelWeights:
     """Loaded once per test session; every server gets its own runner over them."""
     return load_weights(resolve(name), dtype="float32", device="cpu")
+
+
+# What a test that serves weights by hand gets: no prefix KV cache unless it asks for one.
+BARE = ModelSettings(prefix_cache_bytes=0)
 
 
 @pytest.fixture(scope="session")
@@ -93,18 +97,7 @@ async def running_server(
     def load() -> ServedModel:
         if before_load is not None:
             before_load()  # e.g. block, to see the server while it is loading
-        loaded = serve_weights(
-            model_weights,
-            max_batch_size=config.profile.max_batch_size,
-            cuda_graphs=config.cuda_graphs,
-            max_seq_len=config.max_seq_len,
-            prefix_cache_bytes=config.prefix_cache_bytes,
-            chat_template=read_chat_template(config.chat_template),
-            tool_call_parser=config.tool_call_parser,
-            grammar_compile_timeout=config.grammar_compile_timeout,
-            generation_config=config.generation_config,
-            max_tokens_default=config.max_tokens_default,
-        )
+        loaded = serve_weights(model_weights, config, max_batch_size=config.profile.max_batch_size)
         return runner_hook(loaded) if runner_hook else loaded
 
     server = create_server(
@@ -132,17 +125,7 @@ def server_in_thread(model_weights: ModelWeights, config: ServerConfig | None = 
     state: dict[str, Any] = {}
 
     async def main() -> None:
-        loaded = serve_weights(
-            model_weights,
-            max_batch_size=config.profile.max_batch_size,
-            max_seq_len=config.max_seq_len,
-            chat_template=read_chat_template(config.chat_template),
-            tool_call_parser=config.tool_call_parser,
-            prefix_cache_bytes=config.prefix_cache_bytes,
-            grammar_compile_timeout=config.grammar_compile_timeout,
-            generation_config=config.generation_config,
-            max_tokens_default=config.max_tokens_default,
-        )
+        loaded = serve_weights(model_weights, config, max_batch_size=config.profile.max_batch_size)
         server = create_server(config, loader=lambda: loaded)
         shutdown = trio.Event()
         state["stop"] = shutdown.set

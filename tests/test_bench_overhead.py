@@ -11,7 +11,7 @@ import pytest
 from app.config import PROFILES
 from app.contract.step import StepPlan, StepResult
 from app.engine.loader import ModelWeights, serve_weights
-from tests.conftest import server_config, server_in_thread
+from tests.conftest import BARE, server_config, server_in_thread
 from tools import bench_overhead as bench
 
 LEVELS = (1, 2)
@@ -28,7 +28,7 @@ def test_both_sides_generate_what_was_asked_and_the_table_has_a_row_per_level(
     smollm2_weights: ModelWeights,
 ) -> None:
     plan = workload(smollm2_weights)
-    model = serve_weights(smollm2_weights, max_batch_size=plan.profile.max_batch_size)
+    model = serve_weights(smollm2_weights, BARE, max_batch_size=plan.profile.max_batch_size)
     with server_in_thread(smollm2_weights, server_config(model="smollm2-135m")) as url:
         rows = bench.measure(url, model, plan, log=False)
     assert [row.streams for row in rows] == list(LEVELS)
@@ -54,7 +54,7 @@ def test_the_bare_loop_steps_as_the_scheduler_plans(smollm2_weights: ModelWeight
     """A prefill budget under one prompt: the prompts are prefilled in chunks over several steps,
     and every stream still gets its tokens, its first one at the end of its prefill."""
     plan = workload(smollm2_weights, chunk=8)
-    model = serve_weights(smollm2_weights, max_batch_size=plan.profile.max_batch_size)
+    model = serve_weights(smollm2_weights, BARE, max_batch_size=plan.profile.max_batch_size)
     steps: list[str] = []
     runner = model.runner
 

@@ -20,6 +20,7 @@ import yaml
 
 from actors.gateway_series import KV_USAGE, RUNNING, WAITING
 from app.cli import build_parser, config_from_args
+from app.config import ServerConfig, every_setting
 from app.models.local_builds import cache_root
 from tests.conftest import ROOT
 
@@ -121,8 +122,8 @@ def unit() -> dict[str, list[str]]:
 
 
 def variables_the_server_reads() -> set[str]:
-    sources = ("app/asgi.py", "app/config.py", "app/models/local_builds.py")
-    return {name for path in sources for name in re.findall(r"GPTOSS_[A-Z_]+", (ROOT / path).read_text())}
+    declared = {declaration.env for _, declaration in every_setting(ServerConfig) if declaration.env}
+    return declared | set(re.findall(r"GPTOSS_[A-Z_]+", (ROOT / "app/models/local_builds.py").read_text()))
 
 
 def test_the_unit_sets_only_variables_the_server_reads() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import jsonschema
@@ -21,6 +22,7 @@ from app.engine.loader import ModelWeights, serve_weights
 from app.engine.runner import BaseRunner
 from app.engine.sampling import choose_tokens
 from app.prompts.builder import ChatMessage, PromptSpec, build_prompt_tokens
+from tests.conftest import BARE
 from tests.fakes import chosen, chosen_logprobs
 
 SCHEMA = {
@@ -105,7 +107,7 @@ def test_a_constrained_row_follows_its_schema_and_leaves_its_neighbour_alone(smo
     """In one batch: a greedy row under a schema of enums and booleans, and a plain greedy row.
     The constrained one is valid JSON and stops by itself; the plain one's tokens are exactly
     those it gets alone (fp32 greedy is batch-invariant, so any mask leaking into it shows)."""
-    loaded = serve_weights(smollm2_weights, max_batch_size=4)
+    loaded = serve_weights(smollm2_weights, BARE, max_batch_size=4)
     runner = loaded.runner
     ask = chat_prompt(smollm2_weights, "Is the sky blue? Answer in JSON.")
     other = chat_prompt(smollm2_weights, "Write a poem about the sea.")
@@ -134,7 +136,7 @@ def test_a_step_without_constrained_rows_never_touches_the_grammar_engine(
         real(*args, **kwargs)
 
     monkeypatch.setattr(grammar_module.xgr, "apply_token_bitmask_inplace", counted)
-    loaded = serve_weights(smollm2_weights, max_batch_size=2)
+    loaded = serve_weights(smollm2_weights, BARE, max_batch_size=2)
     prompt = chat_prompt(smollm2_weights, "Say hi.")
     run_greedy(loaded.runner, {"plain": (prompt, SamplingParams(max_tokens=4, temperature=0.0))}, 3)
     assert calls == []
@@ -148,7 +150,7 @@ class BrokenGrammar(SequenceGrammar):
 
 
 def test_a_grammar_fault_fails_its_own_row_only(smollm2_weights: ModelWeights) -> None:
-    loaded = serve_weights(smollm2_weights, max_batch_size=2)
+    loaded = serve_weights(smollm2_weights, BARE, max_batch_size=2)
     runner = loaded.runner
     prompt = chat_prompt(smollm2_weights, "Is the sky blue? Answer in JSON.")
     runner.add("broken", prompt, SamplingParams(max_tokens=8, temperature=0.0, grammar=SCHEMA_SPEC))
@@ -173,7 +175,7 @@ def test_logit_bias_moves_a_greedy_choice_both_ways() -> None:
 
 
 def harmony_markers(tiny_weights: ModelWeights) -> HarmonyMarkers:
-    loaded = serve_weights(tiny_weights, max_batch_size=1)
+    loaded = serve_weights(tiny_weights, BARE, max_batch_size=1)
     assert loaded.grammars is not None and loaded.grammars.harmony is not None
     return loaded.grammars.harmony
 
@@ -200,8 +202,8 @@ def test_the_static_path_constrains_the_same_way(smollm2_weights: ModelWeights) 
     """--cuda-graphs serves through the static runner (eager off CUDA): the same masks, the same answer."""
     prompt = chat_prompt(smollm2_weights, "Is the sky blue? Answer in JSON.")
     params = SamplingParams(max_tokens=40, temperature=0.0, grammar=SCHEMA_SPEC)
-    dynamic = serve_weights(smollm2_weights, max_batch_size=2)
-    static = serve_weights(smollm2_weights, max_batch_size=2, cuda_graphs=True, max_seq_len=256)
+    dynamic = serve_weights(smollm2_weights, BARE, max_batch_size=2)
+    static = serve_weights(smollm2_weights, replace(BARE, cuda_graphs=True, max_seq_len=256), max_batch_size=2)
     assert static.decode_path == "static"
     expected, _ = run_greedy(dynamic.runner, {"a": (prompt, params)}, 39)
     got, failed = run_greedy(static.runner, {"a": (prompt, params)}, 39)
@@ -211,7 +213,7 @@ def test_the_static_path_constrains_the_same_way(smollm2_weights: ModelWeights) 
 
 def test_logprobs_stay_raw_under_logit_bias_and_a_grammar(smollm2_weights: ModelWeights) -> None:
     """The logprobs are the model's own (before logit_bias and the grammar's mask), as README says."""
-    loaded = serve_weights(smollm2_weights, max_batch_size=2)
+    loaded = serve_weights(smollm2_weights, BARE, max_batch_size=2)
     prompt = chat_prompt(smollm2_weights, "Is the sky blue? Answer in JSON.")
     with torch.inference_mode():
         raw = torch.log_softmax(loaded.runner.model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), dim=-1)

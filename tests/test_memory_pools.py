@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import trio
@@ -23,7 +24,7 @@ from app.engine.kv_cache import RowKVCache
 from app.engine.loader import KV_RESERVED_POSITIONS, ModelLoadError, ModelWeights, serve_weights
 from app.engine.runner import ModelRunner
 from app.engine.slot_cache import SlotShape
-from tests.conftest import running_server, server_config
+from tests.conftest import BARE, running_server, server_config
 from tests.test_disconnect import runner_of
 from tools.server_process import ROOT
 
@@ -83,7 +84,7 @@ def test_a_pool_that_cannot_be_reserved_is_a_load_error(
     tiny_weights: ModelWeights, prefix_cache_bytes: int, max_batch_size: int, lower: str
 ) -> None:
     with pytest.raises(ModelLoadError) as raised:
-        serve_weights(tiny_weights, max_batch_size=max_batch_size, prefix_cache_bytes=prefix_cache_bytes)
+        serve_weights(tiny_weights, replace(BARE, prefix_cache_bytes=prefix_cache_bytes), max_batch_size=max_batch_size)
     message = str(raised.value)
     assert "\n" not in message and "MiB" in message and "free" in message and message.endswith(f"lower {lower}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from app.engine.slot_cache import SlotKVCache, SlotShape
 from app.engine.static_decode import batch_buckets, bucket_for, kv_buckets
 from app.engine.static_runner import StaticModelRunner
 from app.prompts.harmony_encoding import harmony_encoding
-from tests.conftest import running_server, server_config
+from tests.conftest import BARE, running_server, server_config
 from tests.test_engine import GREEDY, drive, random_prompts, reference_greedy
 from tests.test_http_generate import stream_events
 from tools.gpu_check.frozen_capture import CaptureError, FrozenCapture
@@ -176,12 +177,12 @@ def test_buckets() -> None:
 
 
 def test_serve_weights_picks_the_runner(tiny_weights: ModelWeights) -> None:
-    static = serve_weights(tiny_weights, max_batch_size=2, cuda_graphs=True, max_seq_len=512)
+    static = serve_weights(tiny_weights, replace(BARE, cuda_graphs=True, max_seq_len=512), max_batch_size=2)
     assert isinstance(static.runner, StaticModelRunner)
     assert static.decode_path == "static" and static.max_context == 512  # no CUDA here: eager
-    default = serve_weights(tiny_weights, max_batch_size=2, cuda_graphs=True)
+    default = serve_weights(tiny_weights, replace(BARE, cuda_graphs=True), max_batch_size=2)
     assert default.max_context == 4096, "the static path's default: every slot is allocated at start-up"
-    dynamic = serve_weights(tiny_weights, max_batch_size=2)
+    dynamic = serve_weights(tiny_weights, BARE, max_batch_size=2)
     assert isinstance(dynamic.runner, ModelRunner) and dynamic.decode_path == "dynamic"
     assert dynamic.max_context == 8192
 

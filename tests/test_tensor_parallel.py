@@ -42,7 +42,7 @@ from app.engine.tensor_parallel import (
     local_kv_heads,
     shard_bytes,
 )
-from tests.conftest import ROOT, running_server, wait_for_stats
+from tests.conftest import BARE, ROOT, running_server, wait_for_stats
 from tools.server_process import free_port
 
 # -- launching ------------------------------------------------------------------------------------
@@ -120,8 +120,8 @@ class Pair:
 
 def leader_and_follower(weights: ModelWeights) -> Pair:
     channel = QueueChannel()
-    leader_runner = serve_weights(weights, max_batch_size=4).runner
-    follower_runner = serve_weights(weights, max_batch_size=4).runner
+    leader_runner = serve_weights(weights, BARE, max_batch_size=4).runner
+    follower_runner = serve_weights(weights, BARE, max_batch_size=4).runner
     assert isinstance(leader_runner, BaseRunner) and isinstance(follower_runner, BaseRunner)
     pair = Pair(LeaderBackend(leader_runner, channel, on_group_lost=lost), follower_runner)
     pair.thread = threading.Thread(target=lambda: pair.exit_code.append(follow(follower_runner, channel, rank=1)))
@@ -173,7 +173,7 @@ def test_a_lost_rank_ends_rank_0_with_one_clear_event(tiny_weights: ModelWeights
         def receive(self) -> Call:
             raise AssertionError("rank 0 never receives")
 
-    runner = serve_weights(tiny_weights, max_batch_size=2).runner
+    runner = serve_weights(tiny_weights, BARE, max_batch_size=2).runner
     assert isinstance(runner, BaseRunner)
     leader = LeaderBackend(runner, Broken(), on_group_lost=lost)
     with pytest.raises(GroupLost) as raised:
@@ -425,7 +425,7 @@ def test_a_step_that_raises_on_rank_0_checks_the_group_at_once(tiny_weights: Mod
         def receive(self) -> Call:
             raise AssertionError("rank 0 never receives")
 
-    runner = serve_weights(tiny_weights, max_batch_size=2).runner
+    runner = serve_weights(tiny_weights, BARE, max_batch_size=2).runner
     assert isinstance(runner, BaseRunner)
     channel = GoneAfterFirstCall()
     leader = LeaderBackend(runner, channel, on_group_lost=lost)

@@ -43,7 +43,7 @@ import trio
 
 from actors.trip import run_trip
 from app.batching.batch import Batch, Tracked
-from app.config import PROFILES, Profile
+from app.config import PROFILES, ModelSettings, Profile
 from app.contract.sampling import SamplingParams
 from app.engine.loader import LoadedModel, ModelWeights, load_weights, serve_weights
 from app.models.registry import resolve
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     load_before = os.getloadavg()[0]
     weights = load_weights(resolve(args.model), dtype=args.dtype, device=args.device)
-    model = serve_weights(weights, max_batch_size=profile.max_batch_size)
+    model = serve_weights(weights, ModelSettings(prefix_cache_bytes=0), max_batch_size=profile.max_batch_size)
     texts, ids = make_prompts(weights, max(levels), args.prompt_tokens)
     workload = Workload(levels, tuple(texts), tuple(ids), args.tokens, args.rounds, profile)
     if args.url:

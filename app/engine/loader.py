@@ -26,7 +26,7 @@ from transformers import (
 from transformers.distributed import DistributedConfig
 from transformers.utils import logging as hf_logging
 
-from app.config import ToolCallParser
+from app.config import ModelSettings
 from app.contract.failures import first_line
 from app.contract.model import CallSyntax, MemoryPool
 from app.contract.sampling import SamplingDefaults, SamplingParams
@@ -261,56 +261,45 @@ def _from_pretrained(
 
 def serve_weights(
     weights: ModelWeights,
+    settings: ModelSettings,
     *,
     max_batch_size: int,
-    cuda_graphs: bool = False,
-    max_seq_len: int | None = None,
     precapture_positions: int = PRECAPTURE_POSITIONS,
     capture: Capture | None = None,
-    prefix_cache_bytes: int = 0,
-    chat_template: str | None = None,
-    tool_call_parser: ToolCallParser = "auto",
-    grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
-    generation_config: str = generation_defaults.AUTO,
-    max_tokens_default: int | None = None,
 ) -> LoadedModel:
-    """A fresh runner (and KV cache) over loaded weights, warmed up.
+    """A fresh runner (and KV cache) over loaded weights, warmed up, as ``settings`` say.
 
     ``cuda_graphs``: the static path (slot cache allocated now, fixed-shape decode steps, captured
     as CUDA graphs on a GPU, eager elsewhere). ``max_seq_len`` caps prompt + generated tokens per
     sequence (the static path's default is STATIC_DEFAULT_SEQ_LEN: every slot holds that many).
-    ``capture``: what captures the static path's decode steps instead of CUDA graphs, on any
-    device (the GPU check's CPU run serves through a stand-in, so its replays are what it measures).
-    ``prefix_cache_bytes``: what the prefix KV cache may hold (0: none).
-    ``chat_template``: a template's text that replaces the tokenizer's (--chat-template), and
-    ``tool_call_parser`` how tool calls in a template's syntax are read back (--tool-call-parser).
-    ``grammar_compile_timeout``: seconds one grammar may take to compile (--grammar-compile-timeout).
-    ``generation_config`` and ``max_tokens_default``: where the default sampling comes from
-    (--generation-config: auto, vllm or a folder) and --max-tokens-default
-    (app.models.generation_defaults).
+    ``chat_template``'s file replaces the tokenizer's template. ``capture``: what captures the
+    static path's decode steps instead of CUDA graphs, on any device (the GPU check's CPU run
+    serves through a stand-in, so its replays are what it measures). The load settings (dtype,
+    device, tensor_parallel_size, expert_parallel) were load_weights'.
     """
-    defaults = default_sampling(weights, generation_config, max_tokens_default)
+    chat_template = read_chat_template(settings.chat_template)
+    defaults = default_sampling(weights, settings.generation_config, settings.max_tokens_default)
     max_context = weights.max_context
-    if max_seq_len is not None:
-        max_context = min(max_context, max_seq_len)
-    elif cuda_graphs:
+    if settings.max_seq_len is not None:
+        max_context = min(max_context, settings.max_seq_len)
+    elif settings.cuda_graphs:
         max_context = min(max_context, STATIC_DEFAULT_SEQ_LEN)
     runner: BaseRunner
     try:
-        if cuda_graphs:
-            runner = _static_runner(weights, max_batch_size, max_context, capture, prefix_cache_bytes)
+        if settings.cuda_graphs:
+            runner = _static_runner(weights, max_batch_size, max_context, capture, settings.prefix_cache_bytes)
         else:
             runner = ModelRunner(
                 weights.model,
                 max_batch_size=max_batch_size,
                 max_context=max_context,
                 stop_token_ids=weights.stop_token_ids,
-                prefix_cache_bytes=prefix_cache_bytes,
+                prefix_cache_bytes=settings.prefix_cache_bytes,
                 reserve_positions=min(max_context, KV_RESERVED_POSITIONS),
             )
     except PoolReservationError as error:
         raise ModelLoadError(str(error)) from error
-    runner.grammars = grammar_compiler(weights, runner.vocab_size, grammar_compile_timeout)
+    runner.grammars = grammar_compiler(weights, runner.vocab_size, settings.grammar_compile_timeout)
     runner.reserve_grammar_masks()
     pools = runner.memory_pools()
     log.info("memory_reserved", **{p.name: {"mib": round(p.bytes / 2**20, 1), **dict(p.figures)} for p in pools})
@@ -344,7 +333,7 @@ def serve_weights(
         memory_pools=pools,
         max_token_bytes=longest_token_bytes(weights.tokenizer),
         # gpt-oss's calls are Harmony messages (app.text.harmony_text), whatever the template.
-        tool_call_syntax=None if weights.harmony else syntax_for(tokenizer.chat_template, tool_call_parser),
+        tool_call_syntax=None if weights.harmony else syntax_for(tokenizer.chat_template, settings.tool_call_parser),
         sampling_defaults=defaults,
     )
 
@@ -424,51 +413,25 @@ def _static_runner(
         ) from error
 
 
-def load_model(
-    source: ModelSource,
-    *,
-    dtype: str,
-    device: str,
-    max_batch_size: int,
-    cuda_graphs: bool = False,
-    max_seq_len: int | None = None,
-    prefix_cache_bytes: int = 0,
-    chat_template: str | None = None,
-    tool_call_parser: ToolCallParser = "auto",
-    tensor_parallel_size: int = 1,
-    expert_parallel: bool = False,
-    grammar_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
-    generation_config: str = generation_defaults.AUTO,
-    max_tokens_default: int | None = None,
-) -> LoadedModel:
-    """``tensor_parallel_size`` > 1: on rank 0 the runner is wrapped in the group's leader (each
-    call runs on every rank); on the other ranks it is the local runner a follower drives.
-    ``expert_parallel``: the experts are sharded over those ranks too."""
-    template = read_chat_template(chat_template)  # before the weights: a wrong path fails at once
-    loaded = serve_weights(
-        load_weights(
-            source,
-            dtype=dtype,
-            device=device,
-            tensor_parallel_size=tensor_parallel_size,
-            expert_parallel=expert_parallel,
-        ),
-        max_batch_size=max_batch_size,
-        cuda_graphs=cuda_graphs,
-        max_seq_len=max_seq_len,
-        prefix_cache_bytes=prefix_cache_bytes,
-        chat_template=template,
-        tool_call_parser=tool_call_parser,
-        grammar_compile_timeout=grammar_compile_timeout,
-        generation_config=generation_config,
-        max_tokens_default=max_tokens_default,
+def load_model(source: ModelSource, settings: ModelSettings, *, max_batch_size: int) -> LoadedModel:
+    """``settings.tensor_parallel_size`` > 1: on rank 0 the runner is wrapped in the group's leader
+    (each call runs on every rank); on the other ranks it is the local runner a follower drives.
+    ``settings.expert_parallel``: the experts are sharded over those ranks too."""
+    read_chat_template(settings.chat_template)  # before the weights: a wrong path fails at once
+    weights = load_weights(
+        source,
+        dtype=settings.dtype,
+        device=settings.device,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        expert_parallel=settings.expert_parallel,
     )
-    group = tensor_parallel.joined() if tensor_parallel_size > 1 else None
+    loaded = serve_weights(weights, settings, max_batch_size=max_batch_size)
+    group = tensor_parallel.joined() if settings.tensor_parallel_size > 1 else None
     if group is None or group.rank != 0:
         return loaded
     leader = tensor_parallel.LeaderBackend(loaded.runner, group.channel)
     # The scheduler drives the leader; what it reads of the runner (rows, memory) is rank 0's.
-    mode = "tensor parallel, expert parallel" if expert_parallel else "tensor parallel"
+    mode = "tensor parallel, expert parallel" if settings.expert_parallel else "tensor parallel"
     return dataclasses.replace(loaded, runner=leader, device=f"{loaded.device} x{group.size} ({mode})")  # type: ignore[arg-type]
 
 

@@ -81,7 +81,7 @@ async def server_phases(plan: Plan, weights: Any, report: Report, capture: Captu
     from hypercorn.trio import serve
 
     from app.cli import hypercorn_config
-    from app.config import ServerConfig, profile_with
+    from app.config import ModelSettings, ServerConfig, profile_with
     from app.engine.loader import serve_weights
     from app.server import create_server
 
@@ -99,9 +99,8 @@ async def server_phases(plan: Plan, weights: Any, report: Report, capture: Captu
     def load() -> Any:
         return serve_weights(
             weights,
+            ModelSettings(cuda_graphs=plan.cuda_graphs, max_seq_len=plan.max_seq_len, prefix_cache_bytes=0),
             max_batch_size=plan.max_batch,
-            cuda_graphs=plan.cuda_graphs,
-            max_seq_len=plan.max_seq_len,
             precapture_positions=plan.max_seq_len,
             capture=log,
         )
