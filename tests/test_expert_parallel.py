@@ -22,7 +22,8 @@ import pytest
 from app.cli import build_parser, main
 from app.config import ConfigError, ServerConfig
 from app.engine.loader import ModelLoadError, ModelWeights, load_weights
-from app.engine.tensor_parallel import TensorParallelError, check_expert_parallel, shard_bytes
+from app.engine.shards import TensorParallelError
+from app.engine.tensor_parallel import check_expert_parallel, shard_bytes
 from app.models.local_builds import tiny_gpt_oss_config
 from app.models.registry import resolve
 from tests.conftest import ROOT, running_server

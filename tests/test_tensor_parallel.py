@@ -34,14 +34,8 @@ from app.contract.sampling import SamplingParams
 from app.contract.step import PrefillChunk, StepPlan
 from app.engine.loader import ModelWeights, serve_weights
 from app.engine.runner import BaseRunner
-from app.engine.tensor_parallel import (
-    Call,
-    LeaderBackend,
-    TensorParallelError,
-    follow,
-    local_kv_heads,
-    shard_bytes,
-)
+from app.engine.shards import TensorParallelError, local_kv_heads
+from app.engine.tensor_parallel import Call, LeaderBackend, follow, shard_bytes
 from tests.conftest import BARE, ROOT, running_server, wait_for_stats
 from tools.server_process import free_port
 

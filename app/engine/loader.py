@@ -31,7 +31,7 @@ from app.contract.failures import first_line
 from app.contract.model import CallSyntax, MemoryPool
 from app.contract.sampling import SamplingDefaults, SamplingParams
 from app.contract.step import PrefillChunk
-from app.engine import moe_loading, tensor_parallel
+from app.engine import moe_loading, shards, tensor_parallel
 from app.engine.cuda_graphs import Capture, StepGraphs
 from app.engine.grammar import DEFAULT_COMPILE_TIMEOUT, GrammarCompiler, HarmonyMarkers
 from app.engine.memory_pools import PoolReservationError
@@ -173,7 +173,7 @@ def load_weights(
     if expert_parallel:
         try:  # before joining: every rank refuses on its own, at once
             tensor_parallel.check_expert_parallel(config, tensor_parallel_size)
-        except tensor_parallel.TensorParallelError as error:
+        except shards.TensorParallelError as error:
             raise ModelLoadError(str(error)) from error
     torch_device = pick_device(device) if tensor_parallel_size == 1 else _rank_device(device, tensor_parallel_size)
     torch_dtype = pick_dtype(dtype, torch_device)
@@ -219,7 +219,7 @@ def _rank_device(requested: str, size: int) -> torch.device:
     shards so; an explicit --device must agree)."""
     try:
         device = tensor_parallel.join(size).device
-    except tensor_parallel.TensorParallelError as error:
+    except shards.TensorParallelError as error:
         raise ModelLoadError(str(error)) from error
     if requested not in ("auto", device.type, str(device)):
         raise ModelLoadError(

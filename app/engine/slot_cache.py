@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from app.engine.kv_cache import PlannedCache, PrefillWrites, write_packed_prefill
+from app.engine.shards import local_kv_heads
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +40,6 @@ class SlotShape:
     @classmethod
     def for_model(cls, model: Any) -> SlotShape:
         """The shape of this rank's keys: under tensor parallel it may hold only some of the heads."""
-        from app.engine.tensor_parallel import local_kv_heads
-
         shape = cls.for_config(model.config.get_text_config())
         return cls(shape.num_layers, local_kv_heads(model, shape.kv_heads), shape.head_dim)
 

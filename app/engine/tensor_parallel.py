@@ -49,6 +49,7 @@ from app.contract.failures import first_line
 from app.contract.sampling import SamplingParams
 from app.contract.step import PrefixCacheStats, StepPlan, StepResult
 from app.engine.runner import BaseRunner
+from app.engine.shards import TensorParallelError
 
 log = structlog.get_logger("engine.tensor_parallel")
 
@@ -62,10 +63,6 @@ CONTROL_TIMEOUT = timedelta(days=365)
 LEAVE_TIMEOUT = timedelta(seconds=60)
 # The calls a follower runs on its runner; anything else in a Call is a bug on rank 0.
 STEP_METHODS = frozenset({"add", "release", "step", "free_cached_memory"})
-
-
-class TensorParallelError(RuntimeError):
-    """The group cannot be formed; the message is one line saying why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,20 +149,6 @@ def join(size: int) -> Group:
 
 def joined() -> Group | None:
     return _joined
-
-
-def local_kv_heads(model: torch.nn.Module, kv_heads: int) -> int:
-    """The key/value heads this rank holds: all of them unless the model's plan shards its key
-    projections (gpt-oss's plan does not; Llama's does)."""
-    size = int(getattr(model, "tp_size", None) or 1)
-    if size <= 1:
-        return kv_heads
-    from transformers.distributed.tensor_parallel import get_kv_heads_per_rank
-
-    heads = get_kv_heads_per_rank(dict(getattr(model, "tp_plan", None) or {}), kv_heads, size)
-    if not isinstance(heads, int):
-        raise TensorParallelError(f"{kv_heads} key/value heads cannot be split over {size} ranks")
-    return heads
 
 
 def check_expert_parallel(config: Any, size: int) -> None:
